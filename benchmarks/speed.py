@@ -1,0 +1,149 @@
+"""Speed and memory of the trl-kd trainers and losses. Prints markdown tables for docs/benchmarks.md.
+
+    python benchmarks/speed.py                  # everything
+    python benchmarks/speed.py --only loss      # peak memory of the loss at vocab 32k/128k x 2048 positions
+    python benchmarks/speed.py --only trainers  # step time of KDTrainer vs trl.DistillationTrainer (tiny models)
+
+Loss memory is the peak of one forward+backward above what the inputs already hold: `torch.cuda.max_memory_allocated`
+on GPU, the growth of the process's peak RSS on CPU (each case in a fresh subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import torch  # noqa: E402
+
+
+LOSS_CASES = [
+    ("dense full-logit JSD (reference)", "dense", "jsd"),
+    ("trl-kd chunked JSD (TRL kernel where Triton runs)", "chunked", "jsd"),
+    ("trl-kd chunked skew RKL", "chunked", "skew_rkl"),
+    ("trl-kd chunked TVD", "chunked", "tvd"),
+]
+
+
+def _loss_case(mode: str, loss_type: str, vocab: int, positions: int, hidden: int, device: str) -> dict:
+    from trl_kd.losses import LMHead, chunked_kd_loss, divergence
+
+    torch.manual_seed(0)
+    h_s = torch.randn(1, positions, hidden, device=device, requires_grad=True)
+    h_t = torch.randn(1, positions, hidden, device=device)
+    w_s = (torch.randn(vocab, hidden, device=device) * 0.02).requires_grad_(True)
+    w_t = torch.randn(vocab, hidden, device=device) * 0.02
+    mask = torch.ones(1, positions, dtype=torch.long, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if mode == "dense":
+        loss = divergence(h_s @ w_s.t(), h_t @ w_t.t(), loss_type, beta=0.5).mean()
+    else:
+        loss = chunked_kd_loss(h_s, h_t, LMHead(w_s), LMHead(w_t), mask, vocab, loss_type, beta=0.5)[0]
+    loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"peak_bytes": peak, "loss": loss.item()}
+
+
+def bench_loss(vocabs=(32000, 128256), positions=2048, hidden=1024) -> str:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lines = [
+        f"Peak memory of one loss forward+backward, {positions} positions, hidden {hidden}, fp32, on {device}"
+        f" (above the inputs).",
+        "",
+        "| loss | vocab | peak (MiB) | vs dense |",
+        "| --- | --- | --- | --- |",
+    ]
+    for vocab in vocabs:
+        dense_peak = None
+        for label, mode, loss_type in LOSS_CASES:
+            args = [sys.executable, __file__, "--loss-case", json.dumps([mode, loss_type, vocab, positions, hidden, device])]
+            out = subprocess.run(args, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            peak = json.loads(out)["peak_bytes"] / 2**20
+            dense_peak = dense_peak or peak
+            lines.append(f"| {label} | {vocab} | {peak:,.0f} | {peak / dense_peak:.2f}x |")
+    return "\n".join(lines)
+
+
+def _median_step_time(trainer) -> float:
+    times = [row["step_time"] for row in trainer.state.log_history if "step_time" in row]
+    return statistics.median(times[2:])  # first steps warm up
+
+
+def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32) -> str:
+    from transformers.trainer_callback import PrinterCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from trl_kd import KDConfig, KDTrainer
+    from trl_kd.testing import build_model, build_tokenizer, make_dataset
+
+    torch.set_num_threads(2)
+    tokenizer = build_tokenizer()
+    dataset = make_dataset("conversational_prompt_completion", 256)
+    common = dict(
+        output_dir="/tmp/trl-kd-bench", per_device_train_batch_size=batch, max_steps=steps,
+        max_completion_length=completion, report_to="none", bf16=False, logging_steps=1, save_strategy="no",
+        disable_tqdm=True, temperature=1.0, beta=0.5, gradient_checkpointing=False,
+    )
+    cases = [
+        ("trl.DistillationTrainer (on-policy, JSD)", DistillationTrainer, DistillationConfig, {}),
+        ("KDTrainer lmbda=1 (on-policy, JSD)", KDTrainer, KDConfig, {"lmbda": 1.0}),
+        ("KDTrainer lmbda=0.5 (mixed, JSD)", KDTrainer, KDConfig, {"lmbda": 0.5}),
+        ("KDTrainer lmbda=1, skew RKL", KDTrainer, KDConfig, {"lmbda": 1.0, "loss_type": "skew_rkl"}),
+        ("KDTrainer lmbda=0, seq_kd", KDTrainer, KDConfig, {"lmbda": 0.0, "seq_kd": True}),
+    ]
+    rows, reference = [], None
+    for label, trainer_cls, config_cls, extra in cases:
+        trainer = trainer_cls(
+            model=build_model("qwen2", tokenizer, "student"), teacher_model=build_model("qwen2", tokenizer, "teacher"),
+            args=config_cls(**common, **extra), train_dataset=dataset, processing_class=tokenizer,
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        median = _median_step_time(trainer)
+        reference = reference or median
+        rows.append(f"| {label} | {median * 1000:.0f} | {median / reference:.2f}x |")
+    header = [
+        f"Median step time, tiny Qwen2 student (~30k params) and teacher (~130k), batch {batch}, up to {completion} "
+        f"new tokens, fp32, {torch.get_num_threads()} threads, {steps} steps (first 2 dropped).",
+        "",
+        "| trainer | step (ms) | vs DistillationTrainer |",
+        "| --- | --- | --- |",
+    ]
+    return "\n".join(header + rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["loss", "trainers"])
+    parser.add_argument("--loss-case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.loss_case:
+        print(json.dumps(_loss_case(*json.loads(args.loss_case))))
+        return
+    print(f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}\n")
+    if args.only in (None, "loss"):
+        print(bench_loss() + "\n")
+    if args.only in (None, "trainers"):
+        print(bench_trainers() + "\n")
+
+
+if __name__ == "__main__":
+    main()

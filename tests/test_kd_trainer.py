@@ -1,0 +1,244 @@
+"""KDTrainer: mixing, formats, invariances, checks at construction, resume."""
+
+import copy
+
+import pytest
+import torch
+from trl import DistillationConfig, DistillationTrainer
+
+from trl_kd import KDConfig, KDTrainer
+from trl_kd.testing import DATASET_FORMATS, build_model, make_dataset
+
+
+def make_args(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        max_completion_length=8,
+        learning_rate=0.05,
+        report_to="none",
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        seed=7,
+        disable_tqdm=True,
+    )
+    defaults.update(overrides)
+    return KDConfig(**defaults)
+
+
+def make_trainer(tmp_path, tokenizer, dataset=None, arch="qwen2", teacher=None, **overrides):
+    student = build_model(arch, tokenizer, "student", seed=0)
+    teacher = teacher if teacher is not None else build_model(arch, tokenizer, "teacher", seed=1)
+    dataset = dataset if dataset is not None else make_dataset("prompt_completion", 16)
+    return KDTrainer(
+        model=student, teacher_model=teacher, args=make_args(tmp_path, **overrides),
+        train_dataset=dataset, processing_class=tokenizer,
+    )
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def logged(trainer, key):
+    return [row[key] for row in trainer.state.log_history if key in row]
+
+
+def assert_changed(before, model):
+    changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert changed, "no parameter changed"
+
+
+@pytest.mark.parametrize("fmt", DATASET_FORMATS)
+def test_each_dataset_format_trains(tmp_path, tokenizer, fmt):
+    trainer = make_trainer(tmp_path, tokenizer, make_dataset(fmt, 16))
+    before = params(trainer.model)
+    trainer.train()
+    assert_changed(before, trainer.model)
+    for key in ("kd_loss", "on_policy_fraction", "teacher_token_fraction"):
+        assert all(torch.isfinite(torch.tensor(logged(trainer, key))))
+    if fmt.endswith("prompt_only"):  # no completion: every row is sampled from the student
+        assert logged(trainer, "on_policy_fraction") == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "lmbda,seq_kd,on_policy,teacher_fraction",
+    [(0.0, False, 0.0, 0.0), (0.5, False, None, 0.0), (1.0, False, 1.0, 0.0), (0.0, True, 0.0, 1.0)],
+)
+def test_lmbda_and_seq_kd_train_the_student_only(tmp_path, tokenizer, lmbda, seq_kd, on_policy, teacher_fraction):
+    trainer = make_trainer(tmp_path, tokenizer, lmbda=lmbda, seq_kd=seq_kd, max_steps=3)
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    student_before, teacher_before = params(trainer.model), params(teacher)
+    trainer.train()
+    assert_changed(student_before, trainer.model)
+    assert all(torch.equal(teacher_before[n], p) for n, p in teacher.named_parameters())
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    fractions = logged(trainer, "on_policy_fraction")
+    if on_policy is None:
+        assert 0.0 < sum(fractions) / len(fractions) < 1.0
+    else:
+        assert fractions == [on_policy] * 3
+    assert logged(trainer, "teacher_token_fraction") == [teacher_fraction] * 3
+
+
+def test_mixing_is_reproducible_from_the_seed(tmp_path, tokenizer):
+    runs = []
+    for _ in range(2):
+        trainer = make_trainer(tmp_path, tokenizer, lmbda=0.5, max_steps=4)
+        trainer.train()
+        runs.append((logged(trainer, "on_policy_fraction"), params(trainer.model)))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+
+
+@pytest.mark.parametrize("loss_type", ["jsd", "skew_fkl", "skew_rkl", "tvd"])
+def test_micro_batch_split_does_not_change_the_update(tmp_path, tokenizer, loss_type):
+    """The same 4 rows as 4x1, 2x2 and 1x4 (micro-batch x accumulation) give the same loss and the same update."""
+    results = []
+    for per_device, accumulation in [(4, 1), (2, 2), (1, 4)]:
+        trainer = make_trainer(
+            tmp_path, tokenizer, lmbda=0.0, loss_type=loss_type, max_steps=1, optim="sgd", learning_rate=1.0,
+            per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation, max_grad_norm=0.0,
+        )
+        trainer.train()
+        results.append((logged(trainer, "loss")[0], params(trainer.model)))
+    (loss0, params0), *others = results
+    for loss, p in others:
+        assert loss == pytest.approx(loss0, rel=1e-5)
+        for name in params0:
+            torch.testing.assert_close(p[name], params0[name], atol=1e-6, rtol=1e-5)
+    before = params(build_model("qwen2", tokenizer, "student", seed=0))
+    assert any(not torch.equal(before[n], params0[n]) for n in before)
+
+
+def test_on_policy_loss_matches_trl_distillation_trainer(tmp_path, tokenizer):
+    """With lmbda=1 and TRL's JSD, KDTrainer computes the same loss as trl.DistillationTrainer on the same samples."""
+    common = dict(
+        per_device_train_batch_size=4, max_steps=1, max_completion_length=8, report_to="none", bf16=False,
+        logging_steps=1, save_strategy="no", seed=3, beta=0.3, temperature=1.0, disable_tqdm=True,
+    )
+    dataset = make_dataset("conversational_prompt_only", 8)
+    losses = []
+    for trainer_cls, config_cls in [(KDTrainer, KDConfig), (DistillationTrainer, DistillationConfig)]:
+        extra = {"lmbda": 1.0} if config_cls is KDConfig else {}
+        trainer = trainer_cls(
+            model=build_model("qwen2", tokenizer, "student", seed=0),
+            teacher_model=build_model("qwen2", tokenizer, "teacher", seed=1),
+            args=config_cls(output_dir=str(tmp_path / config_cls.__name__), **common, **extra),
+            train_dataset=dataset, processing_class=tokenizer,
+        )
+        trainer.train()
+        losses.append((logged(trainer, "loss")[0], logged(trainer, "completions/mean_length")[0]))
+    assert losses[0][1] == losses[1][1]  # same samples
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_other_architectures_train(tmp_path, tokenizer, arch):
+    trainer = make_trainer(tmp_path, tokenizer, make_dataset("conversational_prompt_completion", 16), arch=arch)
+    before = params(trainer.model)
+    trainer.train()
+    assert_changed(before, trainer.model)
+
+
+def test_teacher_with_padded_vocabulary_is_compared_over_the_tokenizer(tmp_path, tokenizer):
+    """A teacher whose embedding matrix is padded beyond the tokenizer (as Qwen2.5-0.5B vs 7B) gives exactly the loss
+    of the same teacher without the padding."""
+    teacher = build_model("qwen2", tokenizer, "teacher", seed=1)
+    padded = build_model("qwen2", tokenizer, "teacher", seed=5, vocab_size=len(tokenizer) + 13)
+    state = padded.state_dict()
+    for name, tensor in teacher.state_dict().items():
+        state[name][: tensor.shape[0]] = tensor
+    padded.load_state_dict(state)
+    losses = []
+    for t in (teacher, padded):
+        trainer = make_trainer(tmp_path, tokenizer, teacher=t, lmbda=0.0, max_steps=1)
+        trainer.train()
+        losses.append(logged(trainer, "kd_loss")[0])
+        assert trainer.kd_vocab_size == len(tokenizer)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_teacher_vocabulary_smaller_than_tokenizer_is_refused(tmp_path, tokenizer):
+    small = build_model("qwen2", tokenizer, "teacher", vocab_size=len(tokenizer) - 10)
+    with pytest.raises(ValueError, match="teacher model has a vocabulary of .* GOLD"):
+        make_trainer(tmp_path, tokenizer, teacher=small)
+
+
+@pytest.mark.parametrize(
+    "dataset,match",
+    [
+        (make_dataset("prompt_completion", 4).rename_column("prompt", "question"), "needs a `prompt` column"),
+        (make_dataset("prompt_completion", 4).select([]), "is empty"),
+        (
+            make_dataset("messages", 4).map(lambda r: {"messages": r["messages"][:1]}),
+            "don't end with an assistant message",
+        ),
+    ],
+)
+def test_bad_datasets_are_refused_at_init(tmp_path, tokenizer, dataset, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, tokenizer, dataset)
+
+
+def test_prompt_longer_than_the_limit_is_refused_at_init(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="longer than the limit of 3"):
+        make_trainer(tmp_path, tokenizer, max_prompt_length=3)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"lmbda": 1.5}, "lmbda"),
+        ({"loss_type": "kl"}, "loss_type"),
+        ({"skew_alpha": 0.0}, "skew_alpha"),
+        ({"beta": 2.0}, "beta"),
+        ({"loss_temperature": 0.0}, "loss_temperature"),
+    ],
+)
+def test_bad_config_values_are_refused(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_args(tmp_path, **overrides)
+
+
+def test_lora_student_trains(tmp_path, tokenizer):
+    from peft import LoraConfig
+
+    trainer = KDTrainer(
+        model=build_model("qwen2", tokenizer, "student"),
+        teacher_model=build_model("qwen2", tokenizer, "teacher", seed=1),
+        args=make_args(tmp_path, lmbda=0.5),
+        train_dataset=make_dataset("prompt_completion", 16),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert any(not torch.equal(lora[n], p) for n, p in trainer.model.named_parameters() if n in lora)
+
+
+def test_teacher_loaded_from_a_path(tmp_path, tokenizer, tiny_paths):
+    trainer = KDTrainer(
+        model=tiny_paths["student"], teacher_model=tiny_paths["teacher"], args=make_args(tmp_path),
+        train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer,
+    )
+    trainer.train()
+    assert logged(trainer, "kd_loss")
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, tokenizer):
+    overrides = dict(lmbda=0.5, max_steps=4, save_strategy="steps", save_steps=2)
+    full = make_trainer(tmp_path / "full", tokenizer, **overrides)
+    full.train()
+    interrupted = make_trainer(tmp_path / "resumed", tokenizer, **overrides)
+    interrupted.train()
+    checkpoint = tmp_path / "resumed" / "out" / "checkpoint-2"
+    resumed = make_trainer(tmp_path / "resumed", tokenizer, **overrides)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    final_full, final_resumed = params(full.model), params(resumed.model)
+    for name in final_full:
+        torch.testing.assert_close(final_resumed[name], final_full[name], atol=0, rtol=0)
+    # the resumed history holds the first two steps from the checkpoint and the last two it ran itself
+    assert logged(resumed, "on_policy_fraction") == logged(full, "on_policy_fraction")

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DistillationConfig
+
+from ..losses import LOSS_TYPES
+
+
+@dataclass
+class KDConfig(DistillationConfig):
+    r"""Configuration for [`KDTrainer`]: generalized knowledge distillation (GKD, arXiv 2306.13649).
+
+    Everything of [`trl.DistillationConfig`] applies (generation settings, `max_completion_length`, `beta`, vLLM,
+    teacher loading); this class adds what GKD has beyond on-policy distillation, and the package's divergences.
+
+    Parameters:
+        lmbda (`float`, *optional*, defaults to `0.5`):
+            Per-row probability that a row is trained on a completion sampled from the student (on-policy) rather
+            than its dataset completion (GKD's λ). `0.0` is supervised KD, `1.0` on-policy KD. Rows without a
+            `completion` are always sampled from the student.
+        seq_kd (`bool`, *optional*, defaults to `False`):
+            Off-policy rows use a completion sampled from the teacher instead of the dataset's (sequence-level KD).
+        loss_type (`str`, *optional*, defaults to `"jsd"`):
+            Token-level divergence: `"jsd"` (generalized JSD, uses `beta`: `0` = forward KL, `1` = reverse KL),
+            `"skew_fkl"` / `"skew_rkl"` (DistiLLM's skew KLs, use `skew_alpha`) or `"tvd"` (total variation).
+        beta (`float`, *optional*, defaults to `0.5`):
+            Interpolation of the generalized JSD, TRL's convention: `0.0` is exactly `KL(teacher || student)`, `1.0`
+            exactly `KL(student || teacher)`. (GKD's default; `trl.DistillationConfig` defaults to `1.0`.)
+        skew_alpha (`float`, *optional*, defaults to `0.1`):
+            Skew of `skew_fkl`/`skew_rkl`, in `(0, 1)`.
+        loss_temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature applied to both models' logits inside the loss. Kept apart from the sampling
+            `temperature` (TRL's `DistillationTrainer` uses one value for both): methods such as SKD sample at 0.5
+            but distil the untempered distributions.
+        loss_chunk_size (`int` or `None`, *optional*, defaults to `None`):
+            Tokens projected to vocabulary logits at once by the losses that don't run on TRL's kernel. `None` picks
+            a tile of about 64 MiB (e.g. 512 tokens at a 32k vocabulary).
+        max_prompt_length (`int` or `None`, *optional*, defaults to `None`):
+            Longest prompt accepted, in tokens; a longer prompt is an error when the trainer is built. `None` uses the
+            student's context length minus `max_completion_length`.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of the student (and of the teacher with `seq_kd`). GKD samples at 1.
+    """
+
+    _VALID_DICT_FIELDS = DistillationConfig._VALID_DICT_FIELDS
+
+    lmbda: float = field(
+        default=0.5,
+        metadata={"help": "Probability that a row is trained on a student sample instead of its dataset completion."},
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={"help": "Use teacher samples instead of dataset completions for the off-policy rows."},
+    )
+    loss_type: str = field(
+        default="jsd",
+        metadata={"help": "Divergence: 'jsd' (uses beta), 'skew_fkl', 'skew_rkl' (use skew_alpha) or 'tvd'."},
+    )
+    beta: float = field(
+        default=0.5,
+        metadata={"help": "Generalized JSD interpolation: 0 = forward KL(teacher||student), 1 = reverse KL."},
+    )
+    skew_alpha: float = field(default=0.1, metadata={"help": "Skew of the skew KL losses, in (0, 1)."})
+    loss_temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature of both models inside the loss."}
+    )
+    loss_chunk_size: int | None = field(
+        default=None, metadata={"help": "Tokens per logits tile in the chunked loss; None = about 64 MiB tiles."}
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Longest prompt in tokens; None = context length minus max_completion_length."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"lmbda must be in [0, 1], got {self.lmbda}.")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        if not 0.0 < self.skew_alpha < 1.0:
+            raise ValueError(f"skew_alpha must be in (0, 1), got {self.skew_alpha}.")
+        if self.loss_temperature <= 0:
+            raise ValueError(f"loss_temperature must be > 0, got {self.loss_temperature}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (sampling temperature), got {self.temperature}.")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be a positive number of tokens or None, got {self.loss_chunk_size}.")
+        if self.max_completion_length is None or self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be a positive integer, got {self.max_completion_length}.")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be positive or None, got {self.max_prompt_length}.")

@@ -1,0 +1,393 @@
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from trl import DistillationTrainer
+from trl.models import prepare_deepspeed, unwrap_model_for_generation
+from trl.trainer.utils import create_model_from_path, pad
+
+from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset
+from ..losses import LMHead, chunked_kd_loss
+from .config import KDConfig
+
+
+@dataclass
+class Rollout:
+    """Completions for a batch of prompts and who wrote each token.
+
+    Attributes:
+        completion_ids: one list of token ids per prompt, ending at (and including) the first EOS, if any.
+        teacher_mask: same shape; ``True`` where the teacher wrote the token, ``False`` where the student did.
+        counts: optional integer counters of the sampler (e.g. ``drafted``, ``accepted``, ``replaced``), summed over
+            processes and logged; ``acceptance_rate`` is logged when ``drafted`` is present.
+    """
+
+    completion_ids: list[list[int]]
+    teacher_mask: list[list[bool]]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class KDTrainer(DistillationTrainer):
+    r"""Generalized knowledge distillation (GKD) on top of [`trl.DistillationTrainer`].
+
+    From *On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes* (Agarwal et al., ICLR
+    2024, arXiv 2306.13649). Each row of a batch is trained with probability `lmbda` on a completion sampled from the
+    student, otherwise on its dataset completion (or, with `seq_kd`, on a teacher sample); the loss is a token-level
+    divergence between teacher and student ([`KDConfig.loss_type`]), averaged over all response tokens of the global
+    batch so that gradient accumulation and the number of processes don't change it.
+
+    The teacher is frozen and in eval mode. Teacher and student must share a tokenizer; their embedding matrices may
+    be padded to different sizes (distributions are compared over the tokenizer's range), but a model whose
+    vocabulary doesn't cover the tokenizer is refused. Datasets are checked when the trainer is built: a `prompt`
+    column (standard or conversational, optionally with `completion`) or a `messages` column.
+
+    Method trainers customise two public hooks:
+
+    * [`~KDTrainer.rollout`]`(prompt_ids: list[list[int]]) -> Rollout` — who writes each training token for the rows
+      the student samples. The default samples from the student (TRL's generation, vLLM included).
+    * [`~KDTrainer.distillation_loss`]`(student, inputs, num_items_in_batch) -> (loss, divergence_sum, entropy_sum,
+      num_tokens)` — the loss of one micro-batch; `inputs` holds `prompt_ids`, `prompt_mask`, `completion_ids`,
+      `completion_mask` and `teacher_mask` (1 where the teacher wrote the token).
+
+    Metrics logged: `on_policy_fraction`, `teacher_token_fraction`, `kd_loss`, besides TRL's.
+
+    Example:
+
+    ```python
+    from trl_kd import KDConfig, KDTrainer
+
+    trainer = KDTrainer(
+        model="Qwen/Qwen2.5-0.5B-Instruct",
+        teacher_model="Qwen/Qwen2.5-7B-Instruct",
+        args=KDConfig(output_dir="qwen-kd", lmbda=0.5, beta=0.5),
+        train_dataset=dataset,  # "prompt" [+ "completion"] or "messages"
+    )
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "trl-kd", "distillation", "gkd"]
+    _name = "KD"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        teacher_model: str | PreTrainedModel | None = None,
+        args: KDConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = KDConfig(output_dir=f"{(name or 'model').split('/')[-1]}-{self._name}")
+        if not isinstance(args, KDConfig):
+            raise TypeError(f"`args` must be a {KDConfig.__name__} (or a subclass), got {type(args).__name__}.")
+        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher_model is None:
+            raise ValueError("No teacher: pass `teacher_model` or set `teacher_model_name_or_path` in the config.")
+        train_dataset = prepare_dataset(train_dataset, "train_dataset")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: prepare_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = prepare_dataset(eval_dataset, "eval_dataset")
+        if isinstance(teacher_model, str):
+            teacher_model = self._load_teacher(teacher_model, args)
+
+        # The teacher is prepared below, after our own vocabulary check (TRL's refuses differently padded heads).
+        super().__init__(
+            model=model,
+            teacher_model=None,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        self.kd_vocab_size = self._check_vocabularies(teacher_model)
+        teacher_model.requires_grad_(False)
+        teacher_model.eval()
+        if self.is_deepspeed_enabled:
+            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self.teacher_model.eval()
+
+        self._check_prompt_lengths(train_dataset, "train_dataset")
+        for key, dataset in (eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]):
+            if dataset is not None:
+                self._check_prompt_lengths(dataset, f"eval_dataset[{key!r}]" if key else "eval_dataset")
+
+        # Tokens beyond the tokenizer (embedding padding) are never sampled.
+        self.generation_config.suppress_tokens = self._padding_token_ids(self.model) or None
+        self.teacher_generation_config = GenerationConfig(
+            **{**self.generation_kwargs, "suppress_tokens": self._padding_token_ids(teacher_model) or None},
+            disable_compile=True,
+        )
+        self._rollout_rows: list[dict[str, Any]] = []
+        self._rollout_teacher_mask: list[list[bool]] = []
+        self._eval_rollouts = 0
+        self._kd_sums: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------------------ set-up checks
+    @staticmethod
+    def _load_teacher(name_or_path: str, args: KDConfig) -> PreTrainedModel:
+        kwargs = dict(args.teacher_model_init_kwargs or {})
+        dtype = kwargs.get("dtype")
+        kwargs["dtype"] = dtype if dtype in ("auto", None) or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+        if args.teacher_model_revision is not None:
+            kwargs.setdefault("revision", args.teacher_model_revision)
+        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+            kwargs["device_map"] = None
+        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        return create_model_from_path(name_or_path, **kwargs)
+
+    def _check_vocabularies(self, teacher_model: PreTrainedModel) -> int:
+        """Return the size of the vocabulary the distributions are compared over (the tokenizer's)."""
+        tokenizer_size = len(self._tokenizer)
+        for role, model in (("student", self.model), ("teacher", teacher_model)):
+            vocab = model.config.get_text_config().vocab_size
+            if vocab < tokenizer_size:
+                raise ValueError(
+                    f"The {role} model has a vocabulary of {vocab} tokens but the tokenizer has {tokenizer_size}, so "
+                    f"the {role} cannot score every token. Teacher and student must share the tokenizer (same model "
+                    "family); if you added tokens, call `model.resize_token_embeddings(len(tokenizer))` on both. For "
+                    "models with different tokenizers use cross-tokenizer distillation (TRL's GOLD trainer)."
+                )
+        return tokenizer_size
+
+    def _padding_token_ids(self, model: PreTrainedModel) -> list[int]:
+        return list(range(self.kd_vocab_size, model.config.get_text_config().vocab_size))
+
+    def _check_prompt_lengths(self, dataset: Dataset | IterableDataset, name: str) -> None:
+        limit = self.args.max_prompt_length
+        if limit is None:
+            context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+            context = context or getattr(self.model.config.get_text_config(), "n_positions", None)
+            if context is None:
+                return
+            limit = context - self.args.max_completion_length
+        check_prompt_lengths(dataset, lambda prompts: self._tokenize_prompts(prompts)[0], limit, name)
+
+    # ------------------------------------------------------------------------------------------------------ rollouts
+    def rollout(self, prompt_ids: list[list[int]]) -> Rollout:
+        """Generation hook: sample completions for the on-policy rows and say who wrote each token.
+
+        The default samples every token from the student with TRL's generation (`transformers` or vLLM), so the
+        teacher wrote none. Method trainers (SKD, SWITCH) override it to let the teacher write some tokens. Every
+        process calls it in step (a process without on-policy rows calls it with one dummy prompt), so collectives
+        such as ZeRO-3 parameter gathers stay aligned.
+
+        Args:
+            prompt_ids: the prompts' token ids, one list per row, unpadded.
+
+        Returns:
+            [`Rollout`] with one completion per prompt.
+        """
+        completion_ids = super()._generate_single_turn(prompt_ids, None, {})
+        return Rollout(completion_ids, [[False] * len(ids) for ids in completion_ids])
+
+    def sample_from(
+        self, model: torch.nn.Module, prompt_ids: list[list[int]], generation_config: GenerationConfig
+    ) -> list[list[int]]:
+        """Sample one completion per prompt from `model` (e.g. the teacher engine) with `transformers.generate`,
+        cut after the first EOS. Gathers ZeRO-3 parameters as TRL does for the student."""
+        device = self.accelerator.device
+        prompts = [torch.tensor(ids) for ids in prompt_ids]
+        input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
+        attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left").to(device)
+        with (
+            unwrap_model_for_generation(
+                model, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+            ) as unwrapped,
+            torch.no_grad(),
+        ):
+            output = unwrapped.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
+            )
+        completions = []
+        for row in output[:, input_ids.shape[1] :].tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in self.eos_token_ids), len(row))
+            completions.append(row[:end])
+        return completions
+
+    def _row_uniforms(self, n: int, mode: str) -> torch.Tensor:
+        # Seeded by (seed, step, process) rather than the global RNG, so decisions are reproducible from the seed and
+        # identical after resuming from a checkpoint.
+        step = self.state.global_step if mode == "train" else self._eval_rollouts
+        key = f"{self.args.seed}/{mode}/{step}/{self.accelerator.process_index}".encode()
+        generator = torch.Generator().manual_seed(zlib.crc32(key))
+        return torch.rand(n, generator=generator)
+
+    def _any_process(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.gather(torch.tensor([flag], device=self.accelerator.device)).any())
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        self._rollout_rows = inputs
+        output = super()._generate_and_score_completions(inputs)
+        masks = [torch.tensor(m, dtype=torch.long) for m in self._rollout_teacher_mask]
+        teacher_mask = pad(masks, padding_value=0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+        width = output["completion_ids"].shape[1]
+        teacher_mask = torch.nn.functional.pad(teacher_mask, (0, width - teacher_mask.shape[1]))
+        output["teacher_mask"] = teacher_mask.to(self.accelerator.device)
+        mode = "train" if self.model.training else "eval"
+        teacher_tokens = self.accelerator.gather(output["teacher_mask"].sum()).sum()
+        total_tokens = self.accelerator.gather(output["completion_mask"].sum()).sum()
+        self._metrics[mode]["teacher_token_fraction"].append((teacher_tokens / total_tokens.clamp(min=1)).item())
+        return output
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        # Called by TRL once per generation batch with the rows stashed in `_generate_and_score_completions`. Decides
+        # per row who writes the completion: the student (rollout hook), the dataset, or the teacher (seq_kd).
+        if images is not None or multimodal_fields:
+            raise NotImplementedError("trl-kd trainers support text-only models.")
+        mode = "train" if self.model.training else "eval"
+        rows = self._rollout_rows
+        n = len(prompt_ids)
+        uniforms = self._row_uniforms(n, mode)
+        if mode == "eval":
+            self._eval_rollouts += 1
+        has_completion = [row.get("completion") is not None for row in rows]
+        on_policy = [bool(u < self.args.lmbda) or (not c and not self.args.seq_kd) for u, c in zip(uniforms, has_completion)]
+        student_rows = [i for i in range(n) if on_policy[i]]
+        teacher_rows = [i for i in range(n) if not on_policy[i] and self.args.seq_kd]
+
+        completions: list[list[int]] = [[] for _ in range(n)]
+        teacher_mask: list[list[bool]] = [[] for _ in range(n)]
+        counts: dict[str, int] = {}
+        if self._any_process(bool(student_rows)):
+            rollout = self.rollout([prompt_ids[i] for i in (student_rows or [0])])
+            if student_rows:
+                counts = rollout.counts
+                for i, ids, mask in zip(student_rows, rollout.completion_ids, rollout.teacher_mask):
+                    completions[i], teacher_mask[i] = ids, mask
+        if self._any_process(bool(teacher_rows)):
+            sampled = self.sample_from(
+                self.teacher_model, [prompt_ids[i] for i in (teacher_rows or [0])], self.teacher_generation_config
+            )
+            for i, ids in zip(teacher_rows, sampled):
+                completions[i], teacher_mask[i] = ids, [True] * len(ids)
+        for i in range(n):
+            if not on_policy[i] and not self.args.seq_kd:
+                completions[i] = completion_token_ids(
+                    self._tokenizer, rows[i]["prompt"], prompt_ids[i], rows[i]["completion"], self.eos_token_ids,
+                    self.max_completion_length, self.chat_template_kwargs,
+                )
+                teacher_mask[i] = [False] * len(completions[i])
+
+        self._rollout_teacher_mask = teacher_mask
+        self._log_rollout_stats(mode, len(student_rows), n, counts)
+        return completions
+
+    def _log_rollout_stats(self, mode: str, num_on_policy: int, num_rows: int, counts: dict[str, int]) -> None:
+        keys = sorted(counts)
+        # Every process reaches this point; processes without counts contribute zeros. A fixed key set across
+        # processes is guaranteed because all of them ran the same rollout method.
+        local = torch.tensor([num_on_policy, num_rows, *(counts.get(k, 0) for k in keys)], dtype=torch.float64)
+        total = self.accelerator.reduce(local.to(self.accelerator.device), "sum").cpu()
+        self._metrics[mode]["on_policy_fraction"].append((total[0] / total[1]).item())
+        summed = dict(zip(keys, total[2:].tolist()))
+        for key, value in summed.items():
+            self._metrics[mode][f"rollout/{key}"].append(value)
+        if summed.get("drafted"):
+            self._metrics[mode]["acceptance_rate"].append(summed["accepted"] / summed["drafted"])
+
+    # ---------------------------------------------------------------------------------------------------------- loss
+    @staticmethod
+    def hidden_states(
+        model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion_tokens: int
+    ) -> torch.Tensor:
+        """Last hidden states that predict the `num_completion_tokens` completion tokens, shape `(B, C, H)`.
+
+        Runs the backbone only (no vocabulary projection), with position ids counted from the first real token so
+        that left padding doesn't shift positions (it matters for absolute-position models such as GPT-2).
+        """
+        if is_peft_model(model):
+            model = model.base_model.model
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return hidden[:, -num_completion_tokens - 1 : -1]
+
+    def teacher_hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion_tokens: int
+    ) -> torch.Tensor:
+        """Teacher hidden states for the completion positions, without gradient, routed through the teacher's
+        DeepSpeed/FSDP wrapper so sharded parameters are gathered."""
+        self.teacher_model.eval()
+        unwrapped = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            return self._forward_redirection(
+                self.teacher_model, unwrapped, self.hidden_states, unwrapped, input_ids, attention_mask,
+                num_completion_tokens,
+            )
+
+    def distillation_loss(
+        self, student: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss hook: the distillation loss of one micro-batch.
+
+        Args:
+            student: the unwrapped student (a `PeftModel` with LoRA).
+            inputs: `prompt_ids`, `prompt_mask` (left-padded), `completion_ids`, `completion_mask`, `teacher_mask`
+                (right-padded, `(B, C)`).
+            num_items_in_batch: response tokens of the global batch divided by the number of processes.
+
+        Returns:
+            `(loss, divergence_sum, entropy_sum, num_tokens)`: the normalised loss and the local raw sums used for
+            metrics.
+        """
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        num_completion_tokens = inputs["completion_ids"].shape[1]
+        student_hidden = self.hidden_states(student, input_ids, attention_mask, num_completion_tokens)
+        teacher_hidden = self.teacher_hidden_states(input_ids, attention_mask, num_completion_tokens)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        return chunked_kd_loss(
+            student_hidden,
+            teacher_hidden.to(student_hidden.device),
+            LMHead.from_model(student),
+            LMHead.from_model(teacher),
+            inputs["completion_mask"],
+            self.kd_vocab_size,
+            loss_type=self.args.loss_type,
+            beta=self.args.beta,
+            skew_alpha=self.args.skew_alpha,
+            temperature=self.args.loss_temperature,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=self.args.loss_chunk_size,
+        )
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        loss, divergence_sum, entropy_sum, num_tokens = self.distillation_loss(
+            unwrapped_student, inputs, num_items_in_batch
+        )
+        self._kd_sums = (divergence_sum, num_tokens)
+        return loss, entropy_sum.detach(), num_tokens
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        divergence_sum, num_tokens = (self.accelerator.gather_for_metrics(t.reshape(1)).sum() for t in self._kd_sums)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["kd_loss"].append((divergence_sum / num_tokens.clamp(min=1)).item())
+        return output
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt", "completion"]

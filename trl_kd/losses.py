@@ -1,0 +1,266 @@
+"""Token-level divergences between a teacher and a student, dense and chunked.
+
+One convention for the whole package (GKD, arXiv 2306.13649, eq. 1, and TRL): ``p`` is the teacher's next-token
+distribution, ``q`` the student's.
+
+* ``jsd`` — generalized Jensen-Shannon ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with
+  ``m = beta * p + (1 - beta) * q``; ``beta=0`` is exactly the forward KL ``KL(p || q)`` and ``beta=1`` exactly the
+  reverse KL ``KL(q || p)``.
+* ``skew_fkl`` — ``KL(p || a * p + (1 - a) * q)`` and ``skew_rkl`` — ``KL(q || (1 - a) * p + a * q)``, the skew KLs of
+  DistiLLM (arXiv 2402.03898) with ``a = skew_alpha``.
+* ``tvd`` — total variation ``0.5 * sum |p - q|``.
+
+Everything is computed in fp32. [`chunked_kd_loss`] projects hidden states through the two LM heads a block of tokens
+at a time, so the vocabulary-sized logits of a whole batch never exist at once.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+from trl.kernels.chunked_logprob import _use_triton
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+
+LossType = Literal["jsd", "skew_fkl", "skew_rkl", "tvd"]
+LOSS_TYPES: tuple[str, ...] = ("jsd", "skew_fkl", "skew_rkl", "tvd")
+
+# Elements of one fp32 logits tile in the chunked path: 2**24 floats = 64 MiB, e.g. 512 tokens x 32k vocab.
+_TILE_ELEMENTS = 2**24
+
+
+def _kl_from_logs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``KL(a || b)`` per row from log-probabilities; ``0 * log 0`` counts as 0."""
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+
+
+def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """``log(weight_p * p + (1 - weight_p) * q)`` computed stably in log space."""
+    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log(1.0 - weight_p))
+
+
+def divergence_from_log_probs(
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    loss_type: LossType = "jsd",
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+) -> torch.Tensor:
+    """Per-position divergence between two distributions given as log-probabilities over the last dimension.
+
+    Args:
+        student_log_probs: ``log q``, shape ``(..., V)``.
+        teacher_log_probs: ``log p``, shape ``(..., V)``.
+        loss_type: one of ``jsd``, ``skew_fkl``, ``skew_rkl``, ``tvd`` (see the module docstring).
+        beta: ``jsd`` interpolation, 0 = forward KL, 1 = reverse KL.
+        skew_alpha: mixing weight of the skew KLs, in ``(0, 1)``.
+
+    Returns:
+        Tensor of shape ``(...)``: the divergence at each position, in nats.
+    """
+    log_q, log_p = student_log_probs, teacher_log_probs
+    if loss_type == "jsd":
+        if beta == 0.0:
+            return _kl_from_logs(log_p, log_q)
+        if beta == 1.0:
+            return _kl_from_logs(log_q, log_p)
+        log_m = _log_mixture(log_p, log_q, beta)
+        return beta * _kl_from_logs(log_p, log_m) + (1.0 - beta) * _kl_from_logs(log_q, log_m)
+    if loss_type == "skew_fkl":
+        return _kl_from_logs(log_p, _log_mixture(log_p, log_q, skew_alpha))
+    if loss_type == "skew_rkl":
+        return _kl_from_logs(log_q, _log_mixture(log_p, log_q, 1.0 - skew_alpha))
+    if loss_type == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
+
+
+def divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    loss_type: LossType = "jsd",
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-position divergence from raw logits of shape ``(..., V)``, in fp32, after dividing both by
+    ``temperature``. See [`divergence_from_log_probs`]."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return divergence_from_log_probs(log_q, log_p, loss_type, beta, skew_alpha)
+
+
+@dataclass
+class LMHead:
+    """An output projection as the loss sees it: ``logits = softcap(scale * (h @ weight.T + bias))``.
+
+    ``weight`` is the model's own parameter (it may be partitioned under ZeRO-3); only its first ``vocab_size`` rows
+    are used by the loss, which is how a teacher and a student whose embedding matrices are padded to different sizes
+    are compared over the tokenizer they share.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> LMHead:
+        """Read the output embedding and the logit post-processing (Cohere/Granite scale, Gemma softcap)."""
+        head = model.get_output_embeddings()
+        config = model.config.get_text_config()
+        scale = getattr(config, "logit_scale", None)
+        if scale is None and getattr(config, "logits_scaling", None) is not None:  # Granite divides
+            scale = 1.0 / config.logits_scaling
+        return cls(head.weight, head.bias, 1.0 if scale is None else float(scale),
+                   getattr(config, "final_logit_softcapping", None))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.ds_shape[0] if hasattr(self.weight, "ds_shape") else self.weight.shape[0]
+
+    @property
+    def is_partitioned(self) -> bool:
+        return hasattr(self.weight, "ds_id")
+
+    def logits(self, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """fp32 logits over the first ``vocab_size`` entries. Gathers a ZeRO-3 weight for the duration."""
+        with maybe_gather_lm_head_ctx(self.weight, self.bias) if self.is_partitioned else nullcontext():
+            logits = hidden.float() @ self.weight[:vocab_size].float().t()
+            if self.bias is not None:
+                logits = logits + self.bias[:vocab_size].float()
+        logits = logits * self.scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+def _entropy(log_q: torch.Tensor) -> torch.Tensor:
+    return -(log_q.exp() * log_q).sum(-1)
+
+
+def _chunk_divergence(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: LMHead,
+    teacher_head: LMHead,
+    vocab_size: int,
+    loss_type: LossType,
+    beta: float,
+    skew_alpha: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    log_q = F.log_softmax(student_head.logits(student_hidden, vocab_size) / temperature, dim=-1)
+    with torch.no_grad():
+        log_p = F.log_softmax(teacher_head.logits(teacher_hidden, vocab_size) / temperature, dim=-1)
+    return divergence_from_log_probs(log_q, log_p, loss_type, beta, skew_alpha), _entropy(log_q.detach())
+
+
+def chunked_token_divergence(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: LMHead,
+    teacher_head: LMHead,
+    vocab_size: int,
+    loss_type: LossType = "jsd",
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token divergence and student entropy from hidden states of shape ``(N, H)``.
+
+    On devices with Triton (CUDA, XPU) the generalized JSD runs on TRL's chunked kernel
+    (`trl.kernels.chunked_divergence`: vocabulary tiles with an online log-sum-exp). Everything else projects
+    ``chunk_size`` tokens at a time under activation checkpointing, so only one ``(chunk_size, V)`` tile is alive in
+    the forward and in the backward: the other divergences, the JSD on CPU (where TRL's torch fallback holds several
+    4096 x 32768 fp32 tiles), and the JSD where a ZeRO-3 head must be cut to the shared vocabulary. Gradients flow to
+    the student only.
+
+    Returns:
+        ``(divergence, entropy)``, both of shape ``(N,)`` in fp32.
+    """
+    heads_fit = student_head.vocab_size == teacher_head.vocab_size == vocab_size
+    use_trl_kernel = loss_type == "jsd" and _use_triton(student_hidden.device) and (
+        heads_fit or not (student_head.is_partitioned or teacher_head.is_partitioned)
+    )
+    if use_trl_kernel:
+        def cut(head: LMHead) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if heads_fit:
+                return head.weight, head.bias
+            return head.weight[:vocab_size], None if head.bias is None else head.bias[:vocab_size]
+
+        (s_w, s_b), (t_w, t_b) = cut(student_head), cut(teacher_head)
+        return ChunkedDivergenceFunction.apply(
+            student_hidden, s_w, s_b, teacher_hidden.detach(), t_w, t_b, beta, temperature,
+            student_head.scale, student_head.softcap, teacher_head.scale, teacher_head.softcap,
+        )
+
+    n = student_hidden.shape[0]
+    chunk_size = chunk_size or max(1, _TILE_ELEMENTS // vocab_size)
+    divergences, entropies = [], []
+    for start in range(0, n, chunk_size):
+        args = (
+            student_hidden[start : start + chunk_size], teacher_hidden[start : start + chunk_size].detach(),
+            student_head, teacher_head, vocab_size, loss_type, beta, skew_alpha, temperature,
+        )
+        if torch.is_grad_enabled() and student_hidden.requires_grad:
+            div, ent = checkpoint(_chunk_divergence, *args, use_reentrant=False)
+        else:
+            div, ent = _chunk_divergence(*args)
+        divergences.append(div)
+        entropies.append(ent)
+    if not divergences:
+        empty = student_hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(divergences), torch.cat(entropies)
+
+
+def chunked_kd_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: LMHead,
+    teacher_head: LMHead,
+    loss_mask: torch.Tensor,
+    vocab_size: int,
+    loss_type: LossType = "jsd",
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    temperature: float = 1.0,
+    num_items_in_batch: torch.Tensor | float | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-averaged distillation loss over the positions where ``loss_mask`` is 1.
+
+    Args:
+        student_hidden: ``(B, T, H_s)`` student hidden states aligned with the completion tokens.
+        teacher_hidden: ``(B, T, H_t)`` teacher hidden states, same positions.
+        loss_mask: ``(B, T)``, 1 at response tokens that count.
+        num_items_in_batch: the normaliser. Pass the *global* number of response tokens (divided by the number of
+            processes, since DDP averages gradients) so that gradient accumulation and world size don't change the
+            loss; ``None`` divides by the local count.
+
+    Returns:
+        ``(loss, divergence_sum, entropy_sum, num_tokens)``: the normalised loss and the raw local sums (detached),
+        from which metrics are reduced across processes.
+    """
+    valid = loss_mask.reshape(-1).bool()
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])[valid]
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[valid]
+    per_token, entropy = chunked_token_divergence(
+        h_s, h_t, student_head, teacher_head, vocab_size, loss_type, beta, skew_alpha, temperature, chunk_size
+    )
+    total = per_token.sum()
+    count = valid.sum()
+    denominator = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(total.device)
+    return total / denominator, total.detach(), entropy.sum(), count
