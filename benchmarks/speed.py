@@ -34,6 +34,8 @@ LOSS_CASES = [
 
 
 def _loss_case(mode: str, loss_type: str, vocab: int, positions: int, hidden: int, device: str) -> dict:
+    import time
+
     from trl_kd.losses import LMHead, chunked_kd_loss, divergence
 
     torch.manual_seed(0)
@@ -42,42 +44,60 @@ def _loss_case(mode: str, loss_type: str, vocab: int, positions: int, hidden: in
     w_s = (torch.randn(vocab, hidden, device=device) * 0.02).requires_grad_(True)
     w_t = torch.randn(vocab, hidden, device=device) * 0.02
     mask = torch.ones(1, positions, dtype=torch.long, device=device)
+
+    def step() -> float:
+        if mode == "dense":
+            loss = divergence(h_s @ w_s.t(), h_t @ w_t.t(), loss_type, beta=0.5).mean()
+        else:
+            loss = chunked_kd_loss(h_s, h_t, LMHead(w_s), LMHead(w_t), mask, vocab, loss_type, beta=0.5)[0]
+        loss.backward()
+        return loss.item()
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
     if device == "cuda":
-        torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if mode == "dense":
-        loss = divergence(h_s @ w_s.t(), h_t @ w_t.t(), loss_type, beta=0.5).mean()
-    else:
-        loss = chunked_kd_loss(h_s, h_t, LMHead(w_s), LMHead(w_t), mask, vocab, loss_type, beta=0.5)[0]
-    loss.backward()
+    value = step()
+    sync()
     if device == "cuda":
-        torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"peak_bytes": peak, "loss": loss.item()}
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"peak_bytes": peak, "loss": value, "seconds": statistics.median(times)}
 
 
 def bench_loss(vocabs=(32000, 128256), positions=2048, hidden=1024) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lines = [
-        f"Peak memory of one loss forward+backward, {positions} positions, hidden {hidden}, fp32, on {device}"
-        f" (above the inputs).",
+        f"Peak memory of one loss forward+backward above the inputs, and its time (median of 3), {positions} "
+        f"positions, hidden {hidden}, fp32 inputs, on {device}.",
         "",
-        "| loss | vocab | peak (MiB) | vs dense |",
-        "| --- | --- | --- | --- |",
+        "| loss | vocab | peak (MiB) | vs dense | fwd+bwd (ms) |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for vocab in vocabs:
         dense_peak = None
         for label, mode, loss_type in LOSS_CASES:
             args = [sys.executable, __file__, "--loss-case", json.dumps([mode, loss_type, vocab, positions, hidden, device])]
             out = subprocess.run(args, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            peak = json.loads(out)["peak_bytes"] / 2**20
+            result = json.loads(out)
+            peak = result["peak_bytes"] / 2**20
             dense_peak = dense_peak or peak
-            lines.append(f"| {label} | {vocab} | {peak:,.0f} | {peak / dense_peak:.2f}x |")
+            lines.append(
+                f"| {label} | {vocab} | {peak:,.0f} | {peak / dense_peak:.2f}x | {result['seconds'] * 1000:,.0f} |"
+            )
     return "\n".join(lines)
 
 

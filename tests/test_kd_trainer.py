@@ -242,3 +242,33 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, tokenizer):
         torch.testing.assert_close(final_resumed[name], final_full[name], atol=0, rtol=0)
     # the resumed history holds the first two steps from the checkpoint and the last two it ran itself
     assert logged(resumed, "on_policy_fraction") == logged(full, "on_policy_fraction")
+
+
+def test_teacher_in_the_loop_rollout_trains_a_lora_student_with_gradient_checkpointing(tmp_path, tokenizer):
+    """A KDTrainer whose rollout runs the block-verify engine: PEFT student, gradient checkpointing on."""
+    from peft import LoraConfig
+
+    from trl_kd.sampler import SamplingParams, TopKRule
+
+    class TopKTrainer(KDTrainer):
+        def rollout(self, prompt_ids):
+            return self.teacher_in_the_loop_rollout(
+                prompt_ids, TopKRule(k=100), 3, SamplingParams(temperature=0.5), SamplingParams(temperature=0.2)
+            )
+
+    trainer = TopKTrainer(
+        model=build_model("qwen2", tokenizer, "student"),
+        teacher_model=build_model("qwen2", tokenizer, "teacher", seed=1),
+        args=make_args(tmp_path, lmbda=1.0, gradient_checkpointing=True),
+        train_dataset=make_dataset("conversational_prompt_only", 16),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert any(not torch.equal(lora[n], p) for n, p in trainer.model.named_parameters() if n in lora)
+    fraction = logged(trainer, "teacher_token_fraction")
+    rate = logged(trainer, "acceptance_rate")
+    assert len(rate) == 2 and all(0.0 < f < 1.0 for f in fraction)
+    # every response token is judged once: accepted (student wrote it) or replaced (teacher wrote it)
+    assert all((1 - f) == pytest.approx(r, abs=1e-9) for f, r in zip(fraction, rate))

@@ -110,12 +110,14 @@ def build_model(
     vocab_size: int | None = None,
     seed: int = 0,
     tie_word_embeddings: bool = True,
+    initializer_range: float = 0.02,
     save_dir: str | Path | None = None,
 ) -> PreTrainedModel:
     """A randomly initialised tiny causal LM of a Qwen2-, Llama- or GPT-2-style architecture.
 
     ``vocab_size`` defaults to the tokenizer's size; pass a larger value to get an embedding matrix padded beyond the
-    tokenizer, as real model pairs have (e.g. Qwen2.5-0.5B vs 7B).
+    tokenizer, as real model pairs have (e.g. Qwen2.5-0.5B vs 7B). A larger ``initializer_range`` gives peaked,
+    clearly different next-token distributions (useful where ties would make greedy decoding fragile).
     """
     import torch
 
@@ -126,6 +128,7 @@ def build_model(
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range,
     )
     if arch == "gpt2":
         config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256, n_inner=inter, **common)

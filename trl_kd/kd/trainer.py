@@ -14,6 +14,7 @@ from trl.trainer.utils import create_model_from_path, pad
 
 from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset
 from ..losses import LMHead, chunked_kd_loss
+from ..sampler import Rule, SamplingParams, block_verify_sample
 from .config import KDConfig
 
 
@@ -199,6 +200,38 @@ class KDTrainer(DistillationTrainer):
         """
         completion_ids = super()._generate_single_turn(prompt_ids, None, {})
         return Rollout(completion_ids, [[False] * len(ids) for ids in completion_ids])
+
+    def teacher_in_the_loop_rollout(
+        self,
+        prompt_ids: list[list[int]],
+        rule: Rule,
+        num_draft_tokens: int,
+        student_params: SamplingParams,
+        teacher_params: SamplingParams,
+    ) -> Rollout:
+        """Rollout where `rule` decides, token by token, whether the teacher writes instead of the student, run by
+        the block-verify engine ([`trl_kd.sampler.block_verify_sample`]). Gradient checkpointing is off and ZeRO-3
+        parameters are gathered while it runs; with several processes every process runs the same number of rounds.
+        """
+        sync = None
+        if self.accelerator.num_processes > 1:
+            sync = self._any_process
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as student,
+            unwrap_model_for_generation(
+                self.teacher_model, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+            ) as teacher,
+        ):
+            out = block_verify_sample(
+                student, teacher, prompt_ids, rule, max_new_tokens=self.max_completion_length,
+                eos_token_ids=self.eos_token_ids, pad_token_id=self._tokenizer.pad_token_id,
+                vocab_size=self.kd_vocab_size, num_draft_tokens=num_draft_tokens, student_params=student_params,
+                teacher_params=teacher_params, sync_continue=sync,
+            )
+        return Rollout(out.completion_ids, out.teacher_mask, out.counts)
 
     def sample_from(
         self, model: torch.nn.Module, prompt_ids: list[list[int]], generation_config: GenerationConfig

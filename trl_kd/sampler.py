@@ -1,0 +1,385 @@
+"""Teacher-in-the-loop sampling: the student proposes each token, a rule decides whether the teacher writes it.
+
+Shared by Speculative KD (arXiv 2410.11325) and SWITCH (arXiv 2410.19503). The rule at response position ``t``
+depends only on the shared prefix, so it can be applied like speculative decoding: the student drafts
+``num_draft_tokens`` tokens with its KV cache, the teacher scores them in one forward, the first rejected token is
+replaced by a teacher sample and the rest of the draft is dropped. The sequences have exactly the distribution of the
+token-by-token algorithm ([`reference_sample`], kept for tests); the block size changes speed, never results.
+
+Batched: rows accept different numbers of tokens per round. Both caches keep one slot layout; slots of dropped draft
+tokens are masked out of attention (and cropped when no row needs them), positions are counted per row, and rows
+that finish (EOS or length) leave the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .losses import divergence
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a model draws a token: temperature, then top-k, then top-p (nucleus); ``greedy`` takes the argmax."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of the warped distribution, ``-inf`` outside the kept set (fp32)."""
+        logits = logits.float()
+        if self.greedy:
+            out = torch.full_like(logits, float("-inf"))
+            return out.scatter(-1, logits.argmax(-1, keepdim=True), 0.0)
+        logits = logits / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= self.top_p  # mass before this token
+            logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+        return logits.log_softmax(-1)
+
+    def sample(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One token per row of ``logits`` (shape ``(..., V)``)."""
+        if self.greedy:
+            return logits.argmax(-1)
+        probs = self.log_probs(logits).exp()
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+@dataclass
+class Proposal:
+    """What a rule sees for one block of drafted tokens.
+
+    Attributes:
+        student_logits: raw student logits ``(B, K, V)`` that each drafted token was drawn from.
+        teacher_logits: raw teacher logits ``(B, K, V)`` at the same positions (same prefixes).
+        draft: drafted tokens ``(B, K)``.
+        positions: response index (0-based) of each drafted token ``(B, K)``.
+        rows: index of each row in the original batch ``(B,)`` (rows leave the batch when they finish).
+    """
+
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+    draft: torch.Tensor
+    positions: torch.Tensor
+    rows: torch.Tensor
+
+
+class Rule:
+    """Decides, for each drafted position, whether the teacher writes the token instead of the student.
+
+    A rule must be *prefix-consistent*: the decision at block position ``j`` may use positions ``<= j`` only, because
+    positions after the first rejection are dropped. Rules with per-row state (e.g. a running mean over the response)
+    keep it in `start`/`update`.
+    """
+
+    def start(self, batch_size: int, max_new_tokens: int) -> None:
+        """Called once before sampling a batch."""
+
+    def reject(self, proposal: Proposal) -> torch.Tensor:
+        """Boolean ``(B, K)``: ``True`` where the teacher must write the token."""
+        raise NotImplementedError
+
+    def update(self, proposal: Proposal, num_kept: torch.Tensor) -> None:
+        """Called after each block with how many positions of it each row kept (accepted + the replacement)."""
+
+
+class OnPolicyRule(Rule):
+    """Never reject: plain student sampling (on-policy KD)."""
+
+    def reject(self, proposal: Proposal) -> torch.Tensor:
+        return torch.zeros_like(proposal.draft, dtype=torch.bool)
+
+
+class TeacherOnlyRule(Rule):
+    """Always reject: the teacher writes every token (sequence-level KD)."""
+
+    def reject(self, proposal: Proposal) -> torch.Tensor:
+        return torch.ones_like(proposal.draft, dtype=torch.bool)
+
+
+class TopKRule(Rule):
+    """Speculative KD: reject a drafted token that is not among the teacher's top-``k`` tokens at its position.
+
+    ``on="raw"`` ranks the teacher's unwarped distribution (the paper); ``on="warped"`` ranks the distribution after
+    the teacher's sampling settings, so a token outside the teacher's nucleus is rejected too (the official code).
+    ``k=0`` rejects everything; ``k >= V`` accepts everything (``raw``).
+    """
+
+    def __init__(self, k: int, on: str = "raw", teacher_params: SamplingParams | None = None):
+        if on not in ("raw", "warped"):
+            raise ValueError(f"on must be 'raw' or 'warped', got {on!r}.")
+        self.k, self.on, self.teacher_params = k, on, teacher_params or SamplingParams()
+
+    def reject(self, proposal: Proposal) -> torch.Tensor:
+        scores = proposal.teacher_logits.float()
+        if self.on == "warped":
+            scores = self.teacher_params.log_probs(scores)
+        if self.k <= 0:
+            return torch.ones_like(proposal.draft, dtype=torch.bool)
+        token_score = scores.gather(-1, proposal.draft.unsqueeze(-1)).squeeze(-1)
+        rank = (scores > token_score.unsqueeze(-1)).sum(-1)  # tokens strictly better than the drafted one
+        outside = rank >= self.k
+        if self.on == "warped":
+            outside |= torch.isinf(token_score)
+        return outside
+
+
+class DivergenceThresholdRule(Rule):
+    """SWITCH: the teacher writes the token when ``D(p_t, q_t) > threshold(t)`` (decided before the token is drawn).
+
+    ``threshold`` maps response positions ``(B, K)`` to thresholds; ``divergence`` is one of the package's loss types
+    (``jsd`` with ``beta``, ``tvd``, ...) computed on the raw distributions.
+    """
+
+    def __init__(self, threshold: Callable[[torch.Tensor], torch.Tensor], divergence: str = "jsd", beta: float = 0.5):
+        self.threshold, self.divergence, self.beta = threshold, divergence, beta
+
+    def divergences(self, proposal: Proposal) -> torch.Tensor:
+        return divergence(proposal.student_logits, proposal.teacher_logits, self.divergence, beta=self.beta)
+
+    def reject(self, proposal: Proposal) -> torch.Tensor:
+        return self.divergences(proposal) > self.threshold(proposal.positions)
+
+
+@dataclass
+class SampleOutput:
+    """Completions and their provenance.
+
+    Attributes:
+        completion_ids: per row, the response tokens, ending at (and including) the first EOS if any.
+        teacher_mask: per row, ``True`` where the teacher wrote the token.
+        counts: ``drafted`` (positions judged by the rule), ``accepted``, ``replaced``, ``proposed`` (drafted tokens
+            including the ones dropped after a rejection), ``student_forwards``, ``teacher_forwards``, ``rounds``.
+    """
+
+    completion_ids: list[list[int]]
+    teacher_mask: list[list[bool]]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        if len(p):
+            ids[i, width - len(p) :] = torch.tensor(list(p))
+            mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _forward(model, input_ids, slot_mask, positions, cache) -> torch.Tensor:
+    out = model(
+        input_ids=input_ids, attention_mask=slot_mask, position_ids=positions, past_key_values=cache, use_cache=True
+    )
+    return out.logits.float()
+
+
+@torch.no_grad()
+def block_verify_sample(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    rule: Rule,
+    *,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    vocab_size: int | None = None,
+    num_draft_tokens: int = 5,
+    student_params: SamplingParams = SamplingParams(),
+    teacher_params: SamplingParams = SamplingParams(),
+    sync_continue: Callable[[bool], bool] | None = None,
+) -> SampleOutput:
+    """Sample one completion per prompt: the student drafts blocks, the teacher verifies them under ``rule``.
+
+    Args:
+        student, teacher: causal LMs sharing a tokenizer (plain, PEFT-wrapped, or unwrapped from a DeepSpeed engine).
+            Run them with gradient checkpointing off (e.g. under `trl.models.unwrap_model_for_generation`).
+        prompt_ids: unpadded prompt token ids per row (at least one token each).
+        rule: who writes each position, see [`Rule`].
+        max_new_tokens: completion budget per row.
+        eos_token_ids: tokens that end a completion (kept in it).
+        vocab_size: compare and sample over the first ``vocab_size`` logits only (the tokenizer's range).
+        num_draft_tokens: tokens the student drafts per teacher forward (gamma); changes speed, not results.
+        sync_continue: for ZeRO-3 and other collectives: called each round with "this process has unfinished rows"
+            and must return whether any process has; finished processes then keep running forwards on their rows
+            (whose outputs are ignored) until every process is done, and no row leaves the batch.
+
+    Returns:
+        [`SampleOutput`].
+    """
+    if num_draft_tokens < 1:
+        raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}.")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("Every prompt needs at least one token.")
+    device = next(student.parameters()).device
+    batch = len(prompt_ids)
+    gamma = num_draft_tokens
+    rule.start(batch, max_new_tokens)
+
+    ids, slot_mask = _left_pad(prompt_ids, pad_token_id, device)
+    student_cache, teacher_cache = DynamicCache(), DynamicCache()
+    positions = (slot_mask.cumsum(-1) - 1).clamp(min=0)
+    counts = dict.fromkeys(("drafted", "accepted", "replaced", "proposed", "student_forwards", "teacher_forwards",
+                            "rounds"), 0)
+    if ids.shape[1] > 1:  # prefill everything but the last prompt token, which becomes the pending token
+        _forward(student, ids[:, :-1], slot_mask[:, :-1], positions[:, :-1], student_cache)
+        _forward(teacher, ids[:, :-1], slot_mask[:, :-1], positions[:, :-1], teacher_cache)
+        counts["student_forwards"] += 1
+        counts["teacher_forwards"] += 1
+    slot_mask = slot_mask[:, :-1]
+    pending = ids[:, -1]
+    next_position = positions[:, -1]  # position of the pending token
+    rows = torch.arange(batch, device=device)  # original index of each row still in the batch
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    completions: list[list[int]] = [[] for _ in range(batch)]
+    teacher_mask: list[list[bool]] = [[] for _ in range(batch)]
+
+    def cut(logits: torch.Tensor) -> torch.Tensor:
+        return logits if vocab_size is None else logits[..., :vocab_size]
+
+    while sync_continue(not bool(done.all())) if sync_continue is not None else not bool(done.all()):
+        counts["rounds"] += 1
+        # 1. the student drafts gamma tokens, keeping the logits each was drawn from
+        draft, student_logits = [], []
+        token = pending
+        for j in range(gamma):
+            slot_mask = torch.cat([slot_mask, slot_mask.new_ones(len(rows), 1)], dim=1)
+            logits = cut(_forward(student, token[:, None], slot_mask, (next_position + j)[:, None], student_cache))
+            counts["student_forwards"] += 1
+            token = student_params.sample(logits[:, -1])
+            draft.append(token)
+            student_logits.append(logits[:, -1])
+        draft_ids = torch.stack(draft, 1)
+        # 2. the teacher scores pending + draft[:-1] in one forward: logits for every drafted position
+        teacher_input = torch.cat([pending[:, None], draft_ids[:, :-1]], dim=1)
+        teacher_positions = next_position[:, None] + torch.arange(gamma, device=device)
+        teacher_logits = cut(_forward(teacher, teacher_input, slot_mask, teacher_positions, teacher_cache))
+        counts["teacher_forwards"] += 1
+        response_positions = torch.tensor([len(completions[r]) for r in rows.tolist()], device=device)
+        proposal = Proposal(
+            torch.stack(student_logits, 1), teacher_logits, draft_ids,
+            response_positions[:, None] + torch.arange(gamma, device=device), rows,
+        )
+        # 3. first rejection per row; the teacher samples a replacement there
+        reject = rule.reject(proposal).to(device)
+        first_reject = torch.where(reject.any(1), reject.float().argmax(1), torch.full_like(rows, gamma))
+        at = first_reject.clamp(max=gamma - 1)
+        replacement = teacher_params.sample(teacher_logits[torch.arange(len(rows), device=device), at])
+
+        num_kept = torch.zeros(len(rows), dtype=torch.long, device=device)
+        for i, row in enumerate(rows.tolist()):
+            if done[row]:
+                continue
+            budget = max_new_tokens - len(completions[row])
+            r = int(first_reject[i])
+            for j in range(min(r, gamma)):
+                if num_kept[i] == budget:
+                    break
+                tok = int(draft_ids[i, j])
+                completions[row].append(tok)
+                teacher_mask[row].append(False)
+                num_kept[i] += 1
+                counts["accepted"] += 1
+                if tok in eos_token_ids:
+                    break
+            finished = num_kept[i] == budget or (num_kept[i] > 0 and completions[row][-1] in eos_token_ids)
+            if r < gamma and not finished:
+                completions[row].append(int(replacement[i]))
+                teacher_mask[row].append(True)
+                num_kept[i] += 1
+                counts["replaced"] += 1
+            counts["proposed"] += gamma
+            if len(completions[row]) >= max_new_tokens or completions[row][-1] in eos_token_ids:
+                done[row] = True
+        counts["drafted"] = counts["accepted"] + counts["replaced"]
+        rule.update(proposal, num_kept)
+
+        # 4. cache slots: pending + the accepted draft tokens stay visible, the rest is masked or cropped
+        new_valid = 1 + torch.minimum(num_kept - 1, torch.full_like(num_kept, gamma - 1)).clamp(min=0)
+        slot_offsets = torch.arange(gamma, device=device)
+        slot_mask[:, -gamma:] = (slot_offsets[None, :] < new_valid[:, None]).long()
+        surplus = gamma - int(new_valid.max())
+        if surplus > 0:
+            student_cache.crop(-surplus)
+            teacher_cache.crop(-surplus)
+            slot_mask = slot_mask[:, :-surplus]
+        last = torch.tensor([completions[r][-1] if completions[r] else 0 for r in rows.tolist()], device=device)
+        pending = torch.where(num_kept > 0, last, pending)
+        next_position = next_position + num_kept
+
+        if sync_continue is None:  # finished rows leave the batch
+            keep = ~done[rows]
+            if not bool(keep.all()) and bool(keep.any()):
+                index = keep.nonzero().squeeze(1)
+                student_cache.batch_select_indices(index)
+                teacher_cache.batch_select_indices(index)
+                rows, slot_mask, pending, next_position = rows[index], slot_mask[index], pending[index], next_position[index]
+    return SampleOutput(completions, teacher_mask, counts)
+
+
+@torch.no_grad()
+def reference_sample(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    rule: Rule,
+    *,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    vocab_size: int | None = None,
+    student_params: SamplingParams = SamplingParams(),
+    teacher_params: SamplingParams = SamplingParams(),
+) -> SampleOutput:
+    """The token-by-token algorithm, without KV caches: at each position both models run on the whole sequence, the
+    student draws a token, the rule decides, and a rejected token is redrawn from the teacher. Slow; for tests."""
+    device = next(student.parameters()).device
+    batch = len(prompt_ids)
+    sequences = [list(p) for p in prompt_ids]
+    completions: list[list[int]] = [[] for _ in range(batch)]
+    teacher_mask: list[list[bool]] = [[] for _ in range(batch)]
+    counts = {"drafted": 0, "accepted": 0, "replaced": 0}
+    rule.start(batch, max_new_tokens)
+    active = list(range(batch))
+    for t in range(max_new_tokens):
+        if not active:
+            break
+        ids, mask = _left_pad([sequences[r] for r in active], pad_token_id, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        q = student(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+        p = teacher(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+        if vocab_size is not None:
+            q, p = q[:, :vocab_size], p[:, :vocab_size]
+        drawn = student_params.sample(q)
+        rows = torch.tensor(active, device=device)
+        proposal = Proposal(q[:, None], p[:, None], drawn[:, None], torch.full((len(active), 1), t, device=device), rows)
+        reject = rule.reject(proposal)[:, 0]
+        replacement = teacher_params.sample(p)
+        token = torch.where(reject, replacement, drawn)
+        rule.update(proposal, torch.ones(len(active), dtype=torch.long, device=device))
+        still = []
+        for i, row in enumerate(active):
+            tok = int(token[i])
+            sequences[row].append(tok)
+            completions[row].append(tok)
+            teacher_mask[row].append(bool(reject[i]))
+            counts["replaced" if reject[i] else "accepted"] += 1
+            if tok not in eos_token_ids:
+                still.append(row)
+        active = still
+    counts["drafted"] = counts["accepted"] + counts["replaced"]
+    return SampleOutput(completions, teacher_mask, counts)
