@@ -305,7 +305,6 @@ def block_verify_sample(
             counts["proposed"] += gamma
             if len(completions[row]) >= max_new_tokens or completions[row][-1] in eos_token_ids:
                 done[row] = True
-        counts["drafted"] = counts["accepted"] + counts["replaced"]
         rule.update(proposal, num_kept)
 
         # 4. cache slots: pending + the accepted draft tokens stay visible, the rest is masked or cropped
@@ -328,6 +327,7 @@ def block_verify_sample(
                 student_cache.batch_select_indices(index)
                 teacher_cache.batch_select_indices(index)
                 rows, slot_mask, pending, next_position = rows[index], slot_mask[index], pending[index], next_position[index]
+    counts["drafted"] = counts["accepted"] + counts["replaced"]
     return SampleOutput(completions, teacher_mask, counts)
 
 
