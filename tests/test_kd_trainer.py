@@ -9,46 +9,7 @@ from trl import DistillationConfig, DistillationTrainer
 from trl_kd import KDConfig, KDTrainer
 from trl_kd.testing import DATASET_FORMATS, build_model, make_dataset
 
-
-def make_args(tmp_path, **overrides):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        max_completion_length=8,
-        learning_rate=0.05,
-        report_to="none",
-        bf16=False,
-        logging_steps=1,
-        save_strategy="no",
-        seed=7,
-        disable_tqdm=True,
-    )
-    defaults.update(overrides)
-    return KDConfig(**defaults)
-
-
-def make_trainer(tmp_path, tokenizer, dataset=None, arch="qwen2", teacher=None, **overrides):
-    student = build_model(arch, tokenizer, "student", seed=0)
-    teacher = teacher if teacher is not None else build_model(arch, tokenizer, "teacher", seed=1)
-    dataset = dataset if dataset is not None else make_dataset("prompt_completion", 16)
-    return KDTrainer(
-        model=student, teacher_model=teacher, args=make_args(tmp_path, **overrides),
-        train_dataset=dataset, processing_class=tokenizer,
-    )
-
-
-def params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def logged(trainer, key):
-    return [row[key] for row in trainer.state.log_history if key in row]
-
-
-def assert_changed(before, model):
-    changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())]
-    assert changed, "no parameter changed"
+from helpers import assert_changed, logged, make_args, make_trainer, params
 
 
 @pytest.mark.parametrize("fmt", DATASET_FORMATS)

@@ -1,11 +1,23 @@
 """trl-kd: knowledge distillation trainers for Hugging Face TRL.
 
-``KDTrainer`` (GKD, arXiv 2306.13649) is the base the method trainers build on.
+``KDTrainer`` (GKD, arXiv 2306.13649) is the base the method trainers build on: ``SpeculativeKDTrainer`` (SKD, arXiv
+2410.11325).
 """
 
 from .kd import KDConfig, KDTrainer, Rollout
 from .losses import LMHead, chunked_kd_loss, divergence
+from .skd import SpeculativeKDConfig, SpeculativeKDTrainer
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["KDConfig", "KDTrainer", "LMHead", "Rollout", "chunked_kd_loss", "divergence", "__version__"]
+__all__ = [
+    "KDConfig",
+    "KDTrainer",
+    "LMHead",
+    "Rollout",
+    "SpeculativeKDConfig",
+    "SpeculativeKDTrainer",
+    "chunked_kd_loss",
+    "divergence",
+    "__version__",
+]

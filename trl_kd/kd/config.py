@@ -40,7 +40,12 @@ class KDConfig(DistillationConfig):
             Longest prompt accepted, in tokens; a longer prompt is an error when the trainer is built. `None` uses the
             student's context length minus `max_completion_length`.
         temperature (`float`, *optional*, defaults to `1.0`):
-            Sampling temperature of the student (and of the teacher with `seq_kd`). GKD samples at 1.
+            Sampling temperature of the student. GKD samples at 1. `top_p` and `top_k` are the student's too.
+        teacher_temperature (`float` or `None`, *optional*, defaults to `None`):
+            Sampling temperature of the teacher wherever it writes tokens (`seq_kd`, SKD and SWITCH replacements).
+            `None` uses `temperature`.
+        teacher_top_p (`float` or `None`, *optional*, defaults to `None`):
+            Nucleus of the teacher's sampling. `None` uses `top_p`.
     """
 
     _VALID_DICT_FIELDS = DistillationConfig._VALID_DICT_FIELDS
@@ -72,6 +77,10 @@ class KDConfig(DistillationConfig):
         default=None,
         metadata={"help": "Longest prompt in tokens; None = context length minus max_completion_length."},
     )
+    teacher_temperature: float | None = field(
+        default=None, metadata={"help": "Teacher sampling temperature; None = same as `temperature`."}
+    )
+    teacher_top_p: float | None = field(default=None, metadata={"help": "Teacher top-p; None = same as `top_p`."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,3 +100,24 @@ class KDConfig(DistillationConfig):
             raise ValueError(f"max_completion_length must be a positive integer, got {self.max_completion_length}.")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be positive or None, got {self.max_prompt_length}.")
+        if self.teacher_temperature is not None and self.teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature must be > 0 or None, got {self.teacher_temperature}.")
+        for name in ("top_p", "teacher_top_p"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value}.")
+
+    def check_teacher_in_the_loop(self, method: str) -> None:
+        """Refuse generation settings that token-by-token teacher-in-the-loop sampling (SKD, SWITCH) cannot honour."""
+        unsupported = {
+            "use_vllm": self.use_vllm,
+            "min_p": self.min_p is not None,
+            "repetition_penalty": self.repetition_penalty != 1.0,
+            "generation_kwargs": bool(self.generation_kwargs),
+        }
+        bad = [name for name, is_set in unsupported.items() if is_set]
+        if bad:
+            raise ValueError(
+                f"{method} samples with trl-kd's teacher-in-the-loop sampler, which supports `temperature`, `top_p`, "
+                f"`top_k`, `teacher_temperature` and `teacher_top_p` only; unset {', '.join(f'`{b}`' for b in bad)}."
+            )

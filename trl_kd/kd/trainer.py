@@ -75,6 +75,9 @@ class KDTrainer(DistillationTrainer):
 
     _tag_names = ["trl", "trl-kd", "distillation", "gkd"]
     _name = "KD"
+    config_class = KDConfig
+    position_buckets: int = 0
+    """Log `teacher_token_fraction/bucket_<b>_of_<n>` over this many equal parts of each response (0 = off)."""
 
     def __init__(
         self,
@@ -91,9 +94,12 @@ class KDTrainer(DistillationTrainer):
     ):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
-            args = KDConfig(output_dir=f"{(name or 'model').split('/')[-1]}-{self._name}")
-        if not isinstance(args, KDConfig):
-            raise TypeError(f"`args` must be a {KDConfig.__name__} (or a subclass), got {type(args).__name__}.")
+            suffix = self._name.replace(" ", "")
+            args = self.config_class(output_dir=f"{(name or 'model').split('/')[-1]}-{suffix}")
+        if not isinstance(args, self.config_class):
+            raise TypeError(
+                f"`args` must be a {self.config_class.__name__} (or a subclass), got {type(args).__name__}."
+            )
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         if teacher_model is None:
             raise ValueError("No teacher: pass `teacher_model` or set `teacher_model_name_or_path` in the config.")
@@ -134,8 +140,14 @@ class KDTrainer(DistillationTrainer):
 
         # Tokens beyond the tokenizer (embedding padding) are never sampled.
         self.generation_config.suppress_tokens = self._padding_token_ids(self.model) or None
+        teacher_sampling = self.teacher_sampling_params
         self.teacher_generation_config = GenerationConfig(
-            **{**self.generation_kwargs, "suppress_tokens": self._padding_token_ids(teacher_model) or None},
+            **{
+                **self.generation_kwargs,
+                "temperature": teacher_sampling.temperature,
+                "top_p": teacher_sampling.top_p,
+                "suppress_tokens": self._padding_token_ids(teacher_model) or None,
+            },
             disable_compile=True,
         )
         self._rollout_rows: list[dict[str, Any]] = []
@@ -184,6 +196,21 @@ class KDTrainer(DistillationTrainer):
         check_prompt_lengths(dataset, lambda prompts: self._tokenize_prompts(prompts)[0], limit, name)
 
     # ------------------------------------------------------------------------------------------------------ rollouts
+    @property
+    def student_sampling_params(self) -> SamplingParams:
+        """The student's sampling settings (`temperature`, `top_p`, `top_k`)."""
+        return SamplingParams(temperature=self.args.temperature, top_p=self.args.top_p, top_k=self.args.top_k or 0)
+
+    @property
+    def teacher_sampling_params(self) -> SamplingParams:
+        """The teacher's sampling settings (`teacher_temperature`, `teacher_top_p`, falling back to the student's)."""
+        args = self.args
+        return SamplingParams(
+            temperature=args.teacher_temperature if args.teacher_temperature is not None else args.temperature,
+            top_p=args.teacher_top_p if args.teacher_top_p is not None else args.top_p,
+            top_k=args.top_k or 0,
+        )
+
     def rollout(self, prompt_ids: list[list[int]]) -> Rollout:
         """Generation hook: sample completions for the on-policy rows and say who wrote each token.
 
@@ -282,7 +309,25 @@ class KDTrainer(DistillationTrainer):
         teacher_tokens = self.accelerator.gather(output["teacher_mask"].sum()).sum()
         total_tokens = self.accelerator.gather(output["completion_mask"].sum()).sum()
         self._metrics[mode]["teacher_token_fraction"].append((teacher_tokens / total_tokens.clamp(min=1)).item())
+        if self.position_buckets:
+            self._log_teacher_fraction_by_position(mode, output["completion_mask"], output["teacher_mask"])
         return output
+
+    def _log_teacher_fraction_by_position(self, mode: str, completion_mask: torch.Tensor, teacher_mask: torch.Tensor):
+        # Bucket b of a response of length L holds its positions t with floor(buckets * t / L) == b.
+        buckets = self.position_buckets
+        mask = completion_mask.float()
+        lengths = mask.sum(1, keepdim=True).clamp(min=1)
+        positions = torch.arange(mask.shape[1], device=mask.device)[None]
+        bucket = torch.floor(positions * buckets / lengths).clamp(max=buckets - 1).long()
+        one_hot = torch.nn.functional.one_hot(bucket, buckets).float() * mask[..., None]
+        sums = torch.stack([(one_hot * teacher_mask.float()[..., None]).sum((0, 1)), one_hot.sum((0, 1))])
+        sums = self.accelerator.reduce(sums, "sum").cpu()
+        for b in range(buckets):
+            if sums[1, b] > 0:
+                self._metrics[mode][f"teacher_token_fraction/bucket_{b + 1}_of_{buckets}"].append(
+                    (sums[0, b] / sums[1, b]).item()
+                )
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
         # Called by TRL once per generation batch with the rows stashed in `_generate_and_score_completions`. Decides

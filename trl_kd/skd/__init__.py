@@ -1,0 +1,5 @@
+from .config import SpeculativeKDConfig
+from .trainer import SpeculativeKDTrainer
+
+
+__all__ = ["SpeculativeKDConfig", "SpeculativeKDTrainer"]
