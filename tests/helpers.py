@@ -24,8 +24,10 @@ def make_args(tmp_path, config_class=KDConfig, **overrides):
     return config_class(**defaults)
 
 
-def make_trainer(tmp_path, tokenizer, dataset=None, arch="qwen2", teacher=None, trainer_class=KDTrainer, **overrides):
-    student = build_model(arch, tokenizer, "student", seed=0)
+def make_trainer(
+    tmp_path, tokenizer, dataset=None, arch="qwen2", teacher=None, trainer_class=KDTrainer, student=None, **overrides
+):
+    student = student if student is not None else build_model(arch, tokenizer, "student", seed=0)
     teacher = teacher if teacher is not None else build_model(arch, tokenizer, "teacher", seed=1)
     dataset = dataset if dataset is not None else make_dataset("prompt_completion", 16)
     return trainer_class(

@@ -24,6 +24,8 @@ RULES = {
     "teacher_only": TeacherOnlyRule,
     "top_k": lambda: TopKRule(k=3),
     "threshold": lambda: DivergenceThresholdRule(lambda t: 0.62 * torch.exp(-0.01 * t.float())),
+    "handoff": lambda: DivergenceThresholdRule(lambda t: 0.64 * torch.exp(-0.02 * t.float()), handoff=True),
+    "adaptive": lambda: DivergenceThresholdRule(lambda t: torch.full_like(t.float(), 0.62), adaptive_factor=1.05),
 }
 
 
@@ -63,8 +65,14 @@ def test_rules_make_a_difference(pair, tokenizer):
     common = kwargs(tokenizer, student_params=GREEDY, teacher_params=GREEDY)
     outs = {name: reference_sample(student, teacher, prompts(tokenizer), make(), **common) for name, make in RULES.items()}
     assert outs["on_policy"].completion_ids != outs["teacher_only"].completion_ids
-    mixed = [m for row in outs["threshold"].teacher_mask for m in row]
-    assert 0 < sum(mixed) < len(mixed)
+    for name in ("threshold", "handoff", "adaptive"):
+        mixed = [m for row in outs[name].teacher_mask for m in row]
+        assert 0 < sum(mixed) < len(mixed), name
+    # handoff: some row switches to the teacher mid-response and never back
+    handoff_rows = outs["handoff"].teacher_mask
+    assert any(0 < sum(row) < len(row) for row in handoff_rows)
+    assert all(row == sorted(row) for row in handoff_rows)
+    assert any(row != sorted(row) for row in outs["threshold"].teacher_mask)
 
 
 def test_on_policy_and_teacher_only_equal_generate(pair, tokenizer):

@@ -1,12 +1,13 @@
 """trl-kd: knowledge distillation trainers for Hugging Face TRL.
 
 ``KDTrainer`` (GKD, arXiv 2306.13649) is the base the method trainers build on: ``SpeculativeKDTrainer`` (SKD, arXiv
-2410.11325).
+2410.11325) and ``SwitchTrainer`` (SWITCH, arXiv 2410.19503).
 """
 
 from .kd import KDConfig, KDTrainer, Rollout
 from .losses import LMHead, chunked_kd_loss, divergence
 from .skd import SpeculativeKDConfig, SpeculativeKDTrainer
+from .switch import SwitchConfig, SwitchTrainer
 
 __version__ = "0.1.0.dev0"
 
@@ -17,6 +18,8 @@ __all__ = [
     "Rollout",
     "SpeculativeKDConfig",
     "SpeculativeKDTrainer",
+    "SwitchConfig",
+    "SwitchTrainer",
     "chunked_kd_loss",
     "divergence",
     "__version__",

@@ -137,20 +137,67 @@ class TopKRule(Rule):
 
 
 class DivergenceThresholdRule(Rule):
-    """SWITCH: the teacher writes the token when ``D(p_t, q_t) > threshold(t)`` (decided before the token is drawn).
+    """SWITCH: the teacher writes the token when ``D(p_t, q_t) > threshold`` (decided before the token is drawn).
 
-    ``threshold`` maps response positions ``(B, K)`` to thresholds; ``divergence`` is one of the package's loss types
-    (``jsd`` with ``beta``, ``tvd``, ...) computed on the raw distributions.
+    Args:
+        threshold: maps response positions ``(B, K)`` to thresholds (SWITCH's decaying schedule).
+        divergence: one of the package's divergences (``jsd`` with ``beta``, ``tvd``, ...) on the raw distributions.
+        beta: interpolation of ``jsd``.
+        handoff: once the teacher writes a token it writes the rest of the response.
+        adaptive_factor: AdaSwitch (arXiv 2510.07842): from the second position on, the threshold is
+            ``adaptive_factor`` times the mean divergence over the response's earlier positions; ``threshold`` is
+            used at the first position only.
     """
 
-    def __init__(self, threshold: Callable[[torch.Tensor], torch.Tensor], divergence: str = "jsd", beta: float = 0.5):
+    def __init__(
+        self,
+        threshold: Callable[[torch.Tensor], torch.Tensor],
+        divergence: str = "jsd",
+        beta: float = 0.5,
+        handoff: bool = False,
+        adaptive_factor: float | None = None,
+    ):
         self.threshold, self.divergence, self.beta = threshold, divergence, beta
+        self.handoff, self.adaptive_factor = handoff, adaptive_factor
+
+    def start(self, batch_size: int, max_new_tokens: int) -> None:
+        self.handed_off = torch.zeros(batch_size, dtype=torch.bool)
+        self.history_sum = torch.zeros(batch_size, dtype=torch.float64)
+        self.history_count = torch.zeros(batch_size, dtype=torch.long)
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def divergences(self, proposal: Proposal) -> torch.Tensor:
         return divergence(proposal.student_logits, proposal.teacher_logits, self.divergence, beta=self.beta)
 
+    def thresholds(self, proposal: Proposal, divergences: torch.Tensor) -> torch.Tensor:
+        scheduled = self.threshold(proposal.positions).to(divergences)
+        if self.adaptive_factor is None:
+            return scheduled
+        rows = proposal.rows.cpu()
+        # mean over the earlier positions of the response: the history plus this block's positions before each one
+        earlier_sum = self.history_sum[rows].to(divergences)[:, None] + divergences.cumsum(1) - divergences
+        earlier_count = self.history_count[rows].to(divergences.device)[:, None] + torch.arange(
+            divergences.shape[1], device=divergences.device
+        )
+        adaptive = self.adaptive_factor * earlier_sum / earlier_count.clamp(min=1)
+        return torch.where(earlier_count > 0, adaptive, scheduled)
+
     def reject(self, proposal: Proposal) -> torch.Tensor:
-        return self.divergences(proposal) > self.threshold(proposal.positions)
+        divergences = self.divergences(proposal)
+        reject = divergences > self.thresholds(proposal, divergences)
+        if self.handoff:
+            handed_off = self.handed_off[proposal.rows.cpu()].to(reject.device)
+            reject = (reject.long().cummax(1).values > 0) | handed_off[:, None]
+        self._last = (divergences, reject)
+        return reject
+
+    def update(self, proposal: Proposal, num_kept: torch.Tensor) -> None:
+        divergences, reject = self._last
+        kept = torch.arange(divergences.shape[1], device=divergences.device)[None] < num_kept[:, None]
+        rows = proposal.rows.cpu()
+        self.history_sum[rows] += (divergences * kept).sum(1).double().cpu()
+        self.history_count[rows] += num_kept.cpu()
+        self.handed_off[rows] |= (reject & kept).any(1).cpu()
 
 
 @dataclass

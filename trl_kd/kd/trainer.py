@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -8,6 +9,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DistillationTrainer
 from trl.models import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, pad
@@ -16,6 +18,9 @@ from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset
 from ..losses import LMHead, chunked_kd_loss
 from ..sampler import Rule, SamplingParams, block_verify_sample
 from .config import KDConfig
+
+
+METHOD_STATE_NAME = "trl_kd_state.pt"
 
 
 @dataclass
@@ -144,6 +149,7 @@ class KDTrainer(DistillationTrainer):
         self.teacher_generation_config = GenerationConfig(
             **{
                 **self.generation_kwargs,
+                "do_sample": not teacher_sampling.greedy,
                 "temperature": teacher_sampling.temperature,
                 "top_p": teacher_sampling.top_p,
                 "suppress_tokens": self._padding_token_ids(teacher_model) or None,
@@ -465,6 +471,28 @@ class KDTrainer(DistillationTrainer):
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["kd_loss"].append((divergence_sum / num_tokens.clamp(min=1)).item())
         return output
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def method_state_dict(self) -> dict[str, Any]:
+        """Training state of a method beyond the model, optimizer and scheduler (e.g. a calibrated threshold, a soft
+        prompt and its optimizer), saved in every checkpoint as `trl_kd_state.pt` and restored on resume."""
+        return {}
+
+    def load_method_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what [`~KDTrainer.method_state_dict`] returned."""
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        state = self.method_state_dict()
+        if state and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(state, os.path.join(folder, METHOD_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, METHOD_STATE_NAME) if checkpoint is not None else None
+        if path is not None and os.path.exists(path):
+            self.load_method_state_dict(torch.load(path, map_location="cpu", weights_only=False))
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

@@ -1,0 +1,5 @@
+from .config import SwitchConfig
+from .trainer import SwitchTrainer
+
+
+__all__ = ["SwitchConfig", "SwitchTrainer"]
