@@ -2,7 +2,8 @@
 
     python benchmarks/speed.py                  # everything
     python benchmarks/speed.py --only loss      # peak memory of the loss at vocab 32k/128k x 2048 positions
-    python benchmarks/speed.py --only trainers  # step time of KDTrainer vs trl.DistillationTrainer (tiny models)
+    python benchmarks/speed.py --only trainers      # step time of each trainer vs trl.DistillationTrainer (tiny models)
+    python benchmarks/speed.py --only trainers-sft  # the same after fine-tuning both models on the task
 
 Loss memory is the peak of one forward+backward above what the inputs already hold: `torch.cuda.max_memory_allocated`
 on GPU, the growth of the process's peak RSS on CPU (each case in a fresh subprocess).
@@ -106,52 +107,82 @@ def _median_step_time(trainer) -> float:
     return statistics.median(times[2:])  # first steps warm up
 
 
-def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32) -> str:
+def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32, pair: str = "random") -> str:
+    """Step time of every trainer on the same tiny models. `pair="sft"`: teacher and student first fine-tuned on the
+    synthetic task (`trl_kd.testing.sft_on_task`), so the acceptance rates are those of an SFT-initialised student."""
+    import copy
+
     from transformers.trainer_callback import PrinterCallback
     from trl import DistillationConfig, DistillationTrainer
 
-    from trl_kd import KDConfig, KDTrainer
-    from trl_kd.testing import build_model, build_tokenizer, make_dataset
+    from trl_kd import KDConfig, KDTrainer, SpeculativeKDConfig, SpeculativeKDTrainer, SwitchConfig, SwitchTrainer
+    from trl_kd.testing import build_model, build_tokenizer, make_dataset, sft_on_task
 
     torch.set_num_threads(2)
     tokenizer = build_tokenizer()
     dataset = make_dataset("conversational_prompt_completion", 256)
+    student, teacher = build_model("qwen2", tokenizer, "student"), build_model("qwen2", tokenizer, "teacher", seed=1)
+    if pair == "sft":
+        sft_on_task(teacher, tokenizer, steps=400)
+        sft_on_task(student, tokenizer, steps=150, seed=1)
     common = dict(
         output_dir="/tmp/trl-kd-bench", per_device_train_batch_size=batch, max_steps=steps,
         max_completion_length=completion, report_to="none", bf16=False, logging_steps=1, save_strategy="no",
-        disable_tqdm=True, temperature=1.0, beta=0.5, gradient_checkpointing=False,
+        disable_tqdm=True, temperature=1.0, beta=0.5, gradient_checkpointing=False, learning_rate=1e-5,
     )
     cases = [
         ("trl.DistillationTrainer (on-policy, JSD)", DistillationTrainer, DistillationConfig, {}),
+        ("trl.DistillationTrainer, student at SKD's temperature/top-p 0.5/0.5", DistillationTrainer,
+         DistillationConfig, {"temperature": 0.5, "top_p": 0.5}),
         ("KDTrainer lmbda=1 (on-policy, JSD)", KDTrainer, KDConfig, {"lmbda": 1.0}),
         ("KDTrainer lmbda=0.5 (mixed, JSD)", KDTrainer, KDConfig, {"lmbda": 0.5}),
         ("KDTrainer lmbda=1, skew RKL", KDTrainer, KDConfig, {"lmbda": 1.0, "loss_type": "skew_rkl"}),
         ("KDTrainer lmbda=0, seq_kd", KDTrainer, KDConfig, {"lmbda": 0.0, "seq_kd": True}),
+        ("SpeculativeKDTrainer, K=25 (paper defaults)", SpeculativeKDTrainer, SpeculativeKDConfig, {"beta": 0.0}),
+        ("SwitchTrainer, tau_0=inf (never switches)", SwitchTrainer, SwitchConfig, {"switch_threshold": float("inf")}),
+        ("SwitchTrainer, calibrated to 50% teacher tokens", SwitchTrainer, SwitchConfig,
+         {"target_teacher_fraction": 0.5}),
     ]
+    if pair == "random":
+        # random models rank tokens almost at random: acceptance is about K / V, so K sets it
+        cases[5:5] = [
+            ("SpeculativeKDTrainer, K=V (every token accepted)", SpeculativeKDTrainer, SpeculativeKDConfig,
+             {"acceptance_top_k": len(tokenizer), "temperature": 1.0, "top_p": 1.0, "beta": 0.5}),
+            ("SpeculativeKDTrainer, K=0.85 V", SpeculativeKDTrainer, SpeculativeKDConfig,
+             {"acceptance_top_k": int(0.85 * len(tokenizer)), "temperature": 1.0, "top_p": 1.0, "beta": 0.5}),
+        ]
     rows, reference = [], None
     for label, trainer_cls, config_cls, extra in cases:
         trainer = trainer_cls(
-            model=build_model("qwen2", tokenizer, "student"), teacher_model=build_model("qwen2", tokenizer, "teacher"),
-            args=config_cls(**common, **extra), train_dataset=dataset, processing_class=tokenizer,
+            model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher),
+            args=config_cls(**{**common, **extra}), train_dataset=dataset, processing_class=tokenizer,
         )
         trainer.remove_callback(PrinterCallback)
         trainer.train()
         median = _median_step_time(trainer)
         reference = reference or median
-        rows.append(f"| {label} | {median * 1000:.0f} | {median / reference:.2f}x |")
+        history = trainer.state.log_history
+        rate = [row["acceptance_rate"] for row in history if "acceptance_rate" in row]
+        teacher_tokens = [row["teacher_token_fraction"] for row in history if "teacher_token_fraction" in row]
+        extra_cols = f"{statistics.mean(rate):.2f}" if rate else "–"
+        extra_cols += f" | {statistics.mean(teacher_tokens):.2f}" if teacher_tokens else " | –"
+        length = statistics.mean(row["completions/mean_length"] for row in history if "completions/mean_length" in row)
+        rows.append(f"| {label} | {median * 1000:.0f} | {median / reference:.2f}x | {length:.1f} | {extra_cols} |")
+    models = "SFT on the task (teacher 400 steps, student 150)" if pair == "sft" else "random-init"
     header = [
-        f"Median step time, tiny Qwen2 student (~30k params) and teacher (~130k), batch {batch}, up to {completion} "
-        f"new tokens, fp32, {torch.get_num_threads()} threads, {steps} steps (first 2 dropped).",
+        f"Median step time, tiny Qwen2 student (~30k params) and teacher (~130k), {models}, batch {batch}, up to "
+        f"{completion} new tokens, fp32, {torch.get_num_threads()} threads, {steps} steps (first 2 dropped). "
+        "Acceptance and teacher-token fraction are means over the run.",
         "",
-        "| trainer | step (ms) | vs DistillationTrainer |",
-        "| --- | --- | --- |",
+        "| trainer | step (ms) | vs DistillationTrainer | mean completion length | acceptance | teacher tokens |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     return "\n".join(header + rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["loss", "trainers"])
+    parser.add_argument("--only", choices=["loss", "trainers", "trainers-sft"])
     parser.add_argument("--loss-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loss_case:
@@ -163,6 +194,8 @@ def main() -> None:
         print(bench_loss() + "\n")
     if args.only in (None, "trainers"):
         print(bench_trainers() + "\n")
+    if args.only in (None, "trainers-sft"):
+        print(bench_trainers(pair="sft") + "\n")
 
 
 if __name__ == "__main__":

@@ -292,8 +292,13 @@ def block_verify_sample(
     next_position = positions[:, -1]  # position of the pending token
     rows = torch.arange(batch, device=device)  # original index of each row still in the batch
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    completions: list[list[int]] = [[] for _ in range(batch)]
-    teacher_mask: list[list[bool]] = [[] for _ in range(batch)]
+    # outputs live in fixed buffers so that a round's bookkeeping is a few tensor ops whatever the batch size
+    tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    by_teacher = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    offsets = torch.arange(gamma, device=device)
+    totals = torch.zeros(3, dtype=torch.long, device=device)  # accepted, replaced, proposed
 
     def cut(logits: torch.Tensor) -> torch.Tensor:
         return logits if vocab_size is None else logits[..., :vocab_size]
@@ -313,67 +318,58 @@ def block_verify_sample(
         draft_ids = torch.stack(draft, 1)
         # 2. the teacher scores pending + draft[:-1] in one forward: logits for every drafted position
         teacher_input = torch.cat([pending[:, None], draft_ids[:, :-1]], dim=1)
-        teacher_positions = next_position[:, None] + torch.arange(gamma, device=device)
-        teacher_logits = cut(_forward(teacher, teacher_input, slot_mask, teacher_positions, teacher_cache))
+        teacher_logits = cut(_forward(teacher, teacher_input, slot_mask, next_position[:, None] + offsets, teacher_cache))
         counts["teacher_forwards"] += 1
-        response_positions = torch.tensor([len(completions[r]) for r in rows.tolist()], device=device)
-        proposal = Proposal(
-            torch.stack(student_logits, 1), teacher_logits, draft_ids,
-            response_positions[:, None] + torch.arange(gamma, device=device), rows,
-        )
+        row_lengths = lengths[rows]
+        proposal = Proposal(torch.stack(student_logits, 1), teacher_logits, draft_ids, row_lengths[:, None] + offsets, rows)
         # 3. first rejection per row; the teacher samples a replacement there
         reject = rule.reject(proposal).to(device)
-        first_reject = torch.where(reject.any(1), reject.float().argmax(1), torch.full_like(rows, gamma))
-        at = first_reject.clamp(max=gamma - 1)
-        replacement = teacher_params.sample(teacher_logits[torch.arange(len(rows), device=device), at])
+        first_reject = torch.where(reject.any(1), reject.float().argmax(1), gamma)
+        replacement = teacher_params.sample(teacher_logits[torch.arange(len(rows), device=device), first_reject.clamp(max=gamma - 1)])
 
-        num_kept = torch.zeros(len(rows), dtype=torch.long, device=device)
-        for i, row in enumerate(rows.tolist()):
-            if done[row]:
-                continue
-            budget = max_new_tokens - len(completions[row])
-            r = int(first_reject[i])
-            for j in range(min(r, gamma)):
-                if num_kept[i] == budget:
-                    break
-                tok = int(draft_ids[i, j])
-                completions[row].append(tok)
-                teacher_mask[row].append(False)
-                num_kept[i] += 1
-                counts["accepted"] += 1
-                if tok in eos_token_ids:
-                    break
-            finished = num_kept[i] == budget or (num_kept[i] > 0 and completions[row][-1] in eos_token_ids)
-            if r < gamma and not finished:
-                completions[row].append(int(replacement[i]))
-                teacher_mask[row].append(True)
-                num_kept[i] += 1
-                counts["replaced"] += 1
-            counts["proposed"] += gamma
-            if len(completions[row]) >= max_new_tokens or completions[row][-1] in eos_token_ids:
-                done[row] = True
+        # keep the draft up to the first rejection, the first EOS (included) or the budget; then the replacement
+        active = ~done[rows]
+        budget = torch.where(active, max_new_tokens - row_lengths, 0)
+        draft_eos = torch.isin(draft_ids, eos)
+        first_eos = torch.where(draft_eos.any(1), draft_eos.float().argmax(1), gamma)
+        accepted = torch.minimum(torch.minimum(first_reject, first_eos + 1), budget)
+        ended_on_eos = first_eos < accepted
+        replaced = (first_reject < gamma) & (accepted == first_reject) & (accepted < budget) & ~ended_on_eos
+        num_kept = accepted + replaced.long()
+        written = torch.where(offsets < accepted[:, None], draft_ids, replacement[:, None])
+        keep = offsets < num_kept[:, None]
+        index = (row_lengths[:, None] + offsets).clamp(max=max_new_tokens - 1)
+        row_index = rows[:, None].expand_as(index)
+        tokens[row_index[keep], index[keep]] = written[keep]
+        by_teacher[row_index[keep], index[keep]] = (offsets[None] == accepted[:, None]).expand_as(keep)[keep]
+        lengths[rows] = row_lengths + num_kept
+        last = written.gather(1, (num_kept - 1).clamp(min=0)[:, None]).squeeze(1)
+        done[rows] |= (lengths[rows] >= max_new_tokens) | (active & (num_kept > 0) & torch.isin(last, eos))
+        totals += torch.stack([accepted.sum(), replaced.sum(), gamma * active.sum()])
         rule.update(proposal, num_kept)
 
         # 4. cache slots: pending + the accepted draft tokens stay visible, the rest is masked or cropped
         new_valid = 1 + torch.minimum(num_kept - 1, torch.full_like(num_kept, gamma - 1)).clamp(min=0)
-        slot_offsets = torch.arange(gamma, device=device)
-        slot_mask[:, -gamma:] = (slot_offsets[None, :] < new_valid[:, None]).long()
+        slot_mask[:, -gamma:] = (offsets[None, :] < new_valid[:, None]).long()
         surplus = gamma - int(new_valid.max())
         if surplus > 0:
             student_cache.crop(-surplus)
             teacher_cache.crop(-surplus)
             slot_mask = slot_mask[:, :-surplus]
-        last = torch.tensor([completions[r][-1] if completions[r] else 0 for r in rows.tolist()], device=device)
         pending = torch.where(num_kept > 0, last, pending)
         next_position = next_position + num_kept
 
         if sync_continue is None:  # finished rows leave the batch
-            keep = ~done[rows]
-            if not bool(keep.all()) and bool(keep.any()):
-                index = keep.nonzero().squeeze(1)
+            keep_rows = ~done[rows]
+            if not bool(keep_rows.all()) and bool(keep_rows.any()):
+                index = keep_rows.nonzero().squeeze(1)
                 student_cache.batch_select_indices(index)
                 teacher_cache.batch_select_indices(index)
                 rows, slot_mask, pending, next_position = rows[index], slot_mask[index], pending[index], next_position[index]
+    counts["accepted"], counts["replaced"], counts["proposed"] = totals.tolist()
+    lengths_list = lengths.tolist()
+    completions = [row[:n] for row, n in zip(tokens.tolist(), lengths_list)]
+    teacher_mask = [row[:n] for row, n in zip(by_teacher.tolist(), lengths_list)]
     counts["drafted"] = counts["accepted"] + counts["replaced"]
     return SampleOutput(completions, teacher_mask, counts)
 

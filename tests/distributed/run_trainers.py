@@ -1,0 +1,134 @@
+"""Trains every trl-kd trainer a few steps in the current (multi-process) launch and writes what each rank saw.
+
+Launched by `tests/test_distributed.py` with `accelerate launch` (DeepSpeed) on CPU; writes
+`<out>/<case>/rank<i>.json` (first-step losses, per-rank parameter counts, rollout rounds) and saves each student.
+Every case is built from `CASES`, which the test also uses for its single-process references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from trl_kd import (  # noqa: E402
+    KDConfig,
+    KDTrainer,
+    SpeculativeKDConfig,
+    SpeculativeKDTrainer,
+    SwitchConfig,
+    SwitchTrainer,
+)
+from trl_kd.sampler import Rule, SamplingParams  # noqa: E402
+from trl_kd.testing import build_model, build_tokenizer, make_dataset  # noqa: E402
+
+
+class RankDependentTrainer(KDTrainer):
+    """Rank 0's rule accepts every drafted token, rank 1's rejects every one, so rank 1 needs several times as many
+    sampling rounds: the engine must keep both ranks' forwards (and ZeRO-3 gathers) in step."""
+
+    class _Rule(Rule):
+        def __init__(self, reject_all: bool):
+            self.reject_all = reject_all
+
+        def reject(self, proposal):
+            return torch.full_like(proposal.draft, self.reject_all, dtype=torch.bool)
+
+    rounds: tuple[int, ...] | list[int] = ()
+
+    def rollout(self, prompt_ids):
+        rule = self._Rule(reject_all=self.accelerator.process_index % 2 == 1)
+        out = self.teacher_in_the_loop_rollout(prompt_ids, rule, 4, SamplingParams(), SamplingParams())
+        self.rounds = [*self.rounds, out.counts["rounds"]]
+        return out
+
+
+# name -> (trainer class, config class, config overrides). The "parity" cases are deterministic (dataset
+# completions, or a teacher that writes every token greedily), so their losses can be compared with one process.
+CASES = {
+    "kd": (KDTrainer, KDConfig, {"lmbda": 0.0}),
+    "skd": (SpeculativeKDTrainer, SpeculativeKDConfig, {"acceptance_top_k": 0, "teacher_top_p": 1e-6}),
+    "switch": (SwitchTrainer, SwitchConfig, {"switch_threshold": 0.0, "teacher_greedy": True}),
+    "skd_sampled": (SpeculativeKDTrainer, SpeculativeKDConfig, {"acceptance_top_k": 150, "temperature": 1.0}),
+    "uneven": (RankDependentTrainer, KDConfig, {"lmbda": 1.0}),
+}
+PARITY_CASES = ("kd", "skd", "switch")
+
+
+def save_models(directory: str) -> None:
+    """The tokenizer and tiny student/teacher every case loads. Loaded from disk (not built in each process) so that
+    the weights are the same under ZeRO-3's partitioned initialisation as in one process."""
+    tokenizer = build_tokenizer()
+    for role, seed in (("student", 0), ("teacher", 1)):
+        build_model("qwen2", tokenizer, role, seed=seed, save_dir=os.path.join(directory, role))
+
+
+def build_trainer(name: str, output_dir: str, per_device_batch: int, models: str, steps: int = 2):
+    trainer_cls, config_cls, overrides = CASES[name]
+    tokenizer = build_tokenizer()  # deterministic; AutoTokenizer on a Qwen2 folder would load Qwen2Tokenizer instead
+    args = config_cls(
+        output_dir=output_dir, per_device_train_batch_size=per_device_batch, max_steps=steps,
+        max_completion_length=10, learning_rate=0.05, report_to="none", bf16=False, logging_steps=1,
+        save_strategy="no", seed=3, disable_tqdm=True, gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(), **overrides,
+    )
+    return trainer_cls(
+        model=os.path.join(models, "student"),
+        teacher_model=os.path.join(models, "teacher"),
+        args=args,
+        train_dataset=make_dataset("conversational_prompt_completion", 32, seed=5),
+        processing_class=tokenizer,
+    )
+
+
+def local_and_full_numel(module: torch.nn.Module) -> tuple[int, int]:
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+    return local, full
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", required=True, help="a folder written by `save_models`")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--per-device-batch", type=int, default=2)
+    args = parser.parse_args()
+    for name in args.cases.split(","):
+        out_dir = os.path.join(args.out, name)
+        trainer = build_trainer(name, out_dir, args.per_device_batch, args.models)
+        teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+        teacher_counts = local_and_full_numel(teacher)
+        student_counts = local_and_full_numel(trainer.accelerator.unwrap_model(trainer.model_wrapped))
+        trainer.train()
+        student_counts_after = local_and_full_numel(trainer.accelerator.unwrap_model(trainer.model_wrapped))
+        trainer.save_model(out_dir)
+        history = trainer.state.log_history
+        result = {
+            "rank": trainer.accelerator.process_index,
+            "world": trainer.accelerator.num_processes,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
+            "teacher_numel": teacher_counts,
+            "student_numel": student_counts,
+            "student_numel_after": student_counts_after,
+            "kd_loss": [row["kd_loss"] for row in history if "kd_loss" in row],
+            "loss": [row["loss"] for row in history if "loss" in row],
+            "teacher_token_fraction": [row["teacher_token_fraction"] for row in history if "teacher_token_fraction" in row],
+            "rounds": list(getattr(trainer, "rounds", [])),
+        }
+        with open(os.path.join(out_dir, f"rank{result['rank']}.json"), "w") as f:
+            json.dump(result, f)
+        trainer.accelerator.wait_for_everyone()
+        print(f"DONE {name} rank {result['rank']}", flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
