@@ -1,5 +1,5 @@
-"""Real multi-process runs (2 processes, gloo, CPU) of every trainer under the shipped DeepSpeed ZeRO-2 and ZeRO-3
-configs, against single-process references. Each stage is one `accelerate launch` of `distributed/run_trainers.py`."""
+"""Real multi-process runs (2 processes, gloo, CPU) of every trainer under DDP and the shipped DeepSpeed ZeRO-2 and
+ZeRO-3 configs, against single-process references. Each mode is one launch of `distributed/run_trainers.py`."""
 
 import json
 import os
@@ -57,14 +57,18 @@ def models(tmp_path_factory):
     return str(directory)
 
 
-@pytest.fixture(scope="module", params=["zero2", "zero3"])
+@pytest.fixture(scope="module", params=["ddp", "zero2", "zero3"])
 def launched(request, tmp_path_factory, models):
     tmp_path = tmp_path_factory.mktemp(request.param)
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cpu_config(request.param, tmp_path)),
-        str(ROOT / "tests" / "distributed" / "run_trainers.py"), "--out", str(tmp_path / "out"), "--models", models,
-    ]
+    script = [str(ROOT / "tests" / "distributed" / "run_trainers.py"), "--out", str(tmp_path / "out"), "--models", models]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if request.param == "ddp":
+        # `accelerate launch` runs MULTI_CPU as a single process; torchrun with ACCELERATE_USE_CPU is what works
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script]
+        env["ACCELERATE_USE_CPU"] = "1"
+    else:
+        config = cpu_config(request.param, tmp_path)
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *script]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=env, cwd=ROOT)
     log = proc.stdout + proc.stderr
     done = sum(f"DONE {case} rank {rank}" in log for case in run_trainers.CASES for rank in (0, 1))
@@ -91,7 +95,8 @@ def test_every_trainer_ran_on_two_processes_at_the_right_stage(launched):
     stage, _, results = launched
     for case, ranks in results.items():
         assert [r["world"] for r in ranks] == [2, 2], case
-        assert all(r["zero_stage"] == int(stage[-1]) for r in ranks), case
+        expected_stage = None if stage == "ddp" else int(stage[-1])
+        assert all(r["zero_stage"] == expected_stage for r in ranks), case
         assert all(len(r["kd_loss"]) == 2 and all(map(torch.isfinite, torch.tensor(r["kd_loss"]))) for r in ranks)
 
 
@@ -113,6 +118,12 @@ def test_loss_equals_the_single_process_loss(launched, single_process_losses):
     for case, expected in single_process_losses.items():
         for r in results[case]:
             assert r["kd_loss"][0] == pytest.approx(expected, rel=1e-4), case
+
+
+def test_soft_prompt_stays_identical_across_processes(launched):
+    _, _, results = launched
+    rank0, rank1 = results["promptkd"]
+    assert rank0["soft_prompt"] == rank1["soft_prompt"]
 
 
 def test_ranks_that_need_different_numbers_of_rounds_stay_in_step(launched):

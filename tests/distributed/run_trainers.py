@@ -1,6 +1,7 @@
 """Trains every trl-kd trainer a few steps in the current (multi-process) launch and writes what each rank saw.
 
-Launched by `tests/test_distributed.py` with `accelerate launch` (DeepSpeed) on CPU; writes
+Launched by `tests/test_distributed.py` (DDP through `torch.distributed.run`, DeepSpeed through `accelerate launch`) on
+CPU; writes
 `<out>/<case>/rank<i>.json` (first-step losses, per-rank parameter counts, rollout rounds) and saves each student.
 Every case is built from `CASES`, which the test also uses for its single-process references.
 """
@@ -19,6 +20,8 @@ import torch  # noqa: E402
 from trl_kd import (  # noqa: E402
     KDConfig,
     KDTrainer,
+    PromptKDConfig,
+    PromptKDTrainer,
     SpeculativeKDConfig,
     SpeculativeKDTrainer,
     SwitchConfig,
@@ -54,10 +57,13 @@ CASES = {
     "kd": (KDTrainer, KDConfig, {"lmbda": 0.0}),
     "skd": (SpeculativeKDTrainer, SpeculativeKDConfig, {"acceptance_top_k": 0, "teacher_top_p": 1e-6}),
     "switch": (SwitchTrainer, SwitchConfig, {"switch_threshold": 0.0, "teacher_greedy": True}),
+    # dataset completions; the first logged loss is computed after one prompt step, so it checks the prompt's
+    # gradient averaging across processes too
+    "promptkd": (PromptKDTrainer, PromptKDConfig, {"lmbda": 0.0}),
     "skd_sampled": (SpeculativeKDTrainer, SpeculativeKDConfig, {"acceptance_top_k": 150, "temperature": 1.0}),
     "uneven": (RankDependentTrainer, KDConfig, {"lmbda": 1.0}),
 }
-PARITY_CASES = ("kd", "skd", "switch")
+PARITY_CASES = ("kd", "skd", "switch", "promptkd")
 
 
 def save_models(directory: str) -> None:
@@ -121,6 +127,7 @@ def main() -> None:
             "loss": [row["loss"] for row in history if "loss" in row],
             "teacher_token_fraction": [row["teacher_token_fraction"] for row in history if "teacher_token_fraction" in row],
             "rounds": list(getattr(trainer, "rounds", [])),
+            "soft_prompt": trainer.soft_prompt.detach().flatten()[:8].tolist() if hasattr(trainer, "soft_prompt") else None,
         }
         with open(os.path.join(out_dir, f"rank{result['rank']}.json"), "w") as f:
             json.dump(result, f)

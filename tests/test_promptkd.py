@@ -1,0 +1,141 @@
+"""PromptKDTrainer: the prompt trains and the teacher doesn't, reduction to on-policy reverse KL, the regulariser's
+schedule, exact resume, and the exported PEFT adapter."""
+
+import copy
+
+import pytest
+import torch
+
+from trl_kd import KDConfig, KDTrainer, PromptKDConfig, PromptKDTrainer
+from trl_kd.testing import build_model, make_dataset
+
+from helpers import assert_changed, logged, make_args, make_trainer, params
+
+
+def promptkd_trainer(tmp_path, tokenizer, student=None, teacher=None, **overrides):
+    overrides.setdefault("max_completion_length", 8)
+    return make_trainer(
+        tmp_path, tokenizer, make_dataset("conversational_prompt_completion", 16), trainer_class=PromptKDTrainer,
+        student=student, teacher=teacher, **overrides,
+    )
+
+
+def test_prompt_trains_and_the_teacher_does_not(tmp_path, tokenizer):
+    trainer = promptkd_trainer(tmp_path, tokenizer, max_steps=3)
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    prompt, student_before, teacher_before = trainer.soft_prompt.detach().clone(), params(trainer.model), params(teacher)
+    trainer.train()
+    assert not torch.equal(prompt, trainer.soft_prompt.detach())
+    assert_changed(student_before, trainer.model)
+    assert all(torch.equal(teacher_before[n], p) for n, p in teacher.named_parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for key in ("prompt_loss", "prompt_reg_loss", "kd_loss"):
+        values = logged(trainer, key)
+        assert len(values) == 3 and all(v >= 0 for v in values), key
+
+
+def test_prompt_starts_from_the_init_text_embeddings(tmp_path, tokenizer):
+    trainer = promptkd_trainer(tmp_path, tokenizer, num_prompt_tokens=9)
+    ids = tokenizer("Suppose you are a student.", add_special_tokens=False)["input_ids"]
+    expected_ids = (ids * 9)[:9]
+    embedding = trainer.accelerator.unwrap_model(trainer.teacher_model).get_input_embeddings().weight
+    torch.testing.assert_close(trainer.soft_prompt.detach(), embedding[expected_ids].detach())
+    random_init = promptkd_trainer(tmp_path / "random", tokenizer, prompt_init_text=None)
+    assert random_init.soft_prompt.shape == (7, embedding.shape[1])
+
+
+def test_regulariser_weight_decays_linearly(tmp_path, tokenizer):
+    trainer = promptkd_trainer(tmp_path, tokenizer, max_steps=4, prompt_reg_coef=2.0)
+    trainer.train()
+    assert logged(trainer, "prompt_reg_weight") == pytest.approx([2.0, 1.5, 1.0, 0.5])
+
+
+def peft_prompted_teacher(teacher, adapter_dir):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(teacher), adapter_dir).eval()
+
+
+def test_zero_prompt_learning_rate_is_on_policy_reverse_kl_against_the_prompted_teacher(tmp_path, tokenizer):
+    """Reference: a plain KDTrainer (beta=1, lmbda=1) whose teacher is PEFT's prompt-tuned teacher loaded from the
+    adapter PromptKD exports. Batch size 1, so no left padding (PEFT counts positions from the first slot)."""
+    overrides = dict(per_device_train_batch_size=1, max_steps=3, learning_rate=0.05)
+    promptkd = promptkd_trainer(tmp_path / "promptkd", tokenizer, prompt_learning_rate=0.0, **overrides)
+    adapter_dir = tmp_path / "adapter"
+    promptkd.save_prompt_adapter(str(adapter_dir))
+    promptkd.train()
+
+    teacher = promptkd.accelerator.unwrap_model(promptkd.teacher_model)
+    prompted = peft_prompted_teacher(teacher, str(adapter_dir))
+
+    class PeftTeacherKD(KDTrainer):
+        def teacher_hidden_states(self, input_ids, attention_mask, num_completion_tokens):
+            with torch.no_grad():
+                out = prompted(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            return out.hidden_states[-1][:, -num_completion_tokens - 1 : -1]
+
+    reference = make_trainer(
+        tmp_path / "reference", tokenizer, make_dataset("conversational_prompt_completion", 16),
+        trainer_class=PeftTeacherKD, max_completion_length=8, lmbda=1.0, beta=1.0, **overrides,
+    )
+    reference.train()
+    for name, value in params(reference.model).items():
+        torch.testing.assert_close(params(promptkd.model)[name], value, atol=1e-6, rtol=1e-5)
+    assert logged(promptkd, "kd_loss") == pytest.approx(logged(reference, "kd_loss"), rel=1e-5)
+
+
+def test_exported_adapter_reproduces_the_prompted_teacher(tmp_path, tokenizer):
+    trainer = promptkd_trainer(tmp_path, tokenizer, max_steps=2)
+    trainer.train()
+    trainer.save_model()
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    prompted = peft_prompted_teacher(teacher, str(tmp_path / "out" / "teacher_prompt"))
+    input_ids = torch.tensor([tokenizer("reverse: a b c\nc b a")["input_ids"]])
+    mask = torch.ones_like(input_ids)
+    n = input_ids.shape[1] - 1
+    with torch.no_grad():
+        ours = trainer.prompted_teacher_hidden_states(input_ids, mask, n) @ teacher.lm_head.weight.T
+        theirs = prompted(input_ids=input_ids, attention_mask=mask).logits[:, -n - 1 : -1]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(trainer.soft_prompt.detach(), trainer._initial_prompt())  # a trained prompt was exported
+
+
+def test_resume_restores_prompt_and_optimizer_exactly(tmp_path, tokenizer):
+    overrides = dict(max_steps=4, save_strategy="steps", save_steps=2, lmbda=1.0)
+    full = promptkd_trainer(tmp_path / "full", tokenizer, **overrides)
+    full.train()
+    interrupted = promptkd_trainer(tmp_path / "resumed", tokenizer, **overrides)
+    interrupted.train()
+    resumed = promptkd_trainer(tmp_path / "resumed", tokenizer, **overrides)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-2"))
+    torch.testing.assert_close(resumed.soft_prompt.detach(), full.soft_prompt.detach(), atol=0, rtol=0)
+    for name, value in params(full.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], value, atol=0, rtol=0)
+    assert resumed.prompt_optimizer.state_dict()["state"][0]["step"] == full.prompt_optimizer.state_dict()["state"][0]["step"]
+    assert logged(resumed, "prompt_loss")[-2:] == pytest.approx(logged(full, "prompt_loss")[-2:])
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"num_prompt_tokens": 0}, "num_prompt_tokens"),
+        ({"prompt_learning_rate": -1.0}, "prompt_learning_rate"),
+        ({"prompt_reg_coef": -0.5}, "prompt_reg_coef"),
+        ({"prompt_init_text": "  "}, "prompt_init_text"),
+    ],
+)
+def test_bad_config_values_are_refused(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_args(tmp_path, PromptKDConfig, **overrides)
+
+
+def test_defaults_follow_the_official_code(tmp_path):
+    args = PromptKDConfig(output_dir=str(tmp_path), bf16=False)
+    assert (args.num_prompt_tokens, args.prompt_init_text, args.prompt_weight_decay) == (7, "Suppose you are a student.", 0.01)
+    assert (args.beta, args.lmbda, args.temperature, args.prompt_reg_coef) == (1.0, 1.0, 1.0, 1.0)
+
+
+def test_model_card_cites_the_paper(tmp_path, tokenizer):
+    trainer = promptkd_trainer(tmp_path, tokenizer)
+    trainer.create_model_card(model_name="tiny-promptkd")
+    assert "2402.12842" in (tmp_path / "out" / "README.md").read_text()

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..kd.config import KDConfig
+
+
+@dataclass
+class PromptKDConfig(KDConfig):
+    r"""Configuration for [`PromptKDTrainer`] (PromptKD, Kim et al., Findings of EMNLP 2024, arXiv 2402.12842).
+
+    Defaults follow the official code: 7 soft-prompt tokens initialised from "Suppose you are a student.", the
+    prompt trained with its own AdamW at the student's learning rate, the student trained with reverse KL on its own
+    samples at temperature 1. Everything of [`KDConfig`] applies.
+
+    Parameters:
+        num_prompt_tokens (`int`, *optional*, defaults to `7`):
+            Virtual tokens of the soft prompt prepended to the teacher's input.
+        prompt_init_text (`str` or `None`, *optional*, defaults to `"Suppose you are a student."`):
+            The prompt starts as the teacher's embeddings of this text's tokens, tiled or truncated to
+            `num_prompt_tokens`. `None` starts from random vectors with the scale of the teacher's embeddings.
+        prompt_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+            Learning rate of the prompt's AdamW; `None` uses `learning_rate`. `0` freezes the prompt, which reduces
+            PromptKD to on-policy reverse-KL distillation.
+        prompt_weight_decay (`float`, *optional*, defaults to `0.01`):
+            Weight decay of the prompt's AdamW.
+        prompt_reg_coef (`float`, *optional*, defaults to `1.0`):
+            Initial weight of the regulariser `KL(prompted teacher || teacher)`; it decays linearly to 0 over
+            training (`coef * (1 - step / max_steps)`), so the prompt may move the teacher further later on.
+        lmbda (`float`, *optional*, defaults to `1.0`):
+            PromptKD trains on student samples only.
+        beta (`float`, *optional*, defaults to `1.0`):
+            The student's loss: `1.0` is reverse KL `KL(student || prompted teacher)`, PromptKD's.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Student sampling temperature (no top-k/top-p), as in the official code.
+    """
+
+    num_prompt_tokens: int = field(default=7, metadata={"help": "Soft-prompt tokens prepended to the teacher."})
+    prompt_init_text: str | None = field(
+        default="Suppose you are a student.", metadata={"help": "Initialise the prompt from this text; None = random."}
+    )
+    prompt_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the prompt; None = learning_rate, 0 = frozen prompt."}
+    )
+    prompt_weight_decay: float = field(default=0.01, metadata={"help": "Weight decay of the prompt's AdamW."})
+    prompt_reg_coef: float = field(
+        default=1.0, metadata={"help": "Initial weight of KL(prompted teacher || teacher); decays linearly to 0."}
+    )
+    lmbda: float = field(default=1.0, metadata={"help": "PromptKD trains on student samples (1.0)."})
+    beta: float = field(default=1.0, metadata={"help": "1.0 = reverse KL(student || prompted teacher)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_prompt_tokens < 1:
+            raise ValueError(f"num_prompt_tokens must be >= 1, got {self.num_prompt_tokens}.")
+        if self.prompt_learning_rate is not None and self.prompt_learning_rate < 0:
+            raise ValueError(f"prompt_learning_rate must be >= 0 or None, got {self.prompt_learning_rate}.")
+        if self.prompt_weight_decay < 0:
+            raise ValueError(f"prompt_weight_decay must be >= 0, got {self.prompt_weight_decay}.")
+        if self.prompt_reg_coef < 0:
+            raise ValueError(f"prompt_reg_coef must be >= 0, got {self.prompt_reg_coef}.")
+        if self.prompt_init_text is not None and not self.prompt_init_text.strip():
+            raise ValueError("prompt_init_text must be a non-empty text or None (random initialisation).")

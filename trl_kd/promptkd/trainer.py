@@ -1,0 +1,245 @@
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+from typing import Any
+
+import torch
+from transformers import get_scheduler
+
+from ..kd.trainer import KDTrainer
+from ..losses import LMHead, chunked_kd_loss
+from .config import PromptKDConfig
+
+
+PROMPT_ADAPTER_DIR = "teacher_prompt"
+
+
+class PromptKDTrainer(KDTrainer):
+    r"""PromptKD: distilling student-friendly knowledge through a soft prompt on the teacher.
+
+    From *PromptKD: Distilling Student-Friendly Knowledge for Generative Language Models via Prompt Tuning* (Kim et
+    al., Findings of EMNLP 2024, arXiv 2402.12842). A few soft-prompt vectors are prepended to the frozen teacher's
+    input and trained so that the prompted teacher stays close to the student ("student-friendly") while a decaying
+    regulariser keeps it close to the original teacher. Each training step, on one batch:
+
+    1. the student samples the responses (on-policy, temperature 1);
+    2. the prompt takes one AdamW step on `KL(p_phi || q) + w_s * KL(p_phi || p)`, where `p_phi` is the prompted
+       teacher (gradients reach the prompt only), `q` the student and `p` the teacher without the prompt, and
+       `w_s = prompt_reg_coef * (1 - s / S)` decays linearly over training;
+    3. the student takes its step on reverse KL `KL(q || p_phi)` against the *updated* prompted teacher.
+
+    Teacher distributions are read at real-token positions only. The prompt has its own optimizer and learning-rate
+    schedule (the student's schedule type and warm-up), is averaged across processes, saved in checkpoints and
+    restored on resume, and exported next to the student as a PEFT prompt-tuning adapter of the teacher
+    (`teacher_prompt/`, loadable with `peft.PeftModel.from_pretrained(teacher, path)`). With gradient accumulation
+    the prompt steps once per micro-batch (each micro-batch is one "batch" of the algorithm).
+
+    Metrics logged besides [`KDTrainer`]'s: `prompt_loss` (`KL(p_phi || q)`), `prompt_reg_loss` (`KL(p_phi || p)`),
+    `prompt_reg_weight` and `prompt_learning_rate`.
+
+    Example:
+
+    ```python
+    from trl_kd import PromptKDConfig, PromptKDTrainer
+
+    trainer = PromptKDTrainer(
+        model="openai-community/gpt2",
+        teacher_model="openai-community/gpt2-xl",
+        args=PromptKDConfig(output_dir="gpt2-promptkd", num_prompt_tokens=7),
+        train_dataset=dataset,  # "prompt" (completions are not used) or "messages"
+    )
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "trl-kd", "distillation", "promptkd"]
+    _name = "PromptKD"
+    _paper = {
+        "title": "PromptKD: Distilling Student-Friendly Knowledge for Generative Language Models via Prompt Tuning",
+        "id": "2402.12842",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{kim2024promptkd,
+                title        = {{PromptKD: Distilling Student-Friendly Knowledge for Generative Language Models via Prompt Tuning}},
+                author       = {Gyeongman Kim and Doohyuk Jang and Eunho Yang},
+                year         = 2024,
+                booktitle    = {Findings of the Association for Computational Linguistics: EMNLP 2024},
+                pages        = {6266--6282},
+                url          = {https://arxiv.org/abs/2402.12842},
+            }"""),
+    }
+    config_class = PromptKDConfig
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.soft_prompt = torch.nn.Parameter(self._initial_prompt())
+        self.prompt_optimizer = torch.optim.AdamW(
+            [self.soft_prompt],
+            lr=self.prompt_learning_rate,
+            betas=(self.args.adam_beta1, self.args.adam_beta2),
+            eps=self.args.adam_epsilon,
+            weight_decay=self.args.prompt_weight_decay,
+        )
+        self.prompt_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    @property
+    def prompt_learning_rate(self) -> float:
+        lr = self.args.prompt_learning_rate
+        return self.args.learning_rate if lr is None else lr
+
+    @property
+    def _teacher(self) -> torch.nn.Module:
+        # The module itself, not the DeepSpeed engine: a grad-carrying call through the engine would register
+        # backward hooks that break the student engine's backward. ZeRO-3 gathers through module hooks either way.
+        return self.accelerator.unwrap_model(self.teacher_model)
+
+    def _initial_prompt(self) -> torch.Tensor:
+        embedding = self._teacher.get_input_embeddings()
+        n = self.args.num_prompt_tokens
+        device = self.accelerator.device
+        with torch.no_grad():
+            if self.args.prompt_init_text is not None:
+                ids = self._tokenizer(self.args.prompt_init_text, add_special_tokens=False)["input_ids"]
+                ids = (ids * math.ceil(n / len(ids)))[:n]  # tiled or truncated to n tokens, as PEFT does
+                return embedding(torch.tensor(ids, device=device)).float().clone()
+            generator = torch.Generator().manual_seed(self.args.seed)
+            sample = torch.randint(0, self.kd_vocab_size, (min(1024, self.kd_vocab_size),), generator=generator)
+            scale = embedding(sample.to(device)).float().std()
+            hidden = self._teacher.config.get_text_config().hidden_size
+            return (torch.randn(n, hidden, generator=generator) * scale.cpu()).to(device)
+
+    # ------------------------------------------------------------------------------------------------ teacher
+    def prompted_teacher_hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion_tokens: int
+    ) -> torch.Tensor:
+        """Hidden states of the prompted teacher at the completion positions; gradients reach `soft_prompt` only."""
+        teacher = self._teacher
+        teacher.eval()
+        embeds = teacher.get_input_embeddings()(input_ids)
+        batch = input_ids.shape[0]
+        prompt = self.soft_prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        mask = torch.cat([attention_mask.new_ones(batch, prompt.shape[1]), attention_mask], dim=1)
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = teacher.base_model(
+            inputs_embeds=torch.cat([prompt, embeds], dim=1), attention_mask=mask, position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        return hidden[:, -num_completion_tokens - 1 : -1]
+
+    def teacher_hidden_states(self, input_ids, attention_mask, num_completion_tokens):
+        """The student learns from the prompted teacher."""
+        with torch.no_grad():
+            return self.prompted_teacher_hidden_states(input_ids, attention_mask, num_completion_tokens)
+
+    # ----------------------------------------------------------------------------------------------- prompt step
+    def prompt_reg_weight(self) -> float:
+        """`prompt_reg_coef * (1 - s / S)`: the regulariser's weight at the current step."""
+        total = max(self.state.max_steps, 1)
+        return self.args.prompt_reg_coef * max(0.0, 1.0 - self.state.global_step / total)
+
+    def _ensure_prompt_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        if self.prompt_scheduler is None:
+            total = max(self.state.max_steps, 1)
+            self.prompt_scheduler = get_scheduler(
+                self.args.lr_scheduler_type, self.prompt_optimizer, num_warmup_steps=self.args.get_warmup_steps(total),
+                num_training_steps=total, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+            )
+        return self.prompt_scheduler
+
+    def update_prompt(self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | None) -> None:
+        """One AdamW step of the soft prompt on `KL(p_phi || q) + w * KL(p_phi || p)` for this batch."""
+        scheduler = self._ensure_prompt_scheduler()
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        n = inputs["completion_ids"].shape[1]
+        student = self.accelerator.unwrap_model(self.model_wrapped)
+        with torch.no_grad():
+            student_hidden = self.hidden_states(student, input_ids, attention_mask, n)
+            teacher_hidden = KDTrainer.teacher_hidden_states(self, input_ids, attention_mask, n)
+        prompted = self.prompted_teacher_hidden_states(input_ids, attention_mask, n)
+        teacher_head, student_head = LMHead.from_model(self._teacher), LMHead.from_model(student)
+        # beta=1 is KL(first || second): the prompted teacher goes first, as the side that receives gradients
+        common = dict(
+            loss_mask=inputs["completion_mask"], vocab_size=self.kd_vocab_size, loss_type="jsd", beta=1.0,
+            temperature=self.args.loss_temperature, num_items_in_batch=num_items_in_batch,
+            chunk_size=self.args.loss_chunk_size,
+        )
+        to_student = chunked_kd_loss(prompted, student_hidden.to(prompted.device), teacher_head, student_head, **common)
+        to_teacher = chunked_kd_loss(prompted, teacher_hidden, teacher_head, teacher_head, **common)
+        weight = self.prompt_reg_weight()
+        if self.prompt_learning_rate > 0:
+            (to_student[0] + weight * to_teacher[0]).backward()
+            grad = self.soft_prompt.grad
+            if self.accelerator.num_processes > 1:
+                # each process's loss is scaled by the process count (see `num_items_in_batch`): sum, then average
+                torch.distributed.all_reduce(grad)
+                grad /= self.accelerator.num_processes
+            if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([self.soft_prompt], self.args.max_grad_norm)
+            self.prompt_optimizer.step()
+        self.prompt_optimizer.zero_grad(set_to_none=True)
+        if self.accelerator.sync_gradients:
+            scheduler.step()
+
+        sums = torch.stack([to_student[1], to_teacher[1], to_student[3].to(to_student[1])])
+        sums = self.accelerator.reduce(sums.detach().float(), "sum")
+        count = sums[2].clamp(min=1)
+        metrics = self._metrics["train"]
+        metrics["prompt_loss"].append((sums[0] / count).item())
+        metrics["prompt_reg_loss"].append((sums[1] / count).item())
+        metrics["prompt_reg_weight"].append(weight)
+        metrics["prompt_learning_rate"].append(self.prompt_optimizer.param_groups[0]["lr"])
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.model.training:
+            # the same normaliser TRL gives the student's loss: global response tokens / processes
+            if inputs.get("num_items_in_batch") is not None:
+                num_items_in_batch = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            self.update_prompt(inputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    # ------------------------------------------------------------------------------------------- state and export
+    def method_state_dict(self) -> dict[str, Any]:
+        return {
+            "soft_prompt": self.soft_prompt.detach().cpu(),
+            "prompt_optimizer": self.prompt_optimizer.state_dict(),
+            "prompt_scheduler": self._ensure_prompt_scheduler().state_dict(),
+        }
+
+    def load_method_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.soft_prompt.copy_(state["soft_prompt"].to(self.soft_prompt.device))
+        scheduler = self._ensure_prompt_scheduler()  # first: creating a scheduler resets the optimizer's lr
+        self.prompt_optimizer.load_state_dict(state["prompt_optimizer"])
+        scheduler.load_state_dict(state["prompt_scheduler"])
+
+    def save_prompt_adapter(self, directory: str) -> None:
+        """Write the learned prompt as a PEFT prompt-tuning adapter of the teacher (`adapter_config.json` and
+        `adapter_model.safetensors`); `peft.PeftModel.from_pretrained(teacher, directory)` gives the prompted
+        teacher."""
+        from peft import PromptTuningConfig
+        from safetensors.torch import save_file
+
+        text_config = self._teacher.config.get_text_config()
+        config = PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=self.args.num_prompt_tokens,
+            token_dim=text_config.hidden_size,
+            num_transformer_submodules=1,
+            num_attention_heads=text_config.num_attention_heads,
+            num_layers=text_config.num_hidden_layers,
+            # the weights are in the file; "RANDOM" keeps PEFT from re-initialising from text with a tokenizer
+            prompt_tuning_init="RANDOM",
+            base_model_name_or_path=self._teacher.config._name_or_path or None,
+        )
+        os.makedirs(directory, exist_ok=True)
+        config.save_pretrained(directory)
+        weights = self.soft_prompt.detach().to(self._teacher.get_input_embeddings().weight.dtype).cpu().contiguous()
+        save_file({"prompt_embeddings": weights}, os.path.join(directory, "adapter_model.safetensors"))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.save_prompt_adapter(os.path.join(output_dir or self.args.output_dir, PROMPT_ADAPTER_DIR))
