@@ -115,7 +115,16 @@ def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32, pair: 
     from transformers.trainer_callback import PrinterCallback
     from trl import DistillationConfig, DistillationTrainer
 
-    from trl_kd import KDConfig, KDTrainer, SpeculativeKDConfig, SpeculativeKDTrainer, SwitchConfig, SwitchTrainer
+    from trl_kd import (
+        KDConfig,
+        KDTrainer,
+        PromptKDConfig,
+        PromptKDTrainer,
+        SpeculativeKDConfig,
+        SpeculativeKDTrainer,
+        SwitchConfig,
+        SwitchTrainer,
+    )
     from trl_kd.testing import build_model, build_tokenizer, make_dataset, sft_on_task
 
     torch.set_num_threads(2)
@@ -142,10 +151,13 @@ def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32, pair: 
         ("SwitchTrainer, tau_0=inf (never switches)", SwitchTrainer, SwitchConfig, {"switch_threshold": float("inf")}),
         ("SwitchTrainer, calibrated to 50% teacher tokens", SwitchTrainer, SwitchConfig,
          {"target_teacher_fraction": 0.5}),
+        ("KDTrainer lmbda=1, beta=1 (on-policy reverse KL)", KDTrainer, KDConfig, {"lmbda": 1.0, "beta": 1.0}),
+        ("PromptKDTrainer (defaults)", PromptKDTrainer, PromptKDConfig, {"beta": 1.0}),
     ]
     if pair == "random":
         # random models rank tokens almost at random: acceptance is about K / V, so K sets it
-        cases[5:5] = [
+        at = next(i for i, case in enumerate(cases) if case[1] is SpeculativeKDTrainer)
+        cases[at:at] = [
             ("SpeculativeKDTrainer, K=V (every token accepted)", SpeculativeKDTrainer, SpeculativeKDConfig,
              {"acceptance_top_k": len(tokenizer), "temperature": 1.0, "top_p": 1.0, "beta": 0.5}),
             ("SpeculativeKDTrainer, K=0.85 V", SpeculativeKDTrainer, SpeculativeKDConfig,

@@ -138,4 +138,5 @@ def test_defaults_follow_the_official_code(tmp_path):
 def test_model_card_cites_the_paper(tmp_path, tokenizer):
     trainer = promptkd_trainer(tmp_path, tokenizer)
     trainer.create_model_card(model_name="tiny-promptkd")
-    assert "2402.12842" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "2402.12842" in card and "## Teacher prompt" in card and "teacher_prompt" in card
