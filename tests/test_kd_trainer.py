@@ -157,11 +157,18 @@ def test_prompt_longer_than_the_limit_is_refused_at_init(tmp_path, tokenizer):
         ({"skew_alpha": 0.0}, "skew_alpha"),
         ({"beta": 2.0}, "beta"),
         ({"loss_temperature": 0.0}, "loss_temperature"),
+        ({"teacher_zero_stage": 2}, "teacher_zero_stage"),
+        ({"teacher_zero_stage": 0, "teacher_offload": True}, "teacher_offload"),
     ],
 )
 def test_bad_config_values_are_refused(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         make_args(tmp_path, **overrides)
+
+
+def test_teacher_placement_without_deepspeed_is_refused(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="DeepSpeed config"):
+        make_trainer(tmp_path, tokenizer, teacher_zero_stage=3)
 
 
 def test_lora_student_trains(tmp_path, tokenizer):

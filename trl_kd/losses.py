@@ -24,9 +24,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.kernels.chunked_logprob import _use_triton
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 
 LossType = Literal["jsd", "skew_fkl", "skew_rkl", "tvd"]
@@ -98,6 +98,19 @@ def divergence(
     return divergence_from_log_probs(log_q, log_p, loss_type, beta, skew_alpha)
 
 
+def _gather_partitioned(*params: torch.Tensor | None):
+    """Gather ZeRO-3-partitioned parameters for a direct read (like TRL's `maybe_gather_lm_head_ctx`), decided per
+    parameter rather than by the global ZeRO stage: a teacher can be sharded beside a ZeRO-2 student."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    # deduplicated by identity: ZeRO-3 mishandles a tied weight listed twice
+    to_gather = {
+        id(p): p for p in params if p is not None and hasattr(p, "ds_id") and p.ds_status != ZeroParamStatus.AVAILABLE
+    }
+    return deepspeed.zero.GatheredParameters(list(to_gather.values())) if to_gather else nullcontext()
+
+
 @dataclass
 class LMHead:
     """An output projection as the loss sees it: ``logits = softcap(scale * (h @ weight.T + bias))``.
@@ -133,7 +146,7 @@ class LMHead:
 
     def logits(self, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """fp32 logits over the first ``vocab_size`` entries. Gathers a ZeRO-3 weight for the duration."""
-        with maybe_gather_lm_head_ctx(self.weight, self.bias) if self.is_partitioned else nullcontext():
+        with _gather_partitioned(self.weight, self.bias) if self.is_partitioned else nullcontext():
             logits = hidden.float() @ self.weight[:vocab_size].float().t()
             if self.bias is not None:
                 logits = logits + self.bias[:vocab_size].float()
@@ -189,8 +202,11 @@ def chunked_token_divergence(
         ``(divergence, entropy)``, both of shape ``(N,)`` in fp32.
     """
     heads_fit = student_head.vocab_size == teacher_head.vocab_size == vocab_size
+    partitioned = student_head.is_partitioned or teacher_head.is_partitioned
+    # TRL's kernel gathers partitioned heads only when ZeRO-3 is on globally (not for a teacher sharded on its own
+    # beside a ZeRO-2 student), and only whole heads
     use_trl_kernel = loss_type == "jsd" and _use_triton(student_hidden.device) and (
-        heads_fit or not (student_head.is_partitioned or teacher_head.is_partitioned)
+        not partitioned or (heads_fit and is_deepspeed_zero3_enabled())
     )
     if use_trl_kernel:
         def cut(head: LMHead) -> tuple[torch.Tensor, torch.Tensor | None]:

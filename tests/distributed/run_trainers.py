@@ -60,10 +60,15 @@ CASES = {
     # dataset completions; the first logged loss is computed after one prompt step, so it checks the prompt's
     # gradient averaging across processes too
     "promptkd": (PromptKDTrainer, PromptKDConfig, {"lmbda": 0.0}),
+    # teacher placement independent of the student's stage (DeepSpeed launches only)
+    "kd_teacher_sharded": (KDTrainer, KDConfig, {"lmbda": 0.0, "teacher_zero_stage": 3}),
+    "kd_teacher_replicated": (KDTrainer, KDConfig, {"lmbda": 0.0, "teacher_zero_stage": 0}),
+    "skd_teacher_offloaded": (SpeculativeKDTrainer, SpeculativeKDConfig, {"teacher_zero_stage": 3, "teacher_offload": True}),
     "skd_sampled": (SpeculativeKDTrainer, SpeculativeKDConfig, {"acceptance_top_k": 150, "temperature": 1.0}),
     "uneven": (RankDependentTrainer, KDConfig, {"lmbda": 1.0}),
 }
-PARITY_CASES = ("kd", "skd", "switch", "promptkd")
+PARITY_CASES = ("kd", "skd", "switch", "promptkd", "kd_teacher_sharded", "kd_teacher_replicated")
+DEEPSPEED_ONLY = ("kd_teacher_sharded", "kd_teacher_replicated", "skd_teacher_offloaded")
 
 
 def save_models(directory: str) -> None:
@@ -98,6 +103,12 @@ def local_and_full_numel(module: torch.nn.Module) -> tuple[int, int]:
     return local, full
 
 
+def teacher_offload_device(engine) -> str | None:
+    offload = getattr(engine, "zero_offload_param", lambda: None)()
+    device = getattr(offload, "device", None)
+    return None if device is None else str(getattr(device, "value", device))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -105,7 +116,10 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--per-device-batch", type=int, default=2)
     args = parser.parse_args()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     for name in args.cases.split(","):
+        if name in DEEPSPEED_ONLY and not deepspeed:
+            continue
         out_dir = os.path.join(args.out, name)
         trainer = build_trainer(name, out_dir, args.per_device_batch, args.models)
         teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
@@ -121,6 +135,7 @@ def main() -> None:
             "distributed_type": str(trainer.accelerator.distributed_type),
             "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
             "teacher_numel": teacher_counts,
+            "teacher_offload": teacher_offload_device(trainer.teacher_model) == "cpu",
             "student_numel": student_counts,
             "student_numel_after": student_counts_after,
             "kd_loss": [row["kd_loss"] for row in history if "kd_loss" in row],

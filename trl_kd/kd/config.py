@@ -46,6 +46,13 @@ class KDConfig(DistillationConfig):
             `None` uses `temperature`.
         teacher_top_p (`float` or `None`, *optional*, defaults to `None`):
             Nucleus of the teacher's sampling. `None` uses `top_p`.
+        teacher_zero_stage (`int` or `None`, *optional*, defaults to `None`):
+            DeepSpeed placement of the teacher, independent of the student's stage: `3` shards it across processes
+            (e.g. a big teacher beside a ZeRO-2 student), `0` replicates it on every process. `None` follows TRL:
+            sharded when the student runs ZeRO-3, replicated otherwise. Needs a DeepSpeed launch.
+        teacher_offload (`bool`, *optional*, defaults to `False`):
+            Keep the sharded teacher's parameters in CPU memory between uses (ZeRO-3 parameter offload). Needs the
+            teacher at stage 3 (`teacher_zero_stage=3`, or a ZeRO-3 student).
     """
 
     _VALID_DICT_FIELDS = DistillationConfig._VALID_DICT_FIELDS
@@ -81,6 +88,13 @@ class KDConfig(DistillationConfig):
         default=None, metadata={"help": "Teacher sampling temperature; None = same as `temperature`."}
     )
     teacher_top_p: float | None = field(default=None, metadata={"help": "Teacher top-p; None = same as `top_p`."})
+    teacher_zero_stage: int | None = field(
+        default=None,
+        metadata={"help": "DeepSpeed stage of the teacher: 3 = sharded, 0 = replicated, None = TRL's default."},
+    )
+    teacher_offload: bool = field(
+        default=False, metadata={"help": "Offload the (stage 3) teacher's parameters to CPU memory."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -102,6 +116,14 @@ class KDConfig(DistillationConfig):
             raise ValueError(f"max_prompt_length must be positive or None, got {self.max_prompt_length}.")
         if self.teacher_temperature is not None and self.teacher_temperature <= 0:
             raise ValueError(f"teacher_temperature must be > 0 or None, got {self.teacher_temperature}.")
+        if self.teacher_zero_stage not in (None, 0, 3):
+            raise ValueError(
+                f"teacher_zero_stage must be 0 (replicated), 3 (sharded) or None, got {self.teacher_zero_stage}: a "
+                "frozen teacher has no gradients or optimizer states for stages 1 and 2 to shard."
+            )
+        if self.teacher_offload and self.teacher_zero_stage == 0:
+            raise ValueError("teacher_offload needs a sharded teacher: set teacher_zero_stage=3 (or leave it None "
+                             "under a ZeRO-3 launch).")
         for name in ("top_p", "teacher_top_p"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DistillationTrainer
 from trl.models import prepare_deepspeed, unwrap_model_for_generation
@@ -133,7 +135,13 @@ class KDTrainer(DistillationTrainer):
         teacher_model.requires_grad_(False)
         teacher_model.eval()
         if self.is_deepspeed_enabled:
-            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+            self.teacher_model = self._prepare_teacher_deepspeed(teacher_model)
+        elif args.teacher_zero_stage is not None or args.teacher_offload:
+            raise ValueError(
+                "`teacher_zero_stage` and `teacher_offload` place the teacher with DeepSpeed: launch with a DeepSpeed "
+                "config (e.g. `accelerate launch --config_file examples/accelerate_configs/zero2.yaml ...`) or unset "
+                "them."
+            )
         else:
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self.teacher_model.eval()
@@ -172,7 +180,53 @@ class KDTrainer(DistillationTrainer):
         if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
             kwargs["device_map"] = None
         kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        if args.teacher_zero_stage == 0 and is_deepspeed_zero3_enabled():
+            # a replicated teacher must not be created partitioned by ZeRO-3's `zero.Init`
+            from transformers.integrations import deepspeed as hf_deepspeed
+
+            hf_config = hf_deepspeed._hf_deepspeed_config_weak_ref()
+            hf_deepspeed.unset_hf_deepspeed_config()
+            try:
+                return create_model_from_path(name_or_path, **kwargs)
+            finally:
+                hf_deepspeed.set_hf_deepspeed_config(hf_config)
         return create_model_from_path(name_or_path, **kwargs)
+
+    def _prepare_teacher_deepspeed(self, teacher_model: PreTrainedModel) -> torch.nn.Module:
+        """Wrap the teacher in an inference DeepSpeed engine: TRL's placement, or `teacher_zero_stage` /
+        `teacher_offload` when set."""
+        args = self.args
+        student_stage = self.accelerator.state.deepspeed_plugin.zero_stage
+        if args.teacher_zero_stage is None and not args.teacher_offload:
+            return prepare_deepspeed(teacher_model, self.accelerator)
+        import deepspeed
+
+        stage = args.teacher_zero_stage if args.teacher_zero_stage is not None else (3 if student_stage == 3 else 0)
+        if stage == 0 and any(hasattr(p, "ds_id") for p in teacher_model.parameters()):
+            raise ValueError(
+                "teacher_zero_stage=0 asks for a replicated teacher, but the teacher passed in was created partitioned "
+                "(under ZeRO-3's `zero3_init_flag`). Pass the teacher by name or path so trl-kd loads it whole, or "
+                "leave teacher_zero_stage unset."
+            )
+        if args.teacher_offload and stage != 3:
+            raise ValueError(
+                f"teacher_offload needs a sharded teacher, but the student runs ZeRO-{student_stage} and "
+                "teacher_zero_stage is unset: set teacher_zero_stage=3."
+            )
+        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        # inference only: no optimizer, scheduler or optimizer offload (as TRL's prepare_deepspeed)
+        config.pop("optimizer", None)
+        config.pop("scheduler", None)
+        zero = config.setdefault("zero_optimization", {})
+        zero.pop("offload_optimizer", None)
+        zero["stage"] = stage
+        if args.teacher_offload:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        elif stage != 3:
+            zero.pop("offload_param", None)
+        engine, *_ = deepspeed.initialize(model=teacher_model, config=config)
+        engine.eval()
+        return engine
 
     def _check_vocabularies(self, teacher_model: PreTrainedModel) -> int:
         """Return the size of the vocabulary the distributions are compared over (the tokenizer's)."""
