@@ -150,3 +150,20 @@ def test_saved_students_load(launched):
     for case in results:
         model = AutoModelForCausalLM.from_pretrained(out / case)
         assert sum(p.numel() for p in model.parameters()) == results[case][0]["student_numel"][1]
+
+
+def test_planner_matches_the_measured_partitioning(launched, models):
+    """The planner's per-GPU weights for the placement that ran equal the parameters each rank really held."""
+    from trl_kd.planner import GIB, PLACEMENTS, ModelSpec, plan
+
+    stage, _, results = launched
+    student = ModelSpec.from_pretrained(os.path.join(models, "student"))
+    teacher = ModelSpec.from_pretrained(os.path.join(models, "teacher"))
+    estimates = {e.placement: e.parts_gib for e in plan(student, teacher, 2, 80, dtype="fp32").estimates}
+    ran = {"ddp": [("kd", PLACEMENTS[0])], "zero2": [("kd", PLACEMENTS[1]), ("kd_teacher_sharded", PLACEMENTS[2])],
+           "zero3": [("kd", PLACEMENTS[3])]}[stage]
+    for case, placement in ran:
+        for r in results[case]:
+            fp32_bytes = 4
+            assert estimates[placement]["teacher weights"] * GIB == pytest.approx(r["teacher_numel"][0] * fp32_bytes, rel=0.01)
+            assert estimates[placement]["student weights"] * GIB == pytest.approx(r["student_numel"][0] * fp32_bytes, rel=0.01)
