@@ -139,4 +139,4 @@ def test_model_card_cites_the_paper(tmp_path, tokenizer):
     trainer = promptkd_trainer(tmp_path, tokenizer)
     trainer.create_model_card(model_name="tiny-promptkd")
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "2402.12842" in card and "## Teacher prompt" in card and "teacher_prompt" in card
+    assert "2402.12842" in card and "### Teacher prompt" in card and "teacher_prompt" in card

@@ -1,4 +1,9 @@
-"""The `trl-kd` command: `trl-kd plan` (pre-flight memory estimate) and `trl-kd env` (versions for bug reports)."""
+"""The `trl-kd` command, mirroring `trl sft`:
+
+    trl-kd switch|skd|promptkd|gkd [--config recipe.yaml] [flags]   run a distillation (no flags: embedded default)
+    trl-kd plan --student ... --teacher ... --gpus N --gpu-memory GiB   per-GPU memory of each placement
+    trl-kd env                                                      versions for bug reports
+"""
 
 from __future__ import annotations
 
@@ -40,8 +45,14 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trl-kd", description="trl-kd: knowledge distillation on TRL.")
+    parser = argparse.ArgumentParser(
+        prog="trl-kd", description="trl-kd: knowledge distillation on TRL.",
+        epilog="Distillation: trl-kd {gkd,skd,switch,promptkd} [--config recipe.yaml] [flags]; "
+        "add --help after the method for its flags.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
+    for method in ("gkd", "skd", "switch", "promptkd"):  # listed for --help; dispatched in `main`
+        commands.add_parser(method, help=f"run a {method} distillation (see `trl-kd {method} --help`)")
 
     env = commands.add_parser("env", help="print the versions to paste in a bug report")
     env.set_defaults(func=_env)
@@ -66,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .scripts import METHODS
+
+    if argv and argv[0] in METHODS:  # everything after the method goes to its TrlParser
+        from .scripts import main as distill
+
+        distill(argv[0], argv[1:])
+        return
     args = build_parser().parse_args(argv)
     args.func(args)
 

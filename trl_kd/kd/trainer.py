@@ -18,6 +18,7 @@ from trl.trainer.utils import create_model_from_path, pad
 
 from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset
 from ..losses import LMHead, chunked_kd_loss
+from ..model_card import distillation_section
 from ..sampler import Rule, SamplingParams, block_verify_sample
 from .config import KDConfig
 
@@ -168,6 +169,7 @@ class KDTrainer(DistillationTrainer):
         self._rollout_teacher_mask: list[list[bool]] = []
         self._eval_rollouts = 0
         self._kd_sums: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.dataset_name: str | None = None  # shown in the model card; the example scripts set it
 
     # ------------------------------------------------------------------------------------------------ set-up checks
     @staticmethod
@@ -524,6 +526,27 @@ class KDTrainer(DistillationTrainer):
         divergence_sum, num_tokens = (self.accelerator.gather_for_metrics(t.reshape(1)).sum() for t in self._kd_sums)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["kd_loss"].append((divergence_sum / num_tokens.clamp(min=1)).item())
+        return output
+
+    # ----------------------------------------------------------------------------------------------- model card
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card plus a "Distillation" section: method, teacher and revision, dataset, hyperparameters,
+        teacher-token fraction and acceptance, final evaluation, versions and the launch command."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if self.is_world_process_zero() and os.path.exists(path):
+            with open(path, "a") as f:
+                f.write(distillation_section(self, dataset_name or self.dataset_name))
+
+    def model_card_sections(self) -> list[str]:
+        """Extra markdown lines a method adds to its model card (e.g. PromptKD's teacher prompt)."""
+        return []
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        # TRL writes the card at checkpoints only; the final one has the final metrics
+        name = (self.args.hub_model_id or self.args.output_dir).rstrip("/").split("/")[-1]
+        self.create_model_card(model_name=name)
         return output
 
     # ------------------------------------------------------------------------------------------------ checkpoints

@@ -239,18 +239,20 @@ class PromptKDTrainer(KDTrainer):
         weights = self.soft_prompt.detach().to(self._teacher.get_input_embeddings().weight.dtype).cpu().contiguous()
         save_file({"prompt_embeddings": weights}, os.path.join(directory, "adapter_model.safetensors"))
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        card = os.path.join(self.args.output_dir, "README.md")
-        if self.is_world_process_zero() and os.path.exists(card):
-            with open(card, "a") as f:
-                f.write(
-                    "\n## Teacher prompt\n\n"
-                    f"PromptKD trained a soft prompt of {self.args.num_prompt_tokens} virtual tokens on the frozen "
-                    f"teacher. It is saved in `{PROMPT_ADAPTER_DIR}/` as a PEFT prompt-tuning adapter of the teacher:\n\n"
-                    "```python\nfrom peft import PeftModel\n\n"
-                    f'prompted_teacher = PeftModel.from_pretrained(teacher, "{PROMPT_ADAPTER_DIR}")\n```\n'
-                )
+    def model_card_sections(self) -> list[str]:
+        return [
+            "### Teacher prompt",
+            "",
+            f"PromptKD trained a soft prompt of {self.args.num_prompt_tokens} virtual tokens on the frozen teacher. It is "
+            f"saved in `{PROMPT_ADAPTER_DIR}/` as a PEFT prompt-tuning adapter of the teacher:",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "",
+            f'prompted_teacher = PeftModel.from_pretrained(teacher, "{PROMPT_ADAPTER_DIR}")',
+            "```",
+            "",
+        ]
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)

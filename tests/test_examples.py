@@ -1,0 +1,74 @@
+"""The example scripts and the `trl-kd` command: each example runs end to end with no arguments on the embedded
+default and writes a model card; recipes parse; bad flags fail with a clear message."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from trl_kd.scripts import METHODS
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CARD_NAMES = {"gkd": "KD", "skd": "Speculative KD", "switch": "SWITCH", "promptkd": "PromptKD"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A shared cache, so the embedded default teacher is trained once for all examples."""
+    cache = tmp_path_factory.mktemp("cache")
+    return {**os.environ, "TRL_KD_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run(command, cwd, env, timeout=600):
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["switch", "skd", "promptkd", "gkd"])
+def test_example_runs_with_no_arguments(method, tmp_path, env):
+    script = str(ROOT / "examples" / f"{method}.py")
+    if method == "switch":  # the README's command
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", script]
+    else:
+        command = [sys.executable, script]
+    out = run(command, tmp_path, env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    output_dir = tmp_path / "outputs" / f"{method}-default"
+    assert f"to outputs/{method}-default" in out.stdout
+    assert "Student ROUGE-L on 48 held-out prompts" in out.stdout
+    assert (output_dir / "model.safetensors").exists() and (output_dir / "tokenizer.json").exists()
+    card = ModelCard.load(output_dir / "README.md")
+    assert {"trl-kd", "distillation"} <= set(card.data.tags)
+    assert f"**Method**: {CARD_NAMES[method]}" in card.text
+    assert "default-v1/teacher" in card.text  # the teacher's path
+    assert "| eval_rouge_l |" in card.text and "| eval_rouge_l_before |" in card.text
+    if method == "promptkd":
+        assert (output_dir / "teacher_prompt" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_recipes_parse(method):
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    config_class = METHODS[method][0]
+    parser = TrlParser((ScriptArguments, config_class, ModelConfig))
+    script_args, args, model_args = parser.parse_args_and_config(
+        args=["--config", str(ROOT / "examples" / "recipes" / f"{method}.yaml"), "--bf16", "False"]
+    )
+    assert model_args.model_name_or_path and args.teacher_model_name_or_path and script_args.dataset_name
+    assert args.output_dir and isinstance(args, config_class)
+
+
+def test_cli_bad_flags_fail_clearly(tmp_path, env):
+    unknown = run([sys.executable, "-m", "trl_kd.cli", "switch", "--not_a_flag", "1"], tmp_path, env)
+    assert unknown.returncode != 0 and "--not_a_flag" in unknown.stderr
+    bad_value = run([sys.executable, "-m", "trl_kd.cli", "switch", "--switch_schedule", "cosine"], tmp_path, env)
+    assert bad_value.returncode != 0 and "switch_schedule must be one of" in bad_value.stderr
+    no_teacher = run([sys.executable, "-m", "trl_kd.cli", "skd", "--model_name_or_path", "x"], tmp_path, env)
+    assert no_teacher.returncode == 2 and "--teacher_model_name_or_path is required" in no_teacher.stderr
+    no_method = run([sys.executable, "-m", "trl_kd.cli", "distil"], tmp_path, env)
+    assert no_method.returncode == 2 and "invalid choice" in no_method.stderr

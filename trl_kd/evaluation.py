@@ -1,0 +1,104 @@
+"""Evaluation by generation: ROUGE-L (as the SWITCH, PromptKD and SKD papers report it), exact match, and how often
+the teacher's and the student's most likely next tokens agree on the student's own outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 x 100 with stemming (the `rouge-score` package, as in MiniLLM/DistiLLM/SWITCH/PromptKD)."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as error:
+        raise ImportError("ROUGE-L needs the `rouge-score` package: pip install 'trl-kd[eval]'.") from error
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return 100.0 * sum(scores) / max(len(scores), 1)
+
+
+@torch.no_grad()
+def generation_metrics(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[int]],
+    references: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Greedy completions of the student for `prompts` (token ids), scored against `references`.
+
+    Returns `rouge_l`, `exact_match` (stripped strings equal) and, with a teacher, `top1_agreement`: the fraction of
+    the student's completion positions where teacher and student rank the same next token first.
+    """
+    was_training = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    predictions, agree, total = [], 0, 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + list(p) for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        out = student.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        completion = out[:, width:]
+        predictions += tokenizer.batch_decode(completion, skip_special_tokens=True)
+        if teacher is not None and completion.shape[1] > 0:
+            full_mask = torch.cat([mask, (completion != tokenizer.pad_token_id).long()], dim=1)
+            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            vocab = len(tokenizer)
+            logits = [
+                m(input_ids=out, attention_mask=full_mask, position_ids=positions).logits[:, width - 1 : -1, :vocab]
+                for m in (student, teacher)
+            ]
+            valid = full_mask[:, width:].bool()
+            agree += ((logits[0].argmax(-1) == logits[1].argmax(-1)) & valid).sum().item()
+            total += valid.sum().item()
+    student.train(was_training)
+    metrics = {
+        "rouge_l": rouge_l(predictions, references),
+        "exact_match": sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(len(references), 1),
+    }
+    if teacher is not None:
+        metrics["top1_agreement"] = agree / max(total, 1)
+    return metrics
+
+
+class GenerationEvalCallback(TrainerCallback):
+    """Logs `eval_rouge_l`, `eval_exact_match` and `eval_top1_agreement` of a trl-kd trainer's student before
+    training (with a `_before` suffix), whenever the trainer evaluates, and at the end of training.
+
+    Args:
+        trainer: the trainer (its student, teacher and tokenizer are used).
+        prompts: prompt token ids (chat template applied), one list per example.
+        references: the expected completions.
+    """
+
+    def __init__(self, trainer, prompts: Sequence[list[int]], references: Sequence[str], max_new_tokens: int):
+        self.trainer, self.prompts, self.references, self.max_new_tokens = trainer, prompts, references, max_new_tokens
+
+    def evaluate(self) -> dict[str, float]:
+        trainer = self.trainer
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+        metrics = generation_metrics(
+            student, teacher, trainer.processing_class, self.prompts, self.references, self.max_new_tokens
+        )
+        return {f"eval_{k}": v for k, v in metrics.items()}
+
+    # every process evaluates (identical greedy work), so ZeRO-3 parameter gathers stay aligned
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.log({f"{k}_before": v for k, v in self.evaluate().items()})
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.trainer.log(self.evaluate())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.log(self.evaluate())

@@ -1,0 +1,95 @@
+"""The distillation section of the model card every trl-kd trainer writes (`output_dir/README.md`).
+
+TRL's card (metadata, quick start, citation) is kept; this adds what a reader of a distilled model needs: the
+method and paper, the teacher and its revision, the student base, the dataset, every method hyperparameter, who wrote
+the training tokens, the final evaluation metrics, the framework versions and the launch command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import statistics
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+from trl import DistillationConfig
+
+
+if TYPE_CHECKING:
+    from .kd.trainer import KDTrainer
+
+
+# TrainingArguments fields worth showing besides the method's own
+_TRAINING_FIELDS = (
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "max_steps", "num_train_epochs",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "max_completion_length",
+    "temperature", "top_p", "top_k", "beta", "seed",
+)
+_PACKAGES = ("trl-kd", "trl", "transformers", "torch", "accelerate", "peft", "datasets", "deepspeed")
+
+
+def method_hyperparameters(args: DistillationConfig) -> dict[str, object]:
+    """The fields trl-kd adds to `trl.DistillationConfig` (all of them), then the main training fields."""
+    base = {f.name for f in dataclasses.fields(DistillationConfig)}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name not in base}
+    values.update({name: getattr(args, name) for name in _TRAINING_FIELDS if hasattr(args, name)})
+    return values
+
+
+def _mean(history: list[dict], key: str) -> float | None:
+    values = [row[key] for row in history if key in row]
+    return statistics.mean(values) if values else None
+
+
+def _versions() -> str:
+    found = []
+    for package in _PACKAGES:
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
+def distillation_section(trainer: KDTrainer, dataset_name: str | None = None) -> str:
+    """Markdown appended to TRL's model card."""
+    args = trainer.args
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    teacher_id = args.teacher_model_name_or_path or teacher.config._name_or_path or "(in-memory model)"
+    revision = args.teacher_model_revision or getattr(teacher.config, "_commit_hash", None)
+    student_id = trainer.accelerator.unwrap_model(trainer.model).config._name_or_path or "(in-memory model)"
+    history = trainer.state.log_history
+    paper = trainer._paper
+    lines = ["", "## Distillation", ""]
+    if paper:
+        lines.append(f"- **Method**: {trainer._name} — [{paper['title']}](https://huggingface.co/papers/{paper['id']})")
+    else:
+        lines.append(f"- **Method**: {trainer._name}")
+    lines.append(f"- **Teacher**: `{teacher_id}`" + (f" (revision `{revision}`)" if revision else ""))
+    lines.append(f"- **Student base**: `{student_id}`")
+    if dataset_name:
+        lines.append(f"- **Dataset**: `{dataset_name}`")
+    lines.append(f"- **Steps**: {trainer.state.global_step}")
+    last_tokens = next((row["num_tokens"] for row in reversed(history) if "num_tokens" in row), None)
+    if last_tokens is not None:
+        lines.append(f"- **Training tokens** (prompts and completions): {int(last_tokens):,}")
+    for key, label in (
+        ("teacher_token_fraction", "Response tokens written by the teacher"),
+        ("acceptance_rate", "Acceptance rate of the student's drafted tokens"),
+        ("on_policy_fraction", "Rows trained on student samples"),
+    ):
+        value = _mean(history, key)
+        if value is not None:
+            lines.append(f"- **{label}** (mean over training): {value:.3f}")
+    evaluation = {k: v for row in history for k, v in row.items() if k.startswith("eval_") and isinstance(v, float)}
+    if evaluation:  # the latest value of each metric (`*_before`: before training)
+        lines += ["", "### Evaluation", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(evaluation.items())]
+    lines += ["", "### Hyperparameters", "", "| field | value |", "| --- | --- |"]
+    lines += [f"| `{k}` | `{v}` |" for k, v in method_hyperparameters(args).items()]
+    lines += ["", f"Framework versions: {_versions()}.", ""]
+    lines += ["Launch command:", "", "```bash", shlex.join([sys.executable.split('/')[-1], *sys.argv]), "```", ""]
+    lines += trainer.model_card_sections()
+    return "\n".join(lines)

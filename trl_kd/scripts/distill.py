@@ -1,0 +1,135 @@
+"""One script for every method: `examples/<method>.py` and `trl-kd <method>` call `main(method)`.
+
+    accelerate launch examples/switch.py                       # the embedded default, on a laptop CPU
+    accelerate launch examples/skd.py --config examples/recipes/skd.yaml
+    accelerate launch examples/switch.py \\
+        --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --teacher_model_name_or_path Qwen/Qwen2.5-7B-Instruct \\
+        --dataset_name trl-lib/tldr --output_dir qwen-switch --use_peft --lora_r 16
+
+Arguments are TRL's: `ScriptArguments` (dataset), the method's config (training and method fields, including
+`teacher_model_name_or_path`) and `ModelConfig` (student loading, PEFT). With no model given, the run uses the
+embedded default (`trl_kd.scripts.default`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from datasets import load_dataset
+from transformers import AutoTokenizer
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+
+from ..evaluation import GenerationEvalCallback
+from ..kd import KDConfig, KDTrainer
+from ..promptkd import PromptKDConfig, PromptKDTrainer
+from ..skd import SpeculativeKDConfig, SpeculativeKDTrainer
+from ..switch import SwitchConfig, SwitchTrainer
+from . import default
+
+
+METHODS = {
+    "gkd": (KDConfig, KDTrainer),
+    "skd": (SpeculativeKDConfig, SpeculativeKDTrainer),
+    "switch": (SwitchConfig, SwitchTrainer),
+    "promptkd": (PromptKDConfig, PromptKDTrainer),
+}
+EVAL_PROMPTS = 48
+
+
+def _explicit_flags(argv: list[str]) -> set[str]:
+    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def _eval_split(dataset, tokenizer, limit: int):
+    """Prompt ids (chat template applied) and reference strings of the rows that have a completion."""
+    prompts, references = [], []
+    for row in dataset.select(range(min(limit, len(dataset)))):
+        completion = row.get("completion")
+        if completion is None:
+            continue
+        if isinstance(row["prompt"], list):
+            text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+            reference = completion[-1]["content"]
+        else:
+            text, reference = row["prompt"], completion
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        references.append(reference)
+    return prompts, references
+
+
+def main(method: str, argv: list[str] | None = None) -> str:
+    """Run a distillation with `method` in {gkd, skd, switch, promptkd}; returns the output folder."""
+    if method not in METHODS:
+        raise SystemExit(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    config_class, trainer_class = METHODS[method]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = TrlParser((ScriptArguments, config_class, ModelConfig), prog=f"trl-kd {method}")
+    explicit = _explicit_flags(argv)
+    extra = []
+    if "output_dir" not in explicit:
+        extra += ["--output_dir", f"outputs/{method}-default"]  # unless a recipe sets one
+    if not torch.cuda.is_available() and "bf16" not in explicit:
+        extra += ["--bf16", "False", "--use_cpu", "True"]  # TRL defaults to bf16, which a CPU can't run
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv + extra)
+
+    embedded = model_args.model_name_or_path is None
+    if embedded:
+        if training_args.teacher_model_name_or_path or script_args.dataset_name:
+            parser.error("--model_name_or_path is required with --teacher_model_name_or_path or --dataset_name "
+                         "(run with none of them for the embedded default).")
+        # the embedded default's settings, for every field not given on the command line
+        for key, value in default.TRAINING_DEFAULTS.items():
+            if key not in explicit:
+                extra += [f"--{key}", str(value)]
+        script_args, training_args, model_args = parser.parse_args_and_config(args=argv + extra)
+        teacher, student, tokenizer, train_dataset, eval_dataset = default.prepare_default()
+        dataset_name = default.DATASET_NAME
+        peft_config = get_peft_config(model_args)
+    else:
+        if not training_args.teacher_model_name_or_path:
+            parser.error("--teacher_model_name_or_path is required with --model_name_or_path.")
+        if not script_args.dataset_name:
+            parser.error("--dataset_name is required with --model_name_or_path.")
+        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+        train_dataset = dataset[script_args.dataset_train_split]
+        eval_dataset = dataset[script_args.dataset_test_split] if script_args.dataset_test_split in dataset else None
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path, revision=model_args.model_revision,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+        training_args.model_init_kwargs = {
+            **(training_args.model_init_kwargs or {}),
+            "revision": model_args.model_revision,
+            "trust_remote_code": model_args.trust_remote_code,
+            "attn_implementation": model_args.attn_implementation,
+            "dtype": model_args.dtype,
+        }
+        student, teacher = model_args.model_name_or_path, training_args.teacher_model_name_or_path
+        dataset_name = script_args.dataset_name
+        peft_config = get_peft_config(model_args)
+
+    trainer = trainer_class(
+        model=student, teacher_model=teacher, args=training_args, train_dataset=train_dataset,
+        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None, processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    trainer.dataset_name = dataset_name
+    if eval_dataset is not None:
+        prompts, references = _eval_split(eval_dataset, tokenizer, EVAL_PROMPTS)
+        if prompts:
+            trainer.add_callback(
+                GenerationEvalCallback(trainer, prompts, references, training_args.max_completion_length)
+            )
+    trainer.train()
+    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_name)
+    if trainer.is_world_process_zero():
+        history = trainer.state.log_history
+        scores = {k: v for row in history for k, v in row.items() if k in ("eval_rouge_l_before", "eval_rouge_l")}
+        if len(scores) == 2:
+            print(f"Student ROUGE-L on {EVAL_PROMPTS} held-out prompts: {scores['eval_rouge_l_before']:.1f} before, "
+                  f"{scores['eval_rouge_l']:.1f} after.")
+        print(f"Saved the student, its tokenizer and the model card (README.md) to {training_args.output_dir}")
+    return training_args.output_dir
