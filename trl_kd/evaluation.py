@@ -75,6 +75,9 @@ class GenerationEvalCallback(TrainerCallback):
     """Logs `eval_rouge_l`, `eval_exact_match` and `eval_top1_agreement` of a trl-kd trainer's student before
     training (with a `_before` suffix), whenever the trainer evaluates, and at the end of training.
 
+    The metrics are also added to what `trainer.evaluate()` returns, so `metric_for_best_model="rouge_l"` with
+    `load_best_model_at_end=True` keeps the checkpoint with the best ROUGE-L.
+
     Args:
         trainer: the trainer (its student, teacher and tokenizer are used).
         prompts: prompt token ids (chat template applied), one list per example.
@@ -97,8 +100,11 @@ class GenerationEvalCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.log({f"{k}_before": v for k, v in self.evaluate().items()})
 
-    def on_evaluate(self, args, state, control, **kwargs):
-        self.trainer.log(self.evaluate())
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        results = self.evaluate()
+        if metrics is not None:  # the dict `Trainer.evaluate` returns: `metric_for_best_model="rouge_l"` sees them
+            metrics.update(results)
+        self.trainer.log(results)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.log(self.evaluate())
