@@ -1,6 +1,5 @@
 """KDTrainer: mixing, formats, invariances, checks at construction, resume."""
 
-import copy
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from trl import DistillationConfig, DistillationTrainer
 from trl_kd import KDConfig, KDTrainer
 from trl_kd.testing import DATASET_FORMATS, build_model, make_dataset
 
-from helpers import assert_changed, logged, make_args, make_trainer, params
+from helpers import assert_lora_student_trains, assert_changed, logged, make_args, make_trainer, params
 
 
 @pytest.mark.parametrize("fmt", DATASET_FORMATS)
@@ -172,19 +171,8 @@ def test_teacher_placement_without_deepspeed_is_refused(tmp_path, tokenizer):
 
 
 def test_lora_student_trains(tmp_path, tokenizer):
-    from peft import LoraConfig
-
-    trainer = KDTrainer(
-        model=build_model("qwen2", tokenizer, "student"),
-        teacher_model=build_model("qwen2", tokenizer, "teacher", seed=1),
-        args=make_args(tmp_path, lmbda=0.5),
-        train_dataset=make_dataset("prompt_completion", 16),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
-    )
-    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
-    trainer.train()
-    assert any(not torch.equal(lora[n], p) for n, p in trainer.model.named_parameters() if n in lora)
+    args = make_args(tmp_path, lmbda=0.5)
+    assert_lora_student_trains(KDTrainer, tokenizer, args, make_dataset("prompt_completion", 16))
 
 
 def test_teacher_loaded_from_a_path(tmp_path, tokenizer, tiny_paths):

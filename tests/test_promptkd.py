@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from trl_kd import KDConfig, KDTrainer, PromptKDConfig, PromptKDTrainer
-from trl_kd.testing import build_model, make_dataset
+from trl_kd import KDTrainer, PromptKDConfig, PromptKDTrainer
+from trl_kd.testing import make_dataset
 
 from helpers import assert_changed, logged, make_args, make_trainer, params
 

@@ -7,7 +7,7 @@ from trl_kd import SpeculativeKDConfig, SpeculativeKDTrainer
 from trl_kd.sampler import OnPolicyRule, Proposal, SamplingParams, TeacherOnlyRule, TopKRule
 from trl_kd.testing import build_model, make_dataset
 
-from helpers import assert_changed, logged, make_args, make_trainer, params
+from helpers import assert_lora_student_trains, rollout_with_seed, assert_changed, logged, make_args, make_trainer, params
 
 
 def skd_trainer(tmp_path, tokenizer, **overrides):
@@ -68,16 +68,6 @@ def test_raw_and_warped_acceptance_differ_only_outside_the_teachers_nucleus():
         assert warped.reject(one_position(logits, token)).item() is rejected
 
 
-def rollout_with_seed(trainer, prompt_ids, rule=None, seed=0):
-    torch.manual_seed(seed)
-    if rule is None:
-        return trainer.rollout(prompt_ids)
-    return trainer.teacher_in_the_loop_rollout(
-        prompt_ids, rule, trainer.args.num_draft_tokens, trainer.student_sampling_params,
-        trainer.teacher_sampling_params,
-    )
-
-
 @pytest.mark.parametrize(
     "k,reference_rule,teacher_fraction", [(331, OnPolicyRule(), 0.0), (10_000, OnPolicyRule(), 0.0), (0, TeacherOnlyRule(), 1.0)]
 )
@@ -121,19 +111,8 @@ def test_lmbda_mixes_dataset_completions(tmp_path, tokenizer):
 
 
 def test_lora_student_trains(tmp_path, tokenizer):
-    from peft import LoraConfig
-
-    trainer = SpeculativeKDTrainer(
-        model=build_model("qwen2", tokenizer, "student"),
-        teacher_model=build_model("qwen2", tokenizer, "teacher", seed=1),
-        args=make_args(tmp_path, SpeculativeKDConfig, max_completion_length=12),
-        train_dataset=make_dataset("prompt_only", 16),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
-    )
-    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
-    trainer.train()
-    assert any(not torch.equal(lora[n], p) for n, p in trainer.model.named_parameters() if n in lora)
+    args = make_args(tmp_path, SpeculativeKDConfig, max_completion_length=12)
+    assert_lora_student_trains(SpeculativeKDTrainer, tokenizer, args, make_dataset("prompt_only", 16))
 
 
 def test_wrong_config_class_is_refused(tmp_path, tokenizer):

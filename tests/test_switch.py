@@ -9,7 +9,7 @@ from trl_kd import SwitchConfig, SwitchTrainer
 from trl_kd.sampler import DivergenceThresholdRule, OnPolicyRule, Proposal, TeacherOnlyRule
 from trl_kd.testing import build_model, make_dataset
 
-from helpers import assert_changed, logged, make_args, make_trainer, params
+from helpers import rollout_with_seed, assert_changed, logged, make_args, make_trainer, params
 
 
 def switch_trainer(tmp_path, tokenizer, n=16, sharp=False, **overrides):
@@ -29,16 +29,6 @@ def switch_trainer(tmp_path, tokenizer, n=16, sharp=False, **overrides):
 
 
 PROMPTS = ("reverse: a b c\n", "sort: d c b a\n", "copy: x y\n", "count: from 2 to 5\n")
-
-
-def rollout_with_seed(trainer, prompt_ids, rule=None, seed=0):
-    torch.manual_seed(seed)
-    if rule is None:
-        return trainer.rollout(prompt_ids)
-    return trainer.teacher_in_the_loop_rollout(
-        prompt_ids, rule, trainer.args.num_draft_tokens, trainer.student_sampling_params,
-        trainer.teacher_sampling_params,
-    )
 
 
 class FixedDivergences(DivergenceThresholdRule):
