@@ -102,9 +102,24 @@ def bench_loss(vocabs=(32000, 128256), positions=2048, hidden=1024) -> str:
     return "\n".join(lines)
 
 
-def _median_step_time(trainer) -> float:
-    times = [row["step_time"] for row in trainer.state.log_history if "step_time" in row]
-    return statistics.median(times[2:])  # first steps warm up
+def _step_timer():
+    """A callback timing every optimizer step the same way for every trainer (TRL's `step_time` metric is logged by
+    some trainers only)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self._start = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self._start)
+
+    return StepTimer()
 
 
 def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32, pair: str = "random") -> str:
@@ -114,6 +129,7 @@ def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32, pair: 
 
     from transformers.trainer_callback import PrinterCallback
     from trl import DistillationConfig, DistillationTrainer
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from trl_kd import (
         KDConfig,
@@ -130,6 +146,7 @@ def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32, pair: 
     torch.set_num_threads(2)
     tokenizer = build_tokenizer()
     dataset = make_dataset("conversational_prompt_completion", 256)
+    messages = make_dataset("messages", 256)  # the same rows in the format GKDTrainer needs
     student, teacher = build_model("qwen2", tokenizer, "student"), build_model("qwen2", tokenizer, "teacher", seed=1)
     if pair == "sft":
         sft_on_task(teacher, tokenizer, steps=400)
@@ -138,11 +155,14 @@ def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32, pair: 
         output_dir="/tmp/trl-kd-bench", per_device_train_batch_size=batch, max_steps=steps,
         max_completion_length=completion, report_to="none", bf16=False, logging_steps=1, save_strategy="no",
         disable_tqdm=True, temperature=1.0, beta=0.5, gradient_checkpointing=False, learning_rate=1e-5,
+        use_cpu=not torch.cuda.is_available(),
     )
     cases = [
         ("trl.DistillationTrainer (on-policy, JSD)", DistillationTrainer, DistillationConfig, {}),
         ("trl.DistillationTrainer, student at SKD's temperature/top-p 0.5/0.5", DistillationTrainer,
          DistillationConfig, {"temperature": 0.5, "top_p": 0.5}),
+        ("trl.experimental.gkd.GKDTrainer lmbda=1 (full logits)", GKDTrainer, GKDConfig, {"lmbda": 1.0}),
+        ("trl.experimental.gkd.GKDTrainer lmbda=0.5 (full logits)", GKDTrainer, GKDConfig, {"lmbda": 0.5}),
         ("KDTrainer lmbda=1 (on-policy, JSD)", KDTrainer, KDConfig, {"lmbda": 1.0}),
         ("KDTrainer lmbda=0.5 (mixed, JSD)", KDTrainer, KDConfig, {"lmbda": 0.5}),
         ("KDTrainer lmbda=1, skew RKL", KDTrainer, KDConfig, {"lmbda": 1.0, "loss_type": "skew_rkl"}),
@@ -165,21 +185,27 @@ def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32, pair: 
         ]
     rows, reference = [], None
     for label, trainer_cls, config_cls, extra in cases:
+        config = {**common, **extra}
+        if trainer_cls is GKDTrainer:
+            config["max_new_tokens"] = config.pop("max_completion_length")
         trainer = trainer_cls(
-            model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher),
-            args=config_cls(**{**common, **extra}), train_dataset=dataset, processing_class=tokenizer,
+            model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher), args=config_cls(**config),
+            train_dataset=messages if trainer_cls is GKDTrainer else dataset, processing_class=tokenizer,
         )
         trainer.remove_callback(PrinterCallback)
+        timer = _step_timer()
+        trainer.add_callback(timer)
         trainer.train()
-        median = _median_step_time(trainer)
+        median = statistics.median(timer.times[2:])  # the first steps warm up
         reference = reference or median
         history = trainer.state.log_history
         rate = [row["acceptance_rate"] for row in history if "acceptance_rate" in row]
         teacher_tokens = [row["teacher_token_fraction"] for row in history if "teacher_token_fraction" in row]
         extra_cols = f"{statistics.mean(rate):.2f}" if rate else "–"
         extra_cols += f" | {statistics.mean(teacher_tokens):.2f}" if teacher_tokens else " | –"
-        length = statistics.mean(row["completions/mean_length"] for row in history if "completions/mean_length" in row)
-        rows.append(f"| {label} | {median * 1000:.0f} | {median / reference:.2f}x | {length:.1f} | {extra_cols} |")
+        lengths = [row["completions/mean_length"] for row in history if "completions/mean_length" in row]
+        length = f"{statistics.mean(lengths):.1f}" if lengths else "–"
+        rows.append(f"| {label} | {median * 1000:.0f} | {median / reference:.2f}x | {length} | {extra_cols} |")
     models = "SFT on the task (teacher 400 steps, student 150)" if pair == "sft" else "random-init"
     header = [
         f"Median step time, tiny Qwen2 student (~30k params) and teacher (~130k), {models}, batch {batch}, up to "
