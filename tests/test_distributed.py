@@ -115,7 +115,10 @@ def test_models_are_partitioned_where_they_should_be(launched):
             assert local == full, what
 
     for case, ranks in results.items():
-        teacher_sharded = {"kd_teacher_sharded": True, "skd_teacher_offloaded": True, "kd_teacher_replicated": False}
+        teacher_sharded = {
+            "kd_teacher_sharded": True, "skd_teacher_offloaded": True, "kd_teacher_replicated": False,
+            "switch_teacher_replicated": False,
+        }
         for r in ranks:
             assert_sharded(*r["teacher_numel"], teacher_sharded.get(case, stage == "zero3"), f"{case} teacher")
             assert_sharded(*r["student_numel"], stage == "zero3", f"{case} student")

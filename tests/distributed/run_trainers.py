@@ -64,11 +64,12 @@ CASES = {
     "kd_teacher_sharded": (KDTrainer, KDConfig, {"lmbda": 0.0, "teacher_zero_stage": 3}),
     "kd_teacher_replicated": (KDTrainer, KDConfig, {"lmbda": 0.0, "teacher_zero_stage": 0}),
     "skd_teacher_offloaded": (SpeculativeKDTrainer, SpeculativeKDConfig, {"teacher_zero_stage": 3, "teacher_offload": True}),
+    "switch_teacher_replicated": (SwitchTrainer, SwitchConfig, {"teacher_zero_stage": 0, "switch_threshold": 0.005}),
     "skd_sampled": (SpeculativeKDTrainer, SpeculativeKDConfig, {"acceptance_top_k": 150, "temperature": 1.0}),
     "uneven": (RankDependentTrainer, KDConfig, {"lmbda": 1.0}),
 }
 PARITY_CASES = ("kd", "skd", "switch", "promptkd", "kd_teacher_sharded", "kd_teacher_replicated")
-DEEPSPEED_ONLY = ("kd_teacher_sharded", "kd_teacher_replicated", "skd_teacher_offloaded")
+DEEPSPEED_ONLY = ("kd_teacher_sharded", "kd_teacher_replicated", "skd_teacher_offloaded", "switch_teacher_replicated")
 
 
 def save_models(directory: str) -> None:

@@ -146,6 +146,10 @@ class KDTrainer(DistillationTrainer):
         else:
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self.teacher_model.eval()
+        # a teacher replicated beside a ZeRO-3 student (`teacher_zero_stage=0`) has nothing to gather
+        self._gather_teacher = self.args.ds3_gather_for_generation and any(
+            hasattr(p, "ds_id") for p in teacher_model.parameters()
+        )
 
         self._check_prompt_lengths(train_dataset, "train_dataset")
         for key, dataset in (eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]):
@@ -311,7 +315,7 @@ class KDTrainer(DistillationTrainer):
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as student,
             unwrap_model_for_generation(
-                self.teacher_model, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+                self.teacher_model, self.accelerator, gather_deepspeed3_params=self._gather_teacher
             ) as teacher,
         ):
             out = block_verify_sample(
@@ -331,10 +335,9 @@ class KDTrainer(DistillationTrainer):
         prompts = [torch.tensor(ids) for ids in prompt_ids]
         input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
         attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left").to(device)
+        gather = self.args.ds3_gather_for_generation and (model is not self.teacher_model or self._gather_teacher)
         with (
-            unwrap_model_for_generation(
-                model, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
-            ) as unwrapped,
+            unwrap_model_for_generation(model, self.accelerator, gather_deepspeed3_params=gather) as unwrapped,
             torch.no_grad(),
         ):
             output = unwrapped.generate(
