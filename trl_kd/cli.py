@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 
 def _env(_: argparse.Namespace) -> None:
@@ -18,11 +17,10 @@ def _env(_: argparse.Namespace) -> None:
 
     print(f"- platform: {platform.platform()}")
     print(f"- python: {platform.python_version()}")
-    for package in ("trl-kd", "trl", "transformers", "torch", "accelerate", "peft", "datasets", "deepspeed"):
-        try:
-            print(f"- {package}: {version(package)}")
-        except PackageNotFoundError:
-            print(f"- {package}: not installed")
+    from .model_card import framework_versions
+
+    for package, installed in framework_versions().items():
+        print(f"- {package}: {installed or 'not installed'}")
     print(f"- GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 
 

@@ -43,14 +43,16 @@ def _mean(history: list[dict], key: str) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def _versions() -> str:
-    found = []
+def framework_versions() -> dict[str, str | None]:
+    """Installed versions of trl-kd and the stack it runs on (`None`: not installed); for model cards and
+    `trl-kd env`."""
+    found = {}
     for package in _PACKAGES:
         try:
-            found.append(f"{package} {version(package)}")
+            found[package] = version(package)
         except PackageNotFoundError:
-            pass
-    return ", ".join(found)
+            found[package] = None
+    return found
 
 
 def distillation_section(trainer: KDTrainer, dataset_name: str | None = None) -> str:
@@ -89,7 +91,8 @@ def distillation_section(trainer: KDTrainer, dataset_name: str | None = None) ->
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(evaluation.items())]
     lines += ["", "### Hyperparameters", "", "| field | value |", "| --- | --- |"]
     lines += [f"| `{k}` | `{v}` |" for k, v in method_hyperparameters(args).items()]
-    lines += ["", f"Framework versions: {_versions()}.", ""]
+    versions = ", ".join(f"{name} {v}" for name, v in framework_versions().items() if v is not None)
+    lines += ["", f"Framework versions: {versions}.", ""]
     lines += ["Launch command:", "", "```bash", shlex.join([sys.executable.split('/')[-1], *sys.argv]), "```", ""]
     lines += trainer.model_card_sections()
     return "\n".join(lines)

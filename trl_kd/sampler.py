@@ -349,7 +349,7 @@ def block_verify_sample(
         rule.update(proposal, num_kept)
 
         # 4. cache slots: pending + the accepted draft tokens stay visible, the rest is masked or cropped
-        new_valid = 1 + torch.minimum(num_kept - 1, torch.full_like(num_kept, gamma - 1)).clamp(min=0)
+        new_valid = num_kept.clamp(1, gamma)
         slot_mask[:, -gamma:] = (offsets[None, :] < new_valid[:, None]).long()
         surplus = gamma - int(new_valid.max())
         if surplus > 0:

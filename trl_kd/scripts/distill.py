@@ -85,7 +85,6 @@ def main(method: str, argv: list[str] | None = None) -> str:
         script_args, training_args, model_args = parser.parse_args_and_config(args=argv + extra)
         teacher, student, tokenizer, train_dataset, eval_dataset = default.prepare_default()
         dataset_name = default.DATASET_NAME
-        peft_config = get_peft_config(model_args)
     else:
         if not training_args.teacher_model_name_or_path:
             parser.error("--teacher_model_name_or_path is required with --model_name_or_path.")
@@ -107,12 +106,11 @@ def main(method: str, argv: list[str] | None = None) -> str:
         }
         student, teacher = model_args.model_name_or_path, training_args.teacher_model_name_or_path
         dataset_name = script_args.dataset_name
-        peft_config = get_peft_config(model_args)
 
     trainer = trainer_class(
         model=student, teacher_model=teacher, args=training_args, train_dataset=train_dataset,
         eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None, processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=get_peft_config(model_args),
     )
     trainer.dataset_name = dataset_name
     if eval_dataset is not None:
