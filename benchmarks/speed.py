@@ -1,9 +1,12 @@
 """Speed and memory of the trl-kd trainers and losses. Prints markdown tables for docs/benchmarks.md.
 
-    python benchmarks/speed.py                  # everything
-    python benchmarks/speed.py --only loss      # peak memory of the loss at vocab 32k/128k x 2048 positions
-    python benchmarks/speed.py --only trainers      # step time of each trainer vs trl.DistillationTrainer (tiny models)
+    python benchmarks/speed.py                      # everything
+    python benchmarks/speed.py --only loss          # peak memory of the loss at vocab 32k/128k x 2048 positions
+    python benchmarks/speed.py --only trainers      # step time of each trainer vs trl.DistillationTrainer
     python benchmarks/speed.py --only trainers-sft  # the same after fine-tuning both models on the task
+    python benchmarks/speed.py --only positions     # who writes each part of the response (SKD, SWITCH)
+
+Plots go to `docs/img/` (`--plot-dir`) when matplotlib is installed.
 
 Loss memory is the peak of one forward+backward above what the inputs already hold: `torch.cuda.max_memory_allocated`
 on GPU, the growth of the process's peak RSS on CPU (each case in a fresh subprocess).
@@ -122,7 +125,57 @@ def _step_timer():
     return StepTimer()
 
 
-def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32, pair: str = "random") -> str:
+def _tiny_pair(pair: str, teacher_steps: int = 400, answer_items: tuple[int, int] = (2, 6)):
+    """The tiny Qwen2 student (~30k parameters) and teacher (~130k) of `trl_kd.testing`; `pair="sft"` fine-tunes both
+    on the synthetic task first (`sft_on_task`: the teacher `teacher_steps`, the student 150 steps) with answers of
+    `answer_items` letters."""
+    from trl_kd.testing import build_model, build_tokenizer, sft_on_task
+
+    torch.set_num_threads(2)
+    tokenizer = build_tokenizer()
+    student, teacher = build_model("qwen2", tokenizer, "student"), build_model("qwen2", tokenizer, "teacher", seed=1)
+    if pair == "sft":
+        lo, hi = answer_items
+        sft_on_task(teacher, tokenizer, steps=teacher_steps, min_len=lo, max_len=hi)
+        sft_on_task(student, tokenizer, steps=150, seed=1, min_len=lo, max_len=hi)
+    return tokenizer, student, teacher
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_step_times(title: str, results: list[tuple[str, float]], path: str) -> None:
+    """Horizontal bars: each trainer's median step time relative to `trl.DistillationTrainer`."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    labels, ratios = [label for label, _ in results][::-1], [ratio for _, ratio in results][::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) + 1.2))
+    colors = ["tab:gray" if label.startswith("trl.") else "tab:blue" for label in labels]
+    ax.barh(labels, ratios, color=colors)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    for y, ratio in enumerate(ratios):
+        ax.text(ratio, y, f" {ratio:.2f}x", va="center", fontsize=8)
+    ax.set_xlabel("median step time / trl.DistillationTrainer's")
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def bench_trainers(
+    steps: int = 20, batch: int = 4, completion: int = 32, pair: str = "random", plot_path: str | None = None
+) -> str:
     """Step time of every trainer on the same tiny models. `pair="sft"`: teacher and student first fine-tuned on the
     synthetic task (`trl_kd.testing.sft_on_task`), so the acceptance rates are those of an SFT-initialised student."""
     import copy
@@ -141,16 +194,11 @@ def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32, pair: 
         SwitchConfig,
         SwitchTrainer,
     )
-    from trl_kd.testing import build_model, build_tokenizer, make_dataset, sft_on_task
+    from trl_kd.testing import make_dataset
 
-    torch.set_num_threads(2)
-    tokenizer = build_tokenizer()
+    tokenizer, student, teacher = _tiny_pair(pair)
     dataset = make_dataset("conversational_prompt_completion", 256)
     messages = make_dataset("messages", 256)  # the same rows in the format GKDTrainer needs
-    student, teacher = build_model("qwen2", tokenizer, "student"), build_model("qwen2", tokenizer, "teacher", seed=1)
-    if pair == "sft":
-        sft_on_task(teacher, tokenizer, steps=400)
-        sft_on_task(student, tokenizer, steps=150, seed=1)
     common = dict(
         output_dir="/tmp/trl-kd-bench", per_device_train_batch_size=batch, max_steps=steps,
         max_completion_length=completion, report_to="none", bf16=False, logging_steps=1, save_strategy="no",
@@ -173,6 +221,8 @@ def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32, pair: 
          {"target_teacher_fraction": 0.5}),
         ("KDTrainer lmbda=1, beta=1 (on-policy reverse KL)", KDTrainer, KDConfig, {"lmbda": 1.0, "beta": 1.0}),
         ("PromptKDTrainer (defaults)", PromptKDTrainer, PromptKDConfig, {"beta": 1.0}),
+        # the reference again: the ratios use the mean of both runs, and their gap shows the machine's drift
+        ("trl.DistillationTrainer (on-policy, JSD), run again last", DistillationTrainer, DistillationConfig, {}),
     ]
     if pair == "random":
         # random models rank tokens almost at random: acceptance is about K / V, so K sets it
@@ -183,7 +233,7 @@ def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32, pair: 
             ("SpeculativeKDTrainer, K=0.85 V", SpeculativeKDTrainer, SpeculativeKDConfig,
              {"acceptance_top_k": int(0.85 * len(tokenizer)), "temperature": 1.0, "top_p": 1.0, "beta": 0.5}),
         ]
-    rows, reference = [], None
+    results = []
     for label, trainer_cls, config_cls, extra in cases:
         config = {**common, **extra}
         if trainer_cls is GKDTrainer:
@@ -197,7 +247,6 @@ def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32, pair: 
         trainer.add_callback(timer)
         trainer.train()
         median = statistics.median(timer.times[2:])  # the first steps warm up
-        reference = reference or median
         history = trainer.state.log_history
         rate = [row["acceptance_rate"] for row in history if "acceptance_rate" in row]
         teacher_tokens = [row["teacher_token_fraction"] for row in history if "teacher_token_fraction" in row]
@@ -205,22 +254,117 @@ def bench_trainers(steps: int = 20, batch: int = 4, completion: int = 32, pair: 
         extra_cols += f" | {statistics.mean(teacher_tokens):.2f}" if teacher_tokens else " | –"
         lengths = [row["completions/mean_length"] for row in history if "completions/mean_length" in row]
         length = f"{statistics.mean(lengths):.1f}" if lengths else "–"
-        rows.append(f"| {label} | {median * 1000:.0f} | {median / reference:.2f}x | {length} | {extra_cols} |")
+        results.append((label, median, length, extra_cols))
+    reference = (results[0][1] + results[-1][1]) / 2
+    rows = [
+        f"| {label} | {median * 1000:.0f} | {median / reference:.2f}x | {length} | {extra_cols} |"
+        for label, median, length, extra_cols in results
+    ]
+    ratios = [(label, median / reference) for label, median, _, _ in results[:-1]]
     models = "SFT on the task (teacher 400 steps, student 150)" if pair == "sft" else "random-init"
     header = [
         f"Median step time, tiny Qwen2 student (~30k params) and teacher (~130k), {models}, batch {batch}, up to "
         f"{completion} new tokens, fp32, {torch.get_num_threads()} threads, {steps} steps (first 2 dropped). "
+        "Ratios are to the mean of the two trl.DistillationTrainer runs (first and last). "
         "Acceptance and teacher-token fraction are means over the run.",
         "",
         "| trainer | step (ms) | vs DistillationTrainer | mean completion length | acceptance | teacher tokens |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    if plot_path:
+        plot_step_times(f"Step time by trainer, tiny models ({models.split(' (')[0]}), 2-core CPU", ratios, plot_path)
     return "\n".join(header + rows)
+
+
+def bench_positions(
+    steps: int = 10, batch: int = 8, completion: int = 40, buckets: int = 8, plot_path: str | None = None
+) -> str:
+    """Fraction of response tokens the teacher wrote in each of `buckets` equal parts of the responses, for SWITCH
+    (decaying vs constant threshold) and SKD, on the random pair and on a pair fine-tuned on long answers (10-16
+    letters: about 30 tokens), so that every eighth of a response holds a few tokens."""
+    import copy
+
+    from transformers.trainer_callback import PrinterCallback
+
+    from trl_kd import SpeculativeKDConfig, SpeculativeKDTrainer, SwitchConfig, SwitchTrainer
+    from trl_kd.testing import make_dataset
+
+    dataset = make_dataset("conversational_prompt_completion", 256, min_len=10, max_len=16)
+    common = dict(
+        output_dir="/tmp/trl-kd-bench", per_device_train_batch_size=batch, max_steps=steps,
+        max_completion_length=completion, report_to="none", bf16=False, logging_steps=1, save_strategy="no",
+        disable_tqdm=True, learning_rate=1e-5, use_cpu=not torch.cuda.is_available(), seed=0,
+    )
+    cases = [
+        ("SWITCH exp schedule, calibrated to 0.5", SwitchTrainer, SwitchConfig, {"target_teacher_fraction": 0.5}),
+        ("SWITCH constant threshold, calibrated to 0.5", SwitchTrainer, SwitchConfig,
+         {"target_teacher_fraction": 0.5, "switch_schedule": "constant"}),
+        ("SKD, K=25 (paper defaults)", SpeculativeKDTrainer, SpeculativeKDConfig, {}),
+    ]
+    rows, curves = [], {}
+    for pair in ("random", "sft"):
+        tokenizer, student, teacher = _tiny_pair(pair, teacher_steps=1500, answer_items=(10, 16))
+        for label, trainer_cls, config_cls, extra in cases:
+            trainer = trainer_cls(
+                model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher),
+                args=config_cls(**common, **extra), train_dataset=dataset, processing_class=tokenizer,
+            )
+            trainer.position_buckets = buckets
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+            history = trainer.state.log_history
+
+            def mean_of(key, history=history):
+                values = [row[key] for row in history if key in row]
+                return statistics.mean(values) if values else float("nan")
+
+            fractions = [mean_of(f"teacher_token_fraction/bucket_{b + 1}_of_{buckets}") for b in range(buckets)]
+            thresholds = [row["switch_threshold"] for row in history if "switch_threshold" in row]
+            tau = f"{thresholds[-1]:.3g}" if thresholds else "–"
+            models = "SFT on long answers" if pair == "sft" else "random-init"
+            curves[f"{label}, {models}"] = fractions
+            rows.append(
+                f"| {label} | {models} | {tau} | {mean_of('teacher_token_fraction'):.2f} | "
+                + " | ".join("–" if f != f else f"{f:.2f}" for f in fractions)
+                + f" | {mean_of('completions/mean_length'):.1f} |"
+            )
+    header = [
+        f"Teacher-token fraction by eighth of the response: mean over a {steps}-step run (batch {batch}, up to "
+        f"{completion} new tokens, answers of 10-16 letters), tiny Qwen2 pair, random-init and SFT-initialised.",
+        "",
+        "| method | models | tau_0 | teacher tokens | " + " | ".join(f"{b + 1}/{buckets}" for b in range(buckets))
+        + " | mean length |",
+        "| --- " * (buckets + 5) + "|",
+    ]
+    if plot_path:
+        plot_positions(curves, buckets, plot_path)
+    return "\n".join(header + rows)
+
+
+def plot_positions(curves: dict[str, list[float]], buckets: int, path: str) -> None:
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    centres = [(b + 0.5) / buckets for b in range(buckets)]
+    for ax, models in zip(axes, ("random-init", "SFT on long answers"), strict=True):
+        for label, fractions in curves.items():
+            if label.endswith(models):
+                ax.plot(centres, fractions, marker="o", label=label.rsplit(", ", 1)[0])
+        ax.set_title(f"{models} pair", fontsize=10)
+        ax.set_xlabel("position in the response (fraction of its length)")
+        ax.set_ylim(-0.03, 1.03)
+    axes[0].set_ylabel("teacher-written tokens")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["loss", "trainers", "trainers-sft"])
+    parser.add_argument("--only", choices=["loss", "trainers", "trainers-sft", "positions"])
+    parser.add_argument("--plot-dir", default="docs/img", help="Where the PNG plots go ('' for none).")
     parser.add_argument("--loss-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loss_case:
@@ -230,10 +374,13 @@ def main() -> None:
           f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}\n")
     if args.only in (None, "loss"):
         print(bench_loss() + "\n")
+    plot = (lambda name: os.path.join(args.plot_dir, name)) if args.plot_dir else (lambda name: None)
     if args.only in (None, "trainers"):
-        print(bench_trainers() + "\n")
+        print(bench_trainers(plot_path=plot("step_time_random.png")) + "\n")
     if args.only in (None, "trainers-sft"):
-        print(bench_trainers(pair="sft") + "\n")
+        print(bench_trainers(pair="sft", plot_path=plot("step_time_sft.png")) + "\n")
+    if args.only in (None, "positions"):
+        print(bench_positions(plot_path=plot("teacher_fraction_by_position.png")) + "\n")
 
 
 if __name__ == "__main__":
