@@ -14,6 +14,12 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
+def default_cache(tmp_path_factory) -> str:
+    """`TRL_KD_CACHE` for every test that runs the embedded default, so its teacher is trained once per session."""
+    return str(tmp_path_factory.mktemp("trl-kd-cache"))
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
 

@@ -17,10 +17,9 @@ CARD_NAMES = {"gkd": "KD", "skd": "Speculative KD", "switch": "SWITCH", "promptk
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A shared cache, so the embedded default teacher is trained once for all examples."""
-    cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "TRL_KD_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def env(default_cache):
+    """The session's shared cache, so the embedded default teacher is trained once."""
+    return {**os.environ, "TRL_KD_CACHE": default_cache, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run(command, cwd, env, timeout=600):
@@ -72,3 +71,35 @@ def test_cli_bad_flags_fail_clearly(tmp_path, env):
     assert no_teacher.returncode == 2 and "--teacher_model_name_or_path is required" in no_teacher.stderr
     no_method = run([sys.executable, "-m", "trl_kd.cli", "distil"], tmp_path, env)
     assert no_method.returncode == 2 and "invalid choice" in no_method.stderr
+
+
+def test_script_runs_a_gpu_recipe_on_local_models_and_data(tmp_path, tokenizer, monkeypatch):
+    """The path a user takes with their own models: a recipe naming model folders and a dataset folder (loaded by
+    `datasets.load_dataset`), written for GPUs (bf16). Its `output_dir` is honoured and bf16 is turned off on CPU."""
+    import json
+
+    import yaml
+
+    from trl_kd.scripts import main
+    from trl_kd.testing import build_model, make_dataset
+
+    for role, seed in (("student", 0), ("teacher", 1)):
+        tokenizer.save_pretrained(tmp_path / role)
+        build_model("llama", tokenizer, role, seed=seed, save_dir=tmp_path / role)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 8), ("test", 4)):
+        rows = make_dataset("prompt_completion", n, seed=n)
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model_name_or_path": str(tmp_path / "student"), "teacher_model_name_or_path": str(tmp_path / "teacher"),
+        "dataset_name": str(data), "output_dir": str(tmp_path / "from-recipe"), "bf16": True, "max_steps": 2,
+        "per_device_train_batch_size": 4, "max_completion_length": 8, "report_to": "none",
+    }))
+    monkeypatch.chdir(tmp_path)
+    output_dir = main("gkd", ["--config", str(recipe), "--lmbda", "1.0"])
+    assert output_dir == str(tmp_path / "from-recipe")
+    card = ModelCard.load(tmp_path / "from-recipe" / "README.md")
+    assert str(tmp_path / "teacher") in card.text and "| eval_rouge_l |" in card.text
+    assert not (tmp_path / "outputs").exists()

@@ -148,6 +148,12 @@ def test_prompt_longer_than_the_limit_is_refused_at_init(tmp_path, tokenizer):
         make_trainer(tmp_path, tokenizer, max_prompt_length=3)
 
 
+def test_completion_longer_than_the_context_is_refused_at_init(tmp_path, tokenizer):
+    # the tiny models have a context of 256 tokens: no prompt fits beside 300 completion tokens
+    with pytest.raises(ValueError, match=r"`max_completion_length` \(300\) leaves no room .* context of 256"):
+        make_trainer(tmp_path, tokenizer, max_completion_length=300)
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [

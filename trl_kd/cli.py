@@ -1,6 +1,6 @@
 """The `trl-kd` command, mirroring `trl sft`:
 
-    trl-kd switch|skd|promptkd|gkd [--config recipe.yaml] [flags]   run a distillation (no flags: embedded default)
+    trl-kd switch|skd|promptkd|gkd [--config recipe.yaml] <flags>   run a distillation (no flags: embedded default)
     trl-kd plan --student ... --teacher ... --gpus N --gpu-memory GiB   per-GPU memory of each placement
     trl-kd env                                                      versions for bug reports
 """
@@ -45,7 +45,7 @@ def _plan(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trl-kd", description="trl-kd: knowledge distillation on TRL.",
-        epilog="Distillation: trl-kd {gkd,skd,switch,promptkd} [--config recipe.yaml] [flags]; "
+        epilog="Distillation: trl-kd {gkd,skd,switch,promptkd} [--config recipe.yaml] <flags>; "
         "add --help after the method for its flags.",
     )
     commands = parser.add_subparsers(dest="command", required=True)

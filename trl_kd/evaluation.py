@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -84,7 +84,7 @@ class GenerationEvalCallback(TrainerCallback):
         references: the expected completions.
     """
 
-    def __init__(self, trainer, prompts: Sequence[list[int]], references: Sequence[str], max_new_tokens: int):
+    def __init__(self, trainer: Trainer, prompts: Sequence[list[int]], references: Sequence[str], max_new_tokens: int):
         self.trainer, self.prompts, self.references, self.max_new_tokens = trainer, prompts, references, max_new_tokens
 
     def evaluate(self) -> dict[str, float]:

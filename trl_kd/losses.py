@@ -10,8 +10,8 @@ distribution, ``q`` the student's.
   DistiLLM (arXiv 2402.03898) with ``a = skew_alpha``.
 * ``tvd`` — total variation ``0.5 * sum |p - q|``.
 
-Everything is computed in fp32. [`chunked_kd_loss`] projects hidden states through the two LM heads a block of tokens
-at a time, so the vocabulary-sized logits of a whole batch never exist at once.
+Everything is computed in fp32. [`chunked_kd_loss`][trl_kd.losses.chunked_kd_loss] projects hidden states through the
+two LM heads a block of tokens at a time, so the vocabulary-sized logits of a whole batch never exist at once.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def divergence(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Per-position divergence from raw logits of shape ``(..., V)``, in fp32, after dividing both by
-    ``temperature``. See [`divergence_from_log_probs`]."""
+    ``temperature``. See [`divergence_from_log_probs`][trl_kd.losses.divergence_from_log_probs]."""
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return divergence_from_log_probs(log_q, log_p, loss_type, beta, skew_alpha)

@@ -21,7 +21,8 @@ _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The shapes the estimate needs. Build with [`ModelSpec.from_config`] or [`ModelSpec.from_pretrained`]."""
+    """The shapes the estimate needs. Build with [`ModelSpec.from_config`][trl_kd.planner.ModelSpec.from_config] or
+    [`ModelSpec.from_pretrained`][trl_kd.planner.ModelSpec.from_pretrained]."""
 
     name: str
     num_params: int
@@ -62,6 +63,16 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Placement:
+    """One way to lay a teacher and a student out on the GPUs (see `PLACEMENTS`).
+
+    Attributes:
+        name: shown in the plan's table.
+        config: the accelerate config (or config + trl-kd fields) that runs it.
+        student_stage: the student's ZeRO stage; 0 is DDP.
+        teacher_sharded: the teacher is partitioned across GPUs (ZeRO-3) instead of replicated.
+        offload: parameters and optimizer states live in CPU memory between uses.
+    """
+
     name: str
     config: str
     student_stage: int  # 0 = DDP
@@ -80,6 +91,16 @@ PLACEMENTS = (
 
 @dataclass
 class PlacementEstimate:
+    """The per-GPU memory estimate of one placement, in GiB.
+
+    Attributes:
+        placement: the placement estimated.
+        parts_gib: each component: student and teacher weights, student gradients, optimizer states, activations +
+            loss, KV caches.
+        train_peak_gib: peak of the training step (forward and backward of the loss).
+        sampling_peak_gib: peak while sampling the completions (generation, teacher in the loop).
+    """
+
     placement: Placement
     parts_gib: dict[str, float] = field(default_factory=dict)
     train_peak_gib: float = 0.0
@@ -92,6 +113,14 @@ class PlacementEstimate:
 
 @dataclass
 class Plan:
+    """The result of `plan()`: every placement's estimate, fastest first, and the one to use.
+
+    Attributes:
+        estimates: one per placement of `PLACEMENTS`, in that order.
+        gpu_memory_gib: the memory of one GPU.
+        headroom: the fraction of it a placement may use to count as fitting.
+    """
+
     estimates: list[PlacementEstimate]
     gpu_memory_gib: float
     headroom: float
@@ -102,6 +131,7 @@ class Plan:
         return next((e for e in self.estimates if e.peak_gib <= self.headroom * self.gpu_memory_gib), None)
 
     def table(self) -> str:
+        """A markdown table of the estimates and the recommendation (what `trl-kd plan` prints)."""
         keys = list(self.estimates[0].parts_gib)
         lines = [
             "| placement | " + " | ".join(keys) + " | train peak | sampling peak | fits |",

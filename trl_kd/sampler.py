@@ -1,10 +1,11 @@
 """Teacher-in-the-loop sampling: the student proposes each token, a rule decides whether the teacher writes it.
 
-Shared by Speculative KD (arXiv 2410.11325) and SWITCH (arXiv 2410.19503). The rule at response position ``t``
-depends only on the shared prefix, so it can be applied like speculative decoding: the student drafts
-``num_draft_tokens`` tokens with its KV cache, the teacher scores them in one forward, the first rejected token is
-replaced by a teacher sample and the rest of the draft is dropped. The sequences have exactly the distribution of the
-token-by-token algorithm ([`reference_sample`], kept for tests); the block size changes speed, never results.
+Shared by Speculative KD (arXiv 2410.11325) and SWITCH (arXiv 2410.19503). The rule at response position ``t`` depends
+only on the shared prefix, so it can be applied like speculative decoding: the student drafts ``num_draft_tokens``
+tokens with its KV cache, the teacher scores them in one forward, the first rejected token is replaced by a teacher
+sample and the rest of the draft is dropped. The sequences have exactly the distribution of the token-by-token
+algorithm ([`reference_sample`][trl_kd.sampler.reference_sample], kept for tests); the block size changes speed, never
+results.
 
 Batched: rows accept different numbers of tokens per round. Both caches keep one slot layout; slots of dropped draft
 tokens are masked out of attention (and cropped when no row needs them), positions are counted per row, and rows
@@ -253,10 +254,11 @@ def block_verify_sample(
     """Sample one completion per prompt: the student drafts blocks, the teacher verifies them under ``rule``.
 
     Args:
-        student, teacher: causal LMs sharing a tokenizer (plain, PEFT-wrapped, or unwrapped from a DeepSpeed engine).
-            Run them with gradient checkpointing off (e.g. under `trl.models.unwrap_model_for_generation`).
+        student: causal LM that drafts (plain, PEFT-wrapped, or unwrapped from a DeepSpeed engine). Run both models
+            with gradient checkpointing off (e.g. under `trl.models.unwrap_model_for_generation`).
+        teacher: causal LM sharing the student's tokenizer, which verifies the drafts and writes replacements.
         prompt_ids: unpadded prompt token ids per row (at least one token each).
-        rule: who writes each position, see [`Rule`].
+        rule: who writes each position, see [`Rule`][trl_kd.sampler.Rule].
         max_new_tokens: completion budget per row.
         eos_token_ids: tokens that end a completion (kept in it).
         vocab_size: compare and sample over the first ``vocab_size`` logits only (the tokenizer's range).
@@ -266,7 +268,7 @@ def block_verify_sample(
             (whose outputs are ignored) until every process is done, and no row leaves the batch.
 
     Returns:
-        [`SampleOutput`].
+        [`SampleOutput`][trl_kd.sampler.SampleOutput].
     """
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}.")

@@ -112,12 +112,14 @@ def build_model(
     tie_word_embeddings: bool = True,
     initializer_range: float = 0.02,
     save_dir: str | Path | None = None,
+    context_length: int = 256,
 ) -> PreTrainedModel:
     """A randomly initialised tiny causal LM of a Qwen2-, Llama- or GPT-2-style architecture.
 
     ``vocab_size`` defaults to the tokenizer's size; pass a larger value to get an embedding matrix padded beyond the
     tokenizer, as real model pairs have (e.g. Qwen2.5-0.5B vs 7B). A larger ``initializer_range`` gives peaked,
     clearly different next-token distributions (useful where ties would make greedy decoding fragile).
+    ``context_length`` is the longest sequence the model accepts (prompt and completion).
     """
     import torch
 
@@ -131,7 +133,7 @@ def build_model(
         initializer_range=initializer_range,
     )
     if arch == "gpt2":
-        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256, n_inner=inter, **common)
+        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=context_length, n_inner=inter, **common)
     else:
         cls = Qwen2Config if arch == "qwen2" else LlamaConfig
         config = cls(
@@ -140,7 +142,7 @@ def build_model(
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             intermediate_size=inter,
-            max_position_embeddings=256,
+            max_position_embeddings=context_length,
             **common,
         )
     torch.manual_seed(seed)

@@ -9,48 +9,48 @@ from ..losses import LOSS_TYPES
 
 @dataclass
 class KDConfig(DistillationConfig):
-    r"""Configuration for [`KDTrainer`]: generalized knowledge distillation (GKD, arXiv 2306.13649).
+    r"""Configuration for [`KDTrainer`][trl_kd.KDTrainer]: generalized knowledge distillation (GKD, arXiv 2306.13649).
 
-    Everything of [`trl.DistillationConfig`] applies (generation settings, `max_completion_length`, `beta`, vLLM,
+    Everything of `trl.DistillationConfig` applies (generation settings, `max_completion_length`, `beta`, vLLM,
     teacher loading); this class adds what GKD has beyond on-policy distillation, and the package's divergences.
+    TRL's `temperature` (default `1.0`, GKD samples at 1), `top_p` and `top_k` are the student's sampling settings;
+    the teacher's are `teacher_temperature` and `teacher_top_p`.
 
     Parameters:
-        lmbda (`float`, *optional*, defaults to `0.5`):
+        lmbda (float):
             Per-row probability that a row is trained on a completion sampled from the student (on-policy) rather
             than its dataset completion (GKD's λ). `0.0` is supervised KD, `1.0` on-policy KD. Rows without a
             `completion` are always sampled from the student.
-        seq_kd (`bool`, *optional*, defaults to `False`):
+        seq_kd (bool):
             Off-policy rows use a completion sampled from the teacher instead of the dataset's (sequence-level KD).
-        loss_type (`str`, *optional*, defaults to `"jsd"`):
+        loss_type (str):
             Token-level divergence: `"jsd"` (generalized JSD, uses `beta`: `0` = forward KL, `1` = reverse KL),
             `"skew_fkl"` / `"skew_rkl"` (DistiLLM's skew KLs, use `skew_alpha`) or `"tvd"` (total variation).
-        beta (`float`, *optional*, defaults to `0.5`):
+        beta (float):
             Interpolation of the generalized JSD, TRL's convention: `0.0` is exactly `KL(teacher || student)`, `1.0`
             exactly `KL(student || teacher)`. (GKD's default; `trl.DistillationConfig` defaults to `1.0`.)
-        skew_alpha (`float`, *optional*, defaults to `0.1`):
+        skew_alpha (float):
             Skew of `skew_fkl`/`skew_rkl`, in `(0, 1)`.
-        loss_temperature (`float`, *optional*, defaults to `1.0`):
+        loss_temperature (float):
             Softmax temperature applied to both models' logits inside the loss. Kept apart from the sampling
             `temperature` (TRL's `DistillationTrainer` uses one value for both): methods such as SKD sample at 0.5
             but distil the untempered distributions.
-        loss_chunk_size (`int` or `None`, *optional*, defaults to `None`):
+        loss_chunk_size (int | None):
             Tokens projected to vocabulary logits at once by the losses that don't run on TRL's kernel. `None` picks
             a tile of about 64 MiB (e.g. 512 tokens at a 32k vocabulary).
-        max_prompt_length (`int` or `None`, *optional*, defaults to `None`):
+        max_prompt_length (int | None):
             Longest prompt accepted, in tokens; a longer prompt is an error when the trainer is built. `None` uses the
             student's context length minus `max_completion_length`.
-        temperature (`float`, *optional*, defaults to `1.0`):
-            Sampling temperature of the student. GKD samples at 1. `top_p` and `top_k` are the student's too.
-        teacher_temperature (`float` or `None`, *optional*, defaults to `None`):
+        teacher_temperature (float | None):
             Sampling temperature of the teacher wherever it writes tokens (`seq_kd`, SKD and SWITCH replacements).
             `None` uses `temperature`.
-        teacher_top_p (`float` or `None`, *optional*, defaults to `None`):
+        teacher_top_p (float | None):
             Nucleus of the teacher's sampling. `None` uses `top_p`.
-        teacher_zero_stage (`int` or `None`, *optional*, defaults to `None`):
+        teacher_zero_stage (int | None):
             DeepSpeed placement of the teacher, independent of the student's stage: `3` shards it across processes
             (e.g. a big teacher beside a ZeRO-2 student), `0` replicates it on every process. `None` follows TRL:
             sharded when the student runs ZeRO-3, replicated otherwise. Needs a DeepSpeed launch.
-        teacher_offload (`bool`, *optional*, defaults to `False`):
+        teacher_offload (bool):
             Keep the sharded teacher's parameters in CPU memory between uses (ZeRO-3 parameter offload). Needs the
             teacher at stage 3 (`teacher_zero_stage=3`, or a ZeRO-3 student).
     """

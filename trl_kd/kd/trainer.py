@@ -43,12 +43,12 @@ class Rollout:
 
 
 class KDTrainer(DistillationTrainer):
-    r"""Generalized knowledge distillation (GKD) on top of [`trl.DistillationTrainer`].
+    r"""Generalized knowledge distillation (GKD) on top of `trl.DistillationTrainer`.
 
     From *On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes* (Agarwal et al., ICLR
     2024, arXiv 2306.13649). Each row of a batch is trained with probability `lmbda` on a completion sampled from the
     student, otherwise on its dataset completion (or, with `seq_kd`, on a teacher sample); the loss is a token-level
-    divergence between teacher and student ([`KDConfig.loss_type`]), averaged over all response tokens of the global
+    divergence between teacher and student (`KDConfig.loss_type`), averaged over all response tokens of the global
     batch so that gradient accumulation and the number of processes don't change it.
 
     The teacher is frozen and in eval mode. Teacher and student must share a tokenizer; their embedding matrices may
@@ -259,6 +259,12 @@ class KDTrainer(DistillationTrainer):
             if context is None:
                 return
             limit = context - self.args.max_completion_length
+            if limit <= 0:
+                raise ValueError(
+                    f"`max_completion_length` ({self.args.max_completion_length}) leaves no room for a prompt in the "
+                    f"student's context of {context} tokens. Lower `max_completion_length` (e.g. "
+                    f"`max_completion_length={context // 2}`)."
+                )
         check_prompt_lengths(dataset, lambda prompts: self._tokenize_prompts(prompts)[0], limit, name)
 
     # ------------------------------------------------------------------------------------------------------ rollouts
@@ -289,7 +295,7 @@ class KDTrainer(DistillationTrainer):
             prompt_ids: the prompts' token ids, one list per row, unpadded.
 
         Returns:
-            [`Rollout`] with one completion per prompt.
+            [`Rollout`][trl_kd.Rollout] with one completion per prompt.
         """
         completion_ids = super()._generate_single_turn(prompt_ids, None, {})
         return Rollout(completion_ids, [[False] * len(ids) for ids in completion_ids])
@@ -303,8 +309,9 @@ class KDTrainer(DistillationTrainer):
         teacher_params: SamplingParams,
     ) -> Rollout:
         """Rollout where `rule` decides, token by token, whether the teacher writes instead of the student, run by
-        the block-verify engine ([`trl_kd.sampler.block_verify_sample`]). Gradient checkpointing is off and ZeRO-3
-        parameters are gathered while it runs; with several processes every process runs the same number of rounds.
+        the block-verify engine ([`trl_kd.sampler.block_verify_sample`][trl_kd.sampler.block_verify_sample]). Gradient
+        checkpointing is off and ZeRO-3 parameters are gathered while it runs; with several processes every process
+        runs the same number of rounds.
         """
         sync = None
         if self.accelerator.num_processes > 1:

@@ -7,32 +7,32 @@ from ..kd.config import KDConfig
 
 @dataclass
 class PromptKDConfig(KDConfig):
-    r"""Configuration for [`PromptKDTrainer`] (PromptKD, Kim et al., Findings of EMNLP 2024, arXiv 2402.12842).
+    r"""Configuration for [`PromptKDTrainer`][trl_kd.PromptKDTrainer] (PromptKD, Kim et al., Findings of EMNLP 2024,
+    arXiv 2402.12842).
 
-    Defaults follow the official code: 7 soft-prompt tokens initialised from "Suppose you are a student.", the
-    prompt trained with its own AdamW at the student's learning rate, the student trained with reverse KL on its own
-    samples at temperature 1. Everything of [`KDConfig`] applies.
+    Defaults follow the official code: 7 soft-prompt tokens initialised from "Suppose you are a student.", the prompt
+    trained with its own AdamW at the student's learning rate, the student trained with reverse KL on its own samples
+    at temperature 1 (TRL's `temperature`, no top-k/top-p, as in the official code). Everything of
+    [`KDConfig`][trl_kd.KDConfig] applies.
 
     Parameters:
-        num_prompt_tokens (`int`, *optional*, defaults to `7`):
+        num_prompt_tokens (int):
             Virtual tokens of the soft prompt prepended to the teacher's input.
-        prompt_init_text (`str` or `None`, *optional*, defaults to `"Suppose you are a student."`):
+        prompt_init_text (str | None):
             The prompt starts as the teacher's embeddings of this text's tokens, tiled or truncated to
             `num_prompt_tokens`. `None` starts from random vectors with the scale of the teacher's embeddings.
-        prompt_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+        prompt_learning_rate (float | None):
             Learning rate of the prompt's AdamW; `None` uses `learning_rate`. `0` freezes the prompt, which reduces
             PromptKD to on-policy reverse-KL distillation.
-        prompt_weight_decay (`float`, *optional*, defaults to `0.01`):
+        prompt_weight_decay (float):
             Weight decay of the prompt's AdamW.
-        prompt_reg_coef (`float`, *optional*, defaults to `1.0`):
+        prompt_reg_coef (float):
             Initial weight of the regulariser `KL(prompted teacher || teacher)`; it decays linearly to 0 over
             training (`coef * (1 - step / max_steps)`), so the prompt may move the teacher further later on.
-        lmbda (`float`, *optional*, defaults to `1.0`):
+        lmbda (float):
             PromptKD trains on student samples only.
-        beta (`float`, *optional*, defaults to `1.0`):
+        beta (float):
             The student's loss: `1.0` is reverse KL `KL(student || prompted teacher)`, PromptKD's.
-        temperature (`float`, *optional*, defaults to `1.0`):
-            Student sampling temperature (no top-k/top-p), as in the official code.
     """
 
     num_prompt_tokens: int = field(default=7, metadata={"help": "Soft-prompt tokens prepended to the teacher."})

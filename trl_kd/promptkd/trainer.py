@@ -36,8 +36,8 @@ class PromptKDTrainer(KDTrainer):
     (`teacher_prompt/`, loadable with `peft.PeftModel.from_pretrained(teacher, path)`). With gradient accumulation
     the prompt steps once per micro-batch (each micro-batch is one "batch" of the algorithm).
 
-    Metrics logged besides [`KDTrainer`]'s: `prompt_loss` (`KL(p_phi || q)`), `prompt_reg_loss` (`KL(p_phi || p)`),
-    `prompt_reg_weight` and `prompt_learning_rate`.
+    Metrics logged besides [`KDTrainer`][trl_kd.KDTrainer]'s: `prompt_loss` (`KL(p_phi || q)`), `prompt_reg_loss`
+    (`KL(p_phi || p)`), `prompt_reg_weight` and `prompt_learning_rate`.
 
     Example:
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import yaml
 from datasets import load_dataset
 from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
@@ -39,6 +40,14 @@ EVAL_PROMPTS = 48
 
 def _explicit_flags(argv: list[str]) -> set[str]:
     return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def _recipe_keys(argv: list[str]) -> set[str]:
+    """The fields a `--config` recipe sets."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return set()
+    with open(argv[argv.index("--config") + 1]) as f:
+        return set(yaml.safe_load(f) or {})
 
 
 def _eval_split(dataset, tokenizer, limit: int):
@@ -66,11 +75,13 @@ def main(method: str, argv: list[str] | None = None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = TrlParser((ScriptArguments, config_class, ModelConfig), prog=f"trl-kd {method}")
     explicit = _explicit_flags(argv)
+    configured = explicit | _recipe_keys(argv)
     extra = []
-    if "output_dir" not in explicit:
-        extra += ["--output_dir", f"outputs/{method}-default"]  # unless a recipe sets one
+    if "output_dir" not in configured:
+        extra += ["--output_dir", f"outputs/{method}-default"]
     if not torch.cuda.is_available() and "bf16" not in explicit:
-        extra += ["--bf16", "False", "--use_cpu", "True"]  # TRL defaults to bf16, which a CPU can't run
+        # TRL defaults to bf16 (and GPU recipes ask for it), which a CPU can't run
+        extra += ["--bf16", "False", "--use_cpu", "True"]
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv + extra)
 
     embedded = model_args.model_name_or_path is None
@@ -80,7 +91,7 @@ def main(method: str, argv: list[str] | None = None) -> str:
                          "(run with none of them for the embedded default).")
         # the embedded default's settings, for every field not given on the command line
         for key, value in default.TRAINING_DEFAULTS.items():
-            if key not in explicit:
+            if key not in configured:
                 extra += [f"--{key}", str(value)]
         script_args, training_args, model_args = parser.parse_args_and_config(args=argv + extra)
         teacher, student, tokenizer, train_dataset, eval_dataset = default.prepare_default()
@@ -95,12 +106,11 @@ def main(method: str, argv: list[str] | None = None) -> str:
         eval_dataset = dataset[script_args.dataset_test_split] if script_args.dataset_test_split in dataset else None
         tokenizer = AutoTokenizer.from_pretrained(
             model_args.model_name_or_path, revision=model_args.model_revision,
-            trust_remote_code=model_args.trust_remote_code,
+            trust_remote_code=training_args.trust_remote_code,  # TRL applies it to both models' loading too
         )
         training_args.model_init_kwargs = {
             **(training_args.model_init_kwargs or {}),
             "revision": model_args.model_revision,
-            "trust_remote_code": model_args.trust_remote_code,
             "attn_implementation": model_args.attn_implementation,
             "dtype": model_args.dtype,
         }

@@ -7,36 +7,37 @@ from ..kd.config import KDConfig
 
 @dataclass
 class SpeculativeKDConfig(KDConfig):
-    r"""Configuration for [`SpeculativeKDTrainer`] (Speculative KD, Xu et al., ICLR 2025, arXiv 2410.11325).
+    r"""Configuration for [`SpeculativeKDTrainer`][trl_kd.SpeculativeKDTrainer] (Speculative KD, Xu et al., ICLR 2025,
+    arXiv 2410.11325).
 
     Defaults follow the paper and its official code: the student drafts at temperature/top-p 0.5/0.5, a drafted token
     outside the teacher's top-25 is replaced by a teacher sample at 0.2/0.5, and the loss is forward KL. Everything of
-    [`KDConfig`] applies; `temperature`/`top_p`/`top_k` are the student's sampling settings.
+    [`KDConfig`][trl_kd.KDConfig] applies; `temperature`/`top_p`/`top_k` are the student's sampling settings.
 
     Parameters:
-        acceptance_top_k (`int`, *optional*, defaults to `25`):
+        acceptance_top_k (int):
             K: a drafted token is kept iff it is among the teacher's K most likely tokens at its position. `0`
             rejects every token (the teacher writes everything, i.e. supervised KD on teacher samples); a value at
             least the vocabulary size accepts every token (on-policy KD).
-        acceptance_on (`str`, *optional*, defaults to `"raw"`):
+        acceptance_on (str):
             Which teacher distribution the top-K is taken over. `"raw"`: the unwarped distribution, as in the paper's
             Algorithm 1. `"warped"`: the distribution after `teacher_temperature`/`teacher_top_p`, as in the official
             code, so a token outside the teacher's nucleus is rejected even when it ranks within K.
-        num_draft_tokens (`int`, *optional*, defaults to `5`):
+        num_draft_tokens (int):
             Tokens the student drafts per teacher forward (gamma of the official code). The sampled sequences have the
             same distribution for every value; it only trades student forwards against teacher forwards.
-        lmbda (`float`, *optional*, defaults to `1.0`):
+        lmbda (float):
             Probability that a row is an SKD sample; the other rows train on their dataset completion (the official
             code's `mixed_skd` uses 0.5). `1.0` is pure SKD.
-        beta (`float`, *optional*, defaults to `0.0`):
+        beta (float):
             Generalized JSD interpolation; `0.0` is forward KL(teacher || student), SKD's loss.
-        temperature (`float`, *optional*, defaults to `0.5`):
+        temperature (float):
             Student sampling temperature for drafting.
-        top_p (`float`, *optional*, defaults to `0.5`):
+        top_p (float):
             Student nucleus for drafting.
-        teacher_temperature (`float`, *optional*, defaults to `0.2`):
+        teacher_temperature (float):
             Temperature of the teacher's replacement tokens.
-        teacher_top_p (`float`, *optional*, defaults to `0.5`):
+        teacher_top_p (float):
             Nucleus of the teacher's replacement tokens.
     """
 

@@ -16,16 +16,17 @@ class SpeculativeKDTrainer(KDTrainer):
     (close to supervised KD on teacher outputs), later most are kept (close to on-policy KD), an implicit curriculum.
     The student is trained with forward KL on the resulting sequences.
 
-    Sampling runs in blocks like speculative decoding ([`trl_kd.sampler.block_verify_sample`]): the student drafts
-    `num_draft_tokens` tokens, the teacher scores them in one forward and the first rejected one is replaced. This is
-    exactly the token-by-token algorithm of the paper, at a fraction of the teacher forwards.
+    Sampling runs in blocks like speculative decoding
+    ([`trl_kd.sampler.block_verify_sample`][trl_kd.sampler.block_verify_sample]): the student drafts `num_draft_tokens`
+    tokens, the teacher scores them in one forward and the first rejected one is replaced. This is exactly the
+    token-by-token algorithm of the paper, at a fraction of the teacher forwards.
 
     Where the paper and the official code differ, the paper is the default and the code is a switch
-    ([`SpeculativeKDConfig.acceptance_on`]); the code's other deviations (a fresh student sample for the acceptance
+    (`SpeculativeKDConfig.acceptance_on`); the code's other deviations (a fresh student sample for the acceptance
     test, an off-by-one loss slice, batch size 1) are not reproduced.
 
-    Metrics logged besides [`KDTrainer`]'s: `acceptance_rate` (kept drafted tokens / judged drafted tokens),
-    `teacher_token_fraction` and its value by quarter of the response, and the sampler's counters `rollout/*`.
+    Metrics logged besides [`KDTrainer`][trl_kd.KDTrainer]'s: `acceptance_rate` (kept drafted tokens / judged drafted
+    tokens), `teacher_token_fraction` and its value by quarter of the response, and the sampler's counters `rollout/*`.
 
     Example:
 

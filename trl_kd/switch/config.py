@@ -14,51 +14,52 @@ SWITCH_MODES = ("token", "handoff")
 
 @dataclass
 class SwitchConfig(KDConfig):
-    r"""Configuration for [`SwitchTrainer`] (SWITCH, Koo et al., Findings of NAACL 2025, arXiv 2410.19503).
+    r"""Configuration for [`SwitchTrainer`][trl_kd.SwitchTrainer] (SWITCH, Koo et al., Findings of NAACL 2025, arXiv
+    2410.19503).
 
-    The student writes the response and the teacher takes over a token whenever the divergence between their
-    next-token distributions exceeds a threshold that decays along the response. No official code exists; the fields
-    below make each unknown of the paper a setting (see the SWITCH docs page). Everything of [`KDConfig`] applies: the
-    loss is `loss_type`/`beta`, `temperature`/`top_p`/`top_k` are the student's sampling settings and
+    The student writes the response and the teacher takes over a token whenever the divergence between their next-token
+    distributions exceeds a threshold that decays along the response. No official code exists; the fields below make
+    each unknown of the paper a setting (see the SWITCH docs page). Everything of [`KDConfig`][trl_kd.KDConfig]
+    applies: the loss is `loss_type`/`beta`, `temperature`/`top_p`/`top_k` are the student's sampling settings and
     `teacher_temperature`/`teacher_top_p` the teacher's.
 
     Parameters:
-        switch_threshold (`float`, *optional*, defaults to `0.2`):
+        switch_threshold (float):
             tau_0, the threshold at the first response position, in nats of `switch_divergence` (JSD lies in
             `[0, ln 2]`). `inf` never switches (on-policy KD); `0` lets the teacher write every token on which the two
             models differ at all. No paper value exists: set `target_teacher_fraction` to calibrate it.
-        switch_decay (`float`, *optional*, defaults to `0.1`):
+        switch_decay (float):
             lambda of the schedule: `exp` is `tau_0 * exp(-decay * t)`, `linear` is `tau_0 * max(0, 1 - decay * t)`.
             The paper's "decay factor of 1/10".
-        switch_decay_unit (`str`, *optional*, defaults to `"token"`):
+        switch_decay_unit (str):
             What `t` counts: `"token"` (the 0-based response position) or `"fraction"` (position divided by
             `max_completion_length`, so `exp` with `switch_decay=ln(10)` ends at tau_0/10).
-        switch_schedule (`str`, *optional*, defaults to `"exp"`):
+        switch_schedule (str):
             `"exp"` (the paper's), `"linear"`, `"constant"` (the paper's ablations) or `"adaptive"` (AdaSwitch, arXiv
             2510.07842: from the second position on the threshold is `switch_adaptive_factor` times the mean
             divergence over the response's earlier positions; tau_0 is used at the first position).
-        switch_adaptive_factor (`float`, *optional*, defaults to `2.0`):
+        switch_adaptive_factor (float):
             K of the `adaptive` schedule. AdaSwitch publishes no value; 2 means "twice the running mean".
-        switch_divergence (`str`, *optional*, defaults to `"jsd"`):
+        switch_divergence (str):
             Divergence of the decision: `"jsd"` (Jensen-Shannon, beta 0.5, as in the paper), `"tvd"`, `"fkl"`
             (KL(teacher || student)) or `"rkl"` (KL(student || teacher)).
-        switch_mode (`str`, *optional*, defaults to `"token"`):
+        switch_mode (str):
             `"token"`: the decision is taken again at every position (the teacher writes single tokens). `"handoff"`:
             once the teacher intervenes it writes the rest of the response (the reading some summaries give, and
             AdaSwitch's).
-        teacher_greedy (`bool`, *optional*, defaults to `False`):
+        teacher_greedy (bool):
             The teacher's tokens are its argmax instead of samples at `teacher_temperature`/`teacher_top_p`.
-        target_teacher_fraction (`float` or `None`, *optional*, defaults to `None`):
+        target_teacher_fraction (float | None):
             When set, the scale of the schedule (tau_0, or `switch_adaptive_factor` for `adaptive`) is calibrated on
             the first training batch so that this fraction of response tokens is written by the teacher (the paper
             reports about 0.53). The calibrated value is logged as `switch_threshold` and saved with checkpoints.
-        calibration_rounds (`int`, *optional*, defaults to `8`):
+        calibration_rounds (int):
             Most sampling passes the calibration spends on the first batch (geometric bracketing, then bisection).
-        calibration_tolerance (`float`, *optional*, defaults to `0.03`):
+        calibration_tolerance (float):
             The calibration stops once the measured fraction is this close to the target.
-        num_draft_tokens (`int`, *optional*, defaults to `4`):
+        num_draft_tokens (int):
             Tokens the student drafts per teacher forward in the block-verify sampler; speed only.
-        lmbda (`float`, *optional*, defaults to `1.0`):
+        lmbda (float):
             Probability that a row is a SWITCH sample; the other rows train on their dataset completion. The paper
             trains on student-generated outputs only (`1.0`); whether it mixes in ground truth is unknown.
     """

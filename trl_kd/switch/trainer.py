@@ -27,14 +27,16 @@ class SwitchTrainer(KDTrainer):
     on the mixed responses with the package's divergence (`loss_type`, `beta`).
 
     The decision depends only on the shared prefix, so sampling runs in blocks like speculative decoding
-    ([`trl_kd.sampler.block_verify_sample`]) with exactly the token-by-token distribution.
+    ([`trl_kd.sampler.block_verify_sample`][trl_kd.sampler.block_verify_sample]) with exactly the token-by-token
+    distribution.
 
-    The paper's full text and code were not available; each unknown is a [`SwitchConfig`] field: the schedule and
-    its unit, the decision divergence, per-token decisions or a hand-off to the teacher, teacher sampling or argmax,
-    AdaSwitch's adaptive threshold (arXiv 2510.07842), and a calibration of tau_0 to a target teacher-token fraction.
+    The paper's full text and code were not available; each unknown is a [`SwitchConfig`][trl_kd.SwitchConfig] field:
+    the schedule and its unit, the decision divergence, per-token decisions or a hand-off to the teacher, teacher
+    sampling or argmax, AdaSwitch's adaptive threshold (arXiv 2510.07842), and a calibration of tau_0 to a target
+    teacher-token fraction.
 
-    Metrics logged besides [`KDTrainer`]'s: `teacher_token_fraction` and its value by quarter of the response,
-    `switch_threshold` (tau_0 in use; `switch_adaptive_factor` for the adaptive schedule) and the sampler's
+    Metrics logged besides [`KDTrainer`][trl_kd.KDTrainer]'s: `teacher_token_fraction` and its value by quarter of the
+    response, `switch_threshold` (tau_0 in use; `switch_adaptive_factor` for the adaptive schedule) and the sampler's
     counters `rollout/*`.
 
     Example:
