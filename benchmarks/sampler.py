@@ -14,6 +14,7 @@ import argparse
 import os
 import time
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402

@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 

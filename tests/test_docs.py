@@ -48,6 +48,7 @@ from trl_kd.cli import main as trl_kd_main
 from trl_kd.scripts import distill
 from trl_kd.testing import build_model, build_tokenizer, make_dataset
 
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
+from trl_kd import KDTrainer
 from trl_kd.evaluation import GenerationEvalCallback, generation_metrics, rouge_l
 from trl_kd.testing import build_model, make_dataset
-
-from trl_kd import KDTrainer
 
 from helpers import logged, make_args
 

@@ -8,7 +8,7 @@ from trl import DistillationConfig, DistillationTrainer
 from trl_kd import KDConfig, KDTrainer
 from trl_kd.testing import DATASET_FORMATS, build_model, make_dataset
 
-from helpers import assert_lora_student_trains, assert_changed, logged, make_args, make_trainer, params
+from helpers import assert_changed, assert_lora_student_trains, logged, make_args, make_trainer, params
 
 
 @pytest.mark.parametrize("fmt", DATASET_FORMATS)

@@ -18,6 +18,7 @@ from trl_kd.sampler import (
 )
 from trl_kd.testing import build_model
 
+
 GREEDY = SamplingParams(greedy=True)
 RULES = {
     "on_policy": OnPolicyRule,

@@ -7,7 +7,15 @@ from trl_kd import SpeculativeKDConfig, SpeculativeKDTrainer
 from trl_kd.sampler import OnPolicyRule, Proposal, SamplingParams, TeacherOnlyRule, TopKRule
 from trl_kd.testing import build_model, make_dataset
 
-from helpers import assert_lora_student_trains, rollout_with_seed, assert_changed, logged, make_args, make_trainer, params
+from helpers import (
+    assert_changed,
+    assert_lora_student_trains,
+    logged,
+    make_args,
+    make_trainer,
+    params,
+    rollout_with_seed,
+)
 
 
 def skd_trainer(tmp_path, tokenizer, **overrides):

@@ -9,7 +9,7 @@ from trl_kd import SwitchConfig, SwitchTrainer
 from trl_kd.sampler import DivergenceThresholdRule, OnPolicyRule, Proposal, TeacherOnlyRule
 from trl_kd.testing import build_model, make_dataset
 
-from helpers import rollout_with_seed, assert_changed, logged, make_args, make_trainer, params
+from helpers import assert_changed, logged, make_args, make_trainer, params, rollout_with_seed
 
 
 def switch_trainer(tmp_path, tokenizer, n=16, sharp=False, **overrides):

@@ -10,6 +10,7 @@ from .promptkd import PromptKDConfig, PromptKDTrainer
 from .skd import SpeculativeKDConfig, SpeculativeKDTrainer
 from .switch import SwitchConfig, SwitchTrainer
 
+
 __version__ = "0.1.0.dev0"
 
 __all__ = [

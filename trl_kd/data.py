@@ -16,7 +16,9 @@ from trl.data_utils import is_conversational
 
 
 def _first_row(dataset: Dataset | IterableDataset) -> dict[str, Any] | None:
-    return next(iter(dataset), None) if isinstance(dataset, IterableDataset) else (dataset[0] if len(dataset) else None)
+    if isinstance(dataset, IterableDataset):
+        return next(iter(dataset), None)
+    return dataset[0] if len(dataset) else None
 
 
 def _split_messages(row: dict[str, Any]) -> dict[str, Any]:
@@ -24,7 +26,9 @@ def _split_messages(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, "completion": [last]}
 
 
-def prepare_dataset(dataset: Dataset | IterableDataset | None, name: str = "train_dataset") -> Dataset | IterableDataset:
+def prepare_dataset(
+    dataset: Dataset | IterableDataset | None, name: str = "train_dataset"
+) -> Dataset | IterableDataset:
     """Check that ``dataset`` is usable for distillation and bring it to ``prompt`` [+ ``completion``] form.
 
     Raises:

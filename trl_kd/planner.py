@@ -141,7 +141,8 @@ class Plan:
         for e in self.estimates:
             cells = " | ".join(f"{e.parts_gib[k]:.1f}" for k in keys)
             fits = "yes" if e.peak_gib <= budget else "no"
-            lines.append(f"| {e.placement.name} | {cells} | {e.train_peak_gib:.1f} | {e.sampling_peak_gib:.1f} | {fits} |")
+            peaks = f"{e.train_peak_gib:.1f} | {e.sampling_peak_gib:.1f}"
+            lines.append(f"| {e.placement.name} | {cells} | {peaks} | {fits} |")
         best = self.recommended
         lines.append("")
         lines.append(
@@ -219,7 +220,8 @@ def plan(
         )
         train = static + parts["student grads"] + parts["activations + loss"] + working
         if gather_for_generation and p.student_stage == 3:
-            gathered = (student.num_params * b - parts["student weights"]) + (teacher.num_params * b - parts["teacher weights"])
+            gathered = student.num_params * b - parts["student weights"]
+            gathered += teacher.num_params * b - parts["teacher weights"]
         else:
             gathered = working
         sampling = static + parts["student grads"] + parts["KV caches"] + gathered

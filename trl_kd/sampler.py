@@ -320,14 +320,17 @@ def block_verify_sample(
         draft_ids = torch.stack(draft, 1)
         # 2. the teacher scores pending + draft[:-1] in one forward: logits for every drafted position
         teacher_input = torch.cat([pending[:, None], draft_ids[:, :-1]], dim=1)
-        teacher_logits = cut(_forward(teacher, teacher_input, slot_mask, next_position[:, None] + offsets, teacher_cache))
+        teacher_positions = next_position[:, None] + offsets
+        teacher_logits = cut(_forward(teacher, teacher_input, slot_mask, teacher_positions, teacher_cache))
         counts["teacher_forwards"] += 1
         row_lengths = lengths[rows]
-        proposal = Proposal(torch.stack(student_logits, 1), teacher_logits, draft_ids, row_lengths[:, None] + offsets, rows)
+        response_positions = row_lengths[:, None] + offsets
+        proposal = Proposal(torch.stack(student_logits, 1), teacher_logits, draft_ids, response_positions, rows)
         # 3. first rejection per row; the teacher samples a replacement there
         reject = rule.reject(proposal).to(device)
         first_reject = torch.where(reject.any(1), reject.float().argmax(1), gamma)
-        replacement = teacher_params.sample(teacher_logits[torch.arange(len(rows), device=device), first_reject.clamp(max=gamma - 1)])
+        at_reject = teacher_logits[torch.arange(len(rows), device=device), first_reject.clamp(max=gamma - 1)]
+        replacement = teacher_params.sample(at_reject)
 
         # keep the draft up to the first rejection, the first EOS (included) or the budget; then the replacement
         active = ~done[rows]
@@ -367,7 +370,8 @@ def block_verify_sample(
                 index = keep_rows.nonzero().squeeze(1)
                 student_cache.batch_select_indices(index)
                 teacher_cache.batch_select_indices(index)
-                rows, slot_mask, pending, next_position = rows[index], slot_mask[index], pending[index], next_position[index]
+                rows, slot_mask = rows[index], slot_mask[index]
+                pending, next_position = pending[index], next_position[index]
     counts["accepted"], counts["replaced"], counts["proposed"] = totals.tolist()
     lengths_list = lengths.tolist()
     completions = [row[:n] for row, n in zip(tokens.tolist(), lengths_list)]
@@ -411,7 +415,8 @@ def reference_sample(
             q, p = q[:, :vocab_size], p[:, :vocab_size]
         drawn = student_params.sample(q)
         rows = torch.tensor(active, device=device)
-        proposal = Proposal(q[:, None], p[:, None], drawn[:, None], torch.full((len(active), 1), t, device=device), rows)
+        position = torch.full((len(active), 1), t, device=device)
+        proposal = Proposal(q[:, None], p[:, None], drawn[:, None], position, rows)
         reject = rule.reject(proposal)[:, 0]
         replacement = teacher_params.sample(p)
         token = torch.where(reject, replacement, drawn)

@@ -133,7 +133,9 @@ def build_model(
         initializer_range=initializer_range,
     )
     if arch == "gpt2":
-        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=context_length, n_inner=inter, **common)
+        config = GPT2Config(
+            n_embd=hidden, n_layer=layers, n_head=heads, n_positions=context_length, n_inner=inter, **common
+        )
     else:
         cls = Qwen2Config if arch == "qwen2" else LlamaConfig
         config = cls(

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402

@@ -3,4 +3,5 @@
 from .config import KDConfig
 from .trainer import KDTrainer, Rollout
 
+
 __all__ = ["KDConfig", "KDTrainer", "Rollout"]

@@ -109,7 +109,9 @@ class KDConfig(DistillationConfig):
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (sampling temperature), got {self.temperature}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
-            raise ValueError(f"loss_chunk_size must be a positive number of tokens or None, got {self.loss_chunk_size}.")
+            raise ValueError(
+                f"loss_chunk_size must be a positive number of tokens or None, got {self.loss_chunk_size}."
+            )
         if self.max_completion_length is None or self.max_completion_length < 1:
             raise ValueError(f"max_completion_length must be a positive integer, got {self.max_completion_length}.")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:

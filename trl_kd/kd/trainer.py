@@ -210,9 +210,9 @@ class KDTrainer(DistillationTrainer):
         stage = args.teacher_zero_stage if args.teacher_zero_stage is not None else (3 if student_stage == 3 else 0)
         if stage == 0 and any(hasattr(p, "ds_id") for p in teacher_model.parameters()):
             raise ValueError(
-                "teacher_zero_stage=0 asks for a replicated teacher, but the teacher passed in was created partitioned "
-                "(under ZeRO-3's `zero3_init_flag`). Pass the teacher by name or path so trl-kd loads it whole, or "
-                "leave teacher_zero_stage unset."
+                "teacher_zero_stage=0 asks for a replicated teacher, but the teacher passed in was created "
+                "partitioned (under ZeRO-3's `zero3_init_flag`). Pass the teacher by name or path so trl-kd loads it "
+                "whole, or leave teacher_zero_stage unset."
             )
         if args.teacher_offload and stage != 3:
             raise ValueError(
@@ -413,7 +413,9 @@ class KDTrainer(DistillationTrainer):
         if mode == "eval":
             self._eval_rollouts += 1
         has_completion = [row.get("completion") is not None for row in rows]
-        on_policy = [bool(u < self.args.lmbda) or (not c and not self.args.seq_kd) for u, c in zip(uniforms, has_completion)]
+        on_policy = [
+            bool(u < self.args.lmbda) or (not c and not self.args.seq_kd) for u, c in zip(uniforms, has_completion)
+        ]
         student_rows = [i for i in range(n) if on_policy[i]]
         teacher_rows = [i for i in range(n) if not on_policy[i] and self.args.seq_kd]
 
@@ -572,7 +574,8 @@ class KDTrainer(DistillationTrainer):
         super()._save_checkpoint(model, trial)
         state = self.method_state_dict()
         if state and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
             torch.save(state, os.path.join(folder, METHOD_STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint):

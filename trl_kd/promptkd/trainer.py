@@ -62,7 +62,8 @@ class PromptKDTrainer(KDTrainer):
         # docstyle-ignore
         "citation": textwrap.dedent("""\
             @inproceedings{kim2024promptkd,
-                title        = {{PromptKD: Distilling Student-Friendly Knowledge for Generative Language Models via Prompt Tuning}},
+                title        = {{PromptKD: Distilling Student-Friendly Knowledge for Generative Language Models via
+                                 Prompt Tuning}},
                 author       = {Gyeongman Kim and Doohyuk Jang and Eunho Yang},
                 year         = 2024,
                 booktitle    = {Findings of the Association for Computational Linguistics: EMNLP 2024},
@@ -166,7 +167,8 @@ class PromptKDTrainer(KDTrainer):
             temperature=self.args.loss_temperature, num_items_in_batch=num_items_in_batch,
             chunk_size=self.args.loss_chunk_size,
         )
-        to_student = chunked_kd_loss(prompted, student_hidden.to(prompted.device), teacher_head, student_head, **common)
+        student_hidden = student_hidden.to(prompted.device)
+        to_student = chunked_kd_loss(prompted, student_hidden, teacher_head, student_head, **common)
         to_teacher = chunked_kd_loss(prompted, teacher_hidden, teacher_head, teacher_head, **common)
         weight = self.prompt_reg_weight()
         if self.prompt_learning_rate > 0:
@@ -243,8 +245,8 @@ class PromptKDTrainer(KDTrainer):
         return [
             "### Teacher prompt",
             "",
-            f"PromptKD trained a soft prompt of {self.args.num_prompt_tokens} virtual tokens on the frozen teacher. It is "
-            f"saved in `{PROMPT_ADAPTER_DIR}/` as a PEFT prompt-tuning adapter of the teacher:",
+            f"PromptKD trained a soft prompt of {self.args.num_prompt_tokens} virtual tokens on the frozen teacher. "
+            f"It is saved in `{PROMPT_ADAPTER_DIR}/` as a PEFT prompt-tuning adapter of the teacher:",
             "",
             "```python",
             "from peft import PeftModel",

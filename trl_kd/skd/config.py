@@ -42,14 +42,14 @@ class SpeculativeKDConfig(KDConfig):
     """
 
     acceptance_top_k: int = field(
-        default=25, metadata={"help": "Keep a drafted token iff it is in the teacher's top-K (0 = teacher writes all)."}
+        default=25, metadata={"help": "Keep a drafted token iff in the teacher's top-K (0 = teacher writes all)."}
     )
     acceptance_on: str = field(
         default="raw",
         metadata={"help": "Top-K over the teacher's 'raw' distribution (paper) or its 'warped' one (official code)."},
     )
     num_draft_tokens: int = field(default=5, metadata={"help": "Student tokens drafted per teacher forward (gamma)."})
-    lmbda: float = field(default=1.0, metadata={"help": "Probability a row is an SKD sample, else its dataset answer."})
+    lmbda: float = field(default=1.0, metadata={"help": "Probability a row is an SKD sample, else its dataset row."})
     beta: float = field(default=0.0, metadata={"help": "Generalized JSD interpolation; 0 = forward KL (SKD)."})
     temperature: float = field(default=0.5, metadata={"help": "Student sampling temperature."})
     top_p: float = field(default=0.5, metadata={"help": "Student top-p."})

@@ -51,8 +51,10 @@ class SpeculativeKDTrainer(KDTrainer):
         # docstyle-ignore
         "citation": textwrap.dedent("""\
             @inproceedings{xu2025speculative,
-                title        = {{Speculative Knowledge Distillation: Bridging the Teacher-Student Gap Through Interleaved Sampling}},
-                author       = {Wenda Xu and Rujun Han and Zifeng Wang and Long T. Le and Dhruv Madeka and Lei Li and William Yang Wang and Rishabh Agarwal and Chen-Yu Lee and Tomas Pfister},
+                title        = {{Speculative Knowledge Distillation: Bridging the Teacher-Student Gap Through
+                                 Interleaved Sampling}},
+                author       = {Wenda Xu and Rujun Han and Zifeng Wang and Long T. Le and Dhruv Madeka and Lei Li and
+                                William Yang Wang and Rishabh Agarwal and Chen-Yu Lee and Tomas Pfister},
                 year         = 2025,
                 booktitle    = {The Thirteenth International Conference on Learning Representations, {ICLR} 2025},
                 url          = {https://arxiv.org/abs/2410.11325},

@@ -78,7 +78,7 @@ class SwitchConfig(KDConfig):
     calibration_rounds: int = field(default=8, metadata={"help": "Most sampling passes spent calibrating."})
     calibration_tolerance: float = field(default=0.03, metadata={"help": "Calibration stops this close to target."})
     num_draft_tokens: int = field(default=4, metadata={"help": "Student tokens drafted per teacher forward."})
-    lmbda: float = field(default=1.0, metadata={"help": "Probability a row is a SWITCH sample, else its dataset answer."})
+    lmbda: float = field(default=1.0, metadata={"help": "Probability a row is a SWITCH sample, else its dataset row."})
 
     def __post_init__(self):
         super().__post_init__()

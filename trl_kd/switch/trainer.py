@@ -63,7 +63,8 @@ class SwitchTrainer(KDTrainer):
         "citation": textwrap.dedent("""\
             @inproceedings{koo2025switch,
                 title        = {{SWITCH: Studying with Teacher for Knowledge Distillation of Large Language Models}},
-                author       = {Jahyun Koo and Yerin Hwang and Yongil Kim and Taegwan Kang and Hyunkyung Bae and Kyomin Jung},
+                author       = {Jahyun Koo and Yerin Hwang and Yongil Kim and Taegwan Kang and Hyunkyung Bae and
+                                Kyomin Jung},
                 year         = 2025,
                 booktitle    = {Findings of the Association for Computational Linguistics: NAACL 2025},
                 pages        = {3733--3746},
