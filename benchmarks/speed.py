@@ -95,7 +95,8 @@ def bench_loss(vocabs=(32000, 128256), positions=2048, hidden=1024) -> str:
     for vocab in vocabs:
         dense_peak = None
         for label, mode, loss_type in LOSS_CASES:
-            args = [sys.executable, __file__, "--loss-case", json.dumps([mode, loss_type, vocab, positions, hidden, device])]
+            case = json.dumps([mode, loss_type, vocab, positions, hidden, device])
+            args = [sys.executable, __file__, "--loss-case", case]
             out = subprocess.run(args, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             result = json.loads(out)
             peak = result["peak_bytes"] / 2**20
@@ -175,7 +176,12 @@ def plot_step_times(title: str, results: list[tuple[str, float]], path: str) -> 
 
 
 def bench_trainers(
-    steps: int = 20, batch: int = 4, completion: int = 32, pair: str = "random", plot_path: str | None = None
+    steps: int = 20,
+    batch: int = 4,
+    completion: int = 32,
+    pair: str = "random",
+    plot_path: str | None = None,
+    match: list[str] | None = None,
 ) -> str:
     """Step time of every trainer on the same tiny models. `pair="sft"`: teacher and student first fine-tuned on the
     synthetic task (`trl_kd.testing.sft_on_task`), so the acceptance rates are those of an SFT-initialised student."""
@@ -234,6 +240,8 @@ def bench_trainers(
             ("SpeculativeKDTrainer, K=0.85 V", SpeculativeKDTrainer, SpeculativeKDConfig,
              {"acceptance_top_k": int(0.85 * len(tokenizer)), "temperature": 1.0, "top_p": 1.0, "beta": 0.5}),
         ]
+    if match:  # the reference runs, and the rows whose label contains one of `match`
+        cases = [c for i, c in enumerate(cases) if i in (0, len(cases) - 1) or any(m in c[0] for m in match)]
     results = []
     for label, trainer_cls, config_cls, extra in cases:
         config = {**common, **extra}
@@ -366,6 +374,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["loss", "trainers", "trainers-sft", "positions"])
     parser.add_argument("--plot-dir", default="docs/img", help="Where the PNG plots go ('' for none).")
+    parser.add_argument("--match", nargs="+", help="Trainer rows to time (substrings of their labels); all by default.")
     parser.add_argument("--loss-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loss_case:
@@ -377,9 +386,11 @@ def main() -> None:
         print(bench_loss() + "\n")
     plot = (lambda name: os.path.join(args.plot_dir, name)) if args.plot_dir else (lambda name: None)
     if args.only in (None, "trainers"):
-        print(bench_trainers(plot_path=plot("step_time_random.png")) + "\n")
+        random_plot = None if args.match else plot("step_time_random.png")
+        print(bench_trainers(plot_path=random_plot, match=args.match) + "\n")
     if args.only in (None, "trainers-sft"):
-        print(bench_trainers(pair="sft", plot_path=plot("step_time_sft.png")) + "\n")
+        sft_plot = None if args.match else plot("step_time_sft.png")
+        print(bench_trainers(pair="sft", plot_path=sft_plot, match=args.match) + "\n")
     if args.only in (None, "positions"):
         print(bench_positions(plot_path=plot("teacher_fraction_by_position.png")) + "\n")
 

@@ -34,6 +34,23 @@ def test_prompt_trains_and_the_teacher_does_not(tmp_path, tokenizer):
         assert len(values) == 3 and all(v >= 0 for v in values), key
 
 
+def test_each_step_runs_the_student_once_for_both_the_prompt_and_the_student(tmp_path, tokenizer, monkeypatch):
+    trainer = promptkd_trainer(tmp_path, tokenizer, max_steps=2)
+    student, teacher = trainer.model, trainer.accelerator.unwrap_model(trainer.teacher_model)
+    calls = {"student": 0, "teacher": 0, "other": 0}
+    hidden_states = PromptKDTrainer.hidden_states
+
+    def counting(model, *args):
+        calls["student" if model is student else "teacher" if model is teacher else "other"] += 1
+        return hidden_states(model, *args)
+
+    monkeypatch.setattr(PromptKDTrainer, "hidden_states", staticmethod(counting))
+    trainer.train()
+    # per step: one student forward (its detached states serve the prompt step) and one unprompted teacher forward
+    # for the regulariser; the prompted teacher runs through `prompted_teacher_hidden_states`
+    assert calls == {"student": 2, "teacher": 2, "other": 0}
+
+
 def test_prompt_starts_from_the_init_text_embeddings(tmp_path, tokenizer):
     trainer = promptkd_trainer(tmp_path, tokenizer, num_prompt_tokens=9)
     ids = tokenizer("Suppose you are a student.", add_special_tokens=False)["input_ids"]

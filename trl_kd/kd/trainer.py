@@ -42,6 +42,13 @@ class Rollout:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def sequences(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`prompt + completion` token ids and attention mask of a training batch, and the completion width."""
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    return input_ids, attention_mask, inputs["completion_ids"].shape[1]
+
+
 class KDTrainer(DistillationTrainer):
     r"""Generalized knowledge distillation (GKD) on top of `trl.DistillationTrainer`.
 
@@ -505,11 +512,21 @@ class KDTrainer(DistillationTrainer):
             `(loss, divergence_sum, entropy_sum, num_tokens)`: the normalised loss and the local raw sums used for
             metrics.
         """
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        num_completion_tokens = inputs["completion_ids"].shape[1]
+        input_ids, attention_mask, num_completion_tokens = sequences(inputs)
         student_hidden = self.hidden_states(student, input_ids, attention_mask, num_completion_tokens)
         teacher_hidden = self.teacher_hidden_states(input_ids, attention_mask, num_completion_tokens)
+        return self.loss_from_hidden_states(student, student_hidden, teacher_hidden, inputs, num_items_in_batch)
+
+    def loss_from_hidden_states(
+        self,
+        student: torch.nn.Module,
+        student_hidden: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        inputs: dict[str, torch.Tensor],
+        num_items_in_batch: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The configured divergence between the two models' next-token distributions at the completion positions,
+        from their `(B, C, H)` hidden states (the second half of `distillation_loss`)."""
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         return chunked_kd_loss(
             student_hidden,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import get_scheduler
 
-from ..kd.trainer import KDTrainer
+from ..kd.trainer import KDTrainer, sequences
 from ..losses import LMHead, chunked_kd_loss
 from .config import PromptKDConfig
 
@@ -149,15 +149,22 @@ class PromptKDTrainer(KDTrainer):
             )
         return self.prompt_scheduler
 
-    def update_prompt(self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | None) -> None:
-        """One AdamW step of the soft prompt on `KL(p_phi || q) + w * KL(p_phi || p)` for this batch."""
+    def update_prompt(
+        self,
+        inputs: dict[str, torch.Tensor],
+        num_items_in_batch: torch.Tensor | None,
+        student_hidden: torch.Tensor | None = None,
+    ) -> None:
+        """One AdamW step of the soft prompt on `KL(p_phi || q) + w * KL(p_phi || p)` for this batch.
+
+        `student_hidden` are the student's `(B, C, H)` hidden states on the batch (detached); `None` runs the student.
+        """
         scheduler = self._ensure_prompt_scheduler()
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        n = inputs["completion_ids"].shape[1]
+        input_ids, attention_mask, n = sequences(inputs)
         student = self.accelerator.unwrap_model(self.model_wrapped)
         with torch.no_grad():
-            student_hidden = self.hidden_states(student, input_ids, attention_mask, n)
+            if student_hidden is None:
+                student_hidden = self.hidden_states(student, input_ids, attention_mask, n)
             teacher_hidden = KDTrainer.teacher_hidden_states(self, input_ids, attention_mask, n)
         prompted = self.prompted_teacher_hidden_states(input_ids, attention_mask, n)
         teacher_head, student_head = LMHead.from_model(self._teacher), LMHead.from_model(student)
@@ -194,13 +201,15 @@ class PromptKDTrainer(KDTrainer):
         metrics["prompt_reg_weight"].append(weight)
         metrics["prompt_learning_rate"].append(self.prompt_optimizer.param_groups[0]["lr"])
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def distillation_loss(self, student, inputs, num_items_in_batch):
+        """The prompt step, then the student's loss against the updated prompted teacher. One student forward serves
+        both: its detached hidden states are the prompt step's `q`, and the prompt step leaves the student unchanged."""
+        input_ids, attention_mask, n = sequences(inputs)
+        student_hidden = self.hidden_states(student, input_ids, attention_mask, n)
         if self.model.training:
-            # the same normaliser TRL gives the student's loss: global response tokens / processes
-            if inputs.get("num_items_in_batch") is not None:
-                num_items_in_batch = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            self.update_prompt(inputs, num_items_in_batch)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self.update_prompt(inputs, num_items_in_batch, student_hidden.detach())
+        teacher_hidden = self.teacher_hidden_states(input_ids, attention_mask, n)
+        return self.loss_from_hidden_states(student, student_hidden, teacher_hidden, inputs, num_items_in_batch)
 
     # ------------------------------------------------------------------------------------------- state and export
     def method_state_dict(self) -> dict[str, Any]:
