@@ -5,6 +5,7 @@
     python benchmarks/speed.py --only trainers      # step time of each trainer vs trl.DistillationTrainer
     python benchmarks/speed.py --only trainers-sft  # the same after fine-tuning both models on the task
     python benchmarks/speed.py --only positions     # who writes each part of the response (SKD, SWITCH)
+    python benchmarks/speed.py --only trainers --match PromptKD "beta=1"   # chosen rows, with the reference runs
 
 Plots go to `docs/img/` (`--plot-dir`) when matplotlib is installed.
 
@@ -374,7 +375,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["loss", "trainers", "trainers-sft", "positions"])
     parser.add_argument("--plot-dir", default="docs/img", help="Where the PNG plots go ('' for none).")
-    parser.add_argument("--match", nargs="+", help="Trainer rows to time (substrings of their labels); all by default.")
+    parser.add_argument("--match", nargs="+", help="Time only the trainer rows whose labels contain one of these.")
     parser.add_argument("--loss-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loss_case:

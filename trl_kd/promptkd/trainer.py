@@ -203,7 +203,8 @@ class PromptKDTrainer(KDTrainer):
 
     def distillation_loss(self, student, inputs, num_items_in_batch):
         """The prompt step, then the student's loss against the updated prompted teacher. One student forward serves
-        both: its detached hidden states are the prompt step's `q`, and the prompt step leaves the student unchanged."""
+        both: its detached hidden states are the prompt step's `q`, and the prompt step leaves the student as it
+        was."""
         input_ids, attention_mask, n = sequences(inputs)
         student_hidden = self.hidden_states(student, input_ids, attention_mask, n)
         if self.model.training:
