@@ -150,21 +150,14 @@ class PromptKDTrainer(KDTrainer):
         return self.prompt_scheduler
 
     def update_prompt(
-        self,
-        inputs: dict[str, torch.Tensor],
-        num_items_in_batch: torch.Tensor | None,
-        student_hidden: torch.Tensor | None = None,
+        self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | None, student_hidden: torch.Tensor
     ) -> None:
-        """One AdamW step of the soft prompt on `KL(p_phi || q) + w * KL(p_phi || p)` for this batch.
-
-        `student_hidden` are the student's `(B, C, H)` hidden states on the batch (detached); `None` runs the student.
-        """
+        """One AdamW step of the soft prompt on `KL(p_phi || q) + w * KL(p_phi || p)` for this batch, given the
+        student's detached `(B, C, H)` hidden states on it."""
         scheduler = self._ensure_prompt_scheduler()
         input_ids, attention_mask, n = sequences(inputs)
         student = self.accelerator.unwrap_model(self.model_wrapped)
         with torch.no_grad():
-            if student_hidden is None:
-                student_hidden = self.hidden_states(student, input_ids, attention_mask, n)
             teacher_hidden = KDTrainer.teacher_hidden_states(self, input_ids, attention_mask, n)
         prompted = self.prompted_teacher_hidden_states(input_ids, attention_mask, n)
         teacher_head, student_head = LMHead.from_model(self._teacher), LMHead.from_model(student)
