@@ -40,6 +40,8 @@ from trl_kd import (  # noqa: E402
 from trl_kd.evaluation import rouge_l  # noqa: E402
 from trl_kd.testing import build_model, build_tokenizer, make_pairs, sft_on_task  # noqa: E402
 
+from plotting import pyplot  # noqa: E402
+
 
 SETTINGS = {"short": (2, 6), "long": (10, 16)}
 # name -> (trainer, config, overrides); None = plain SFT on the references
@@ -152,13 +154,8 @@ def run_setting(name: str, seeds: int, steps: int, log=print) -> tuple[list[str]
 
 
 def plot(name: str, results: dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     labels = list(results)
     means = [statistics.mean(r["rouge_l_greedy"] for r in results[k]) for k in labels]

@@ -30,6 +30,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
 
+from plotting import pyplot  # noqa: E402
+
 
 LOSS_CASES = [
     ("dense full-logit JSD (reference)", "dense", "jsd"),
@@ -144,21 +146,28 @@ def _tiny_pair(pair: str, teacher_steps: int = 400, answer_items: tuple[int, int
     return tokenizer, student, teacher
 
 
-def _pyplot():
-    try:
-        import matplotlib
+def _bench_args(steps: int, batch: int, completion: int, **extra) -> dict:
+    """Training arguments every timed run shares: fp32, untracked, no checkpoints, a log row per step."""
+    return dict(
+        output_dir="/tmp/trl-kd-bench", per_device_train_batch_size=batch, max_steps=steps,
+        max_completion_length=completion, report_to="none", bf16=False, logging_steps=1, save_strategy="no",
+        disable_tqdm=True, learning_rate=1e-5, use_cpu=not torch.cuda.is_available(), **extra,
+    )
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return None
-    return plt
+
+def _logged_mean(history: list[dict], key: str) -> float | None:
+    """Mean of a metric over a run's log rows; `None` when it was never logged."""
+    values = [row[key] for row in history if key in row]
+    return statistics.mean(values) if values else None
+
+
+def _cell(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def plot_step_times(title: str, results: list[tuple[str, float]], path: str) -> None:
     """Horizontal bars: each trainer's median step time relative to `trl.DistillationTrainer`."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return
     labels, ratios = [label for label, _ in results][::-1], [ratio for _, ratio in results][::-1]
@@ -207,12 +216,7 @@ def bench_trainers(
     tokenizer, student, teacher = _tiny_pair(pair)
     dataset = make_dataset("conversational_prompt_completion", 256)
     messages = make_dataset("messages", 256)  # the same rows in the format GKDTrainer needs
-    common = dict(
-        output_dir="/tmp/trl-kd-bench", per_device_train_batch_size=batch, max_steps=steps,
-        max_completion_length=completion, report_to="none", bf16=False, logging_steps=1, save_strategy="no",
-        disable_tqdm=True, temperature=1.0, beta=0.5, gradient_checkpointing=False, learning_rate=1e-5,
-        use_cpu=not torch.cuda.is_available(),
-    )
+    common = _bench_args(steps, batch, completion, temperature=1.0, beta=0.5, gradient_checkpointing=False)
     cases = [
         ("trl.DistillationTrainer (on-policy, JSD)", DistillationTrainer, DistillationConfig, {}),
         ("trl.DistillationTrainer, student at SKD's temperature/top-p 0.5/0.5", DistillationTrainer,
@@ -258,12 +262,10 @@ def bench_trainers(
         trainer.train()
         median = statistics.median(timer.times[2:])  # the first steps warm up
         history = trainer.state.log_history
-        rate = [row["acceptance_rate"] for row in history if "acceptance_rate" in row]
-        teacher_tokens = [row["teacher_token_fraction"] for row in history if "teacher_token_fraction" in row]
-        extra_cols = f"{statistics.mean(rate):.2f}" if rate else "–"
-        extra_cols += f" | {statistics.mean(teacher_tokens):.2f}" if teacher_tokens else " | –"
-        lengths = [row["completions/mean_length"] for row in history if "completions/mean_length" in row]
-        length = f"{statistics.mean(lengths):.1f}" if lengths else "–"
+        extra_cols = " | ".join(
+            _cell(_logged_mean(history, key), 2) for key in ("acceptance_rate", "teacher_token_fraction")
+        )
+        length = _cell(_logged_mean(history, "completions/mean_length"), 1)
         results.append((label, median, length, extra_cols))
     reference = (results[0][1] + results[-1][1]) / 2
     rows = [
@@ -300,11 +302,7 @@ def bench_positions(
     from trl_kd.testing import make_dataset
 
     dataset = make_dataset("conversational_prompt_completion", 256, min_len=10, max_len=16)
-    common = dict(
-        output_dir="/tmp/trl-kd-bench", per_device_train_batch_size=batch, max_steps=steps,
-        max_completion_length=completion, report_to="none", bf16=False, logging_steps=1, save_strategy="no",
-        disable_tqdm=True, learning_rate=1e-5, use_cpu=not torch.cuda.is_available(), seed=0,
-    )
+    common = _bench_args(steps, batch, completion, seed=0)
     cases = [
         ("SWITCH exp schedule, calibrated to 0.5", SwitchTrainer, SwitchConfig, {"target_teacher_fraction": 0.5}),
         ("SWITCH constant threshold, calibrated to 0.5", SwitchTrainer, SwitchConfig,
@@ -323,20 +321,17 @@ def bench_positions(
             trainer.remove_callback(PrinterCallback)
             trainer.train()
             history = trainer.state.log_history
-
-            def mean_of(key, history=history):
-                values = [row[key] for row in history if key in row]
-                return statistics.mean(values) if values else float("nan")
-
-            fractions = [mean_of(f"teacher_token_fraction/bucket_{b + 1}_of_{buckets}") for b in range(buckets)]
+            fractions = [
+                _logged_mean(history, f"teacher_token_fraction/bucket_{b + 1}_of_{buckets}") for b in range(buckets)
+            ]
             thresholds = [row["switch_threshold"] for row in history if "switch_threshold" in row]
             tau = f"{thresholds[-1]:.3g}" if thresholds else "–"
             models = "SFT on long answers" if pair == "sft" else "random-init"
             curves[f"{label}, {models}"] = fractions
             rows.append(
-                f"| {label} | {models} | {tau} | {mean_of('teacher_token_fraction'):.2f} | "
-                + " | ".join("–" if f != f else f"{f:.2f}" for f in fractions)
-                + f" | {mean_of('completions/mean_length'):.1f} |"
+                f"| {label} | {models} | {tau} | {_cell(_logged_mean(history, 'teacher_token_fraction'), 2)} | "
+                + " | ".join(_cell(f, 2) for f in fractions)
+                + f" | {_cell(_logged_mean(history, 'completions/mean_length'), 1)} |"
             )
     header = [
         f"Teacher-token fraction by eighth of the response: mean over a {steps}-step run (batch {batch}, up to "
@@ -352,7 +347,7 @@ def bench_positions(
 
 
 def plot_positions(curves: dict[str, list[float]], buckets: int, path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
@@ -360,7 +355,8 @@ def plot_positions(curves: dict[str, list[float]], buckets: int, path: str) -> N
     for ax, models in zip(axes, ("random-init", "SFT on long answers"), strict=True):
         for label, fractions in curves.items():
             if label.endswith(models):
-                ax.plot(centres, fractions, marker="o", label=label.rsplit(", ", 1)[0])
+                values = [float("nan") if f is None else f for f in fractions]  # an empty eighth: a gap
+                ax.plot(centres, values, marker="o", label=label.rsplit(", ", 1)[0])
         ax.set_title(f"{models} pair", fontsize=10)
         ax.set_xlabel("position in the response (fraction of its length)")
         ax.set_ylim(-0.03, 1.03)

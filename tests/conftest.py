@@ -26,6 +26,17 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def llama_paths(tmp_path_factory, tokenizer):
+    """A Llama-style student and teacher with 2,048 positions, saved with the tokenizer, for loading by path. (A
+    saved Qwen2 folder would make AutoTokenizer load a different tokenizer class: see docs/testing.md.)"""
+    root = tmp_path_factory.mktemp("llama")
+    for role, seed in (("student", 0), ("teacher", 1)):
+        tokenizer.save_pretrained(root / role)
+        build_model("llama", tokenizer, role, seed=seed, save_dir=root / role, context_length=2048)
+    return {"student": str(root / "student"), "teacher": str(root / "teacher")}
+
+
+@pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory, tokenizer):
     """A tokenizer, a Qwen2-style student and a teacher saved to disk, for tests that load by path."""
     root = tmp_path_factory.mktemp("tiny")

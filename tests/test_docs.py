@@ -46,7 +46,7 @@ from trl_kd import (
 )
 from trl_kd.cli import main as trl_kd_main
 from trl_kd.scripts import distill
-from trl_kd.testing import build_model, build_tokenizer, make_dataset
+from trl_kd.testing import make_dataset
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,15 +181,9 @@ class DocsSandbox:
 
 
 @pytest.fixture(scope="module")
-def stand_in_models(tmp_path_factory) -> dict[str, str]:
-    # Llama folders: a saved Qwen2 folder makes AutoTokenizer pick a different tokenizer class (docs/testing.md)
-    root = tmp_path_factory.mktemp("hub")
-    tokenizer = build_tokenizer()
-    for role, seed in (("student", 0), ("teacher", 1)):
-        tokenizer.save_pretrained(root / role)
-        build_model("llama", tokenizer, role, seed=seed, save_dir=root / role, context_length=2048)
-    return {hub_id: str(root / "student") for hub_id in STUDENT_IDS} | {
-        hub_id: str(root / "teacher") for hub_id in TEACHER_IDS
+def stand_in_models(llama_paths) -> dict[str, str]:
+    return {hub_id: llama_paths["student"] for hub_id in STUDENT_IDS} | {
+        hub_id: llama_paths["teacher"] for hub_id in TEACHER_IDS
     }
 
 

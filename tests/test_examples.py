@@ -73,7 +73,7 @@ def test_cli_bad_flags_fail_clearly(tmp_path, env):
     assert no_method.returncode == 2 and "invalid choice" in no_method.stderr
 
 
-def test_script_runs_a_gpu_recipe_on_local_models_and_data(tmp_path, tokenizer, monkeypatch):
+def test_script_runs_a_gpu_recipe_on_local_models_and_data(tmp_path, llama_paths, monkeypatch):
     """The path a user takes with their own models: a recipe naming model folders and a dataset folder (loaded by
     `datasets.load_dataset`), written for GPUs (bf16). Its `output_dir` is honoured and bf16 is turned off on CPU."""
     import json
@@ -81,11 +81,8 @@ def test_script_runs_a_gpu_recipe_on_local_models_and_data(tmp_path, tokenizer, 
     import yaml
 
     from trl_kd.scripts import main
-    from trl_kd.testing import build_model, make_dataset
+    from trl_kd.testing import make_dataset
 
-    for role, seed in (("student", 0), ("teacher", 1)):
-        tokenizer.save_pretrained(tmp_path / role)
-        build_model("llama", tokenizer, role, seed=seed, save_dir=tmp_path / role)
     data = tmp_path / "data"
     data.mkdir()
     for split, n in (("train", 8), ("test", 4)):
@@ -93,7 +90,7 @@ def test_script_runs_a_gpu_recipe_on_local_models_and_data(tmp_path, tokenizer, 
         (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
-        "model_name_or_path": str(tmp_path / "student"), "teacher_model_name_or_path": str(tmp_path / "teacher"),
+        "model_name_or_path": llama_paths["student"], "teacher_model_name_or_path": llama_paths["teacher"],
         "dataset_name": str(data), "output_dir": str(tmp_path / "from-recipe"), "bf16": True, "max_steps": 2,
         "per_device_train_batch_size": 4, "max_completion_length": 8, "report_to": "none",
     }))
@@ -101,5 +98,5 @@ def test_script_runs_a_gpu_recipe_on_local_models_and_data(tmp_path, tokenizer, 
     output_dir = main("gkd", ["--config", str(recipe), "--lmbda", "1.0"])
     assert output_dir == str(tmp_path / "from-recipe")
     card = ModelCard.load(tmp_path / "from-recipe" / "README.md")
-    assert str(tmp_path / "teacher") in card.text and "| eval_rouge_l |" in card.text
+    assert llama_paths["teacher"] in card.text and "| eval_rouge_l |" in card.text
     assert not (tmp_path / "outputs").exists()
