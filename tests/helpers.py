@@ -55,10 +55,7 @@ def rollout_with_seed(trainer, prompt_ids, rule=None, seed=0):
     torch.manual_seed(seed)
     if rule is None:
         return trainer.rollout(prompt_ids)
-    return trainer.teacher_in_the_loop_rollout(
-        prompt_ids, rule, trainer.args.num_draft_tokens, trainer.student_sampling_params,
-        trainer.teacher_sampling_params,
-    )
+    return trainer.teacher_in_the_loop_rollout(prompt_ids, rule, trainer.args.num_draft_tokens)
 
 
 def assert_lora_student_trains(trainer_class, tokenizer, args, dataset):

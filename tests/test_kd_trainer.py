@@ -210,18 +210,16 @@ def test_teacher_in_the_loop_rollout_trains_a_lora_student_with_gradient_checkpo
     """A KDTrainer whose rollout runs the block-verify engine: PEFT student, gradient checkpointing on."""
     from peft import LoraConfig
 
-    from trl_kd.sampler import SamplingParams, TopKRule
+    from trl_kd.sampler import TopKRule
 
     class TopKTrainer(KDTrainer):
         def rollout(self, prompt_ids):
-            return self.teacher_in_the_loop_rollout(
-                prompt_ids, TopKRule(k=100), 3, SamplingParams(temperature=0.5), SamplingParams(temperature=0.2)
-            )
+            return self.teacher_in_the_loop_rollout(prompt_ids, TopKRule(k=100), 3)
 
     trainer = TopKTrainer(
         model=build_model("qwen2", tokenizer, "student"),
         teacher_model=build_model("qwen2", tokenizer, "teacher", seed=1),
-        args=make_args(tmp_path, lmbda=1.0, gradient_checkpointing=True),
+        args=make_args(tmp_path, lmbda=1.0, gradient_checkpointing=True, temperature=0.5, teacher_temperature=0.2),
         train_dataset=make_dataset("conversational_prompt_only", 16),
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),

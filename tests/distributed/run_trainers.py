@@ -28,7 +28,7 @@ from trl_kd import (  # noqa: E402
     SwitchConfig,
     SwitchTrainer,
 )
-from trl_kd.sampler import Rule, SamplingParams  # noqa: E402
+from trl_kd.sampler import Rule  # noqa: E402
 from trl_kd.testing import build_model, build_tokenizer, make_dataset  # noqa: E402
 
 
@@ -47,7 +47,7 @@ class RankDependentTrainer(KDTrainer):
 
     def rollout(self, prompt_ids):
         rule = self._Rule(reject_all=self.accelerator.process_index % 2 == 1)
-        out = self.teacher_in_the_loop_rollout(prompt_ids, rule, 4, SamplingParams(), SamplingParams())
+        out = self.teacher_in_the_loop_rollout(prompt_ids, rule, 4)  # KDConfig's sampling: temperature 1, no top-p
         self.rounds = [*self.rounds, out.counts["rounds"]]
         return out
 

@@ -307,18 +307,11 @@ class KDTrainer(DistillationTrainer):
         completion_ids = super()._generate_single_turn(prompt_ids, None, {})
         return Rollout(completion_ids, [[False] * len(ids) for ids in completion_ids])
 
-    def teacher_in_the_loop_rollout(
-        self,
-        prompt_ids: list[list[int]],
-        rule: Rule,
-        num_draft_tokens: int,
-        student_params: SamplingParams,
-        teacher_params: SamplingParams,
-    ) -> Rollout:
+    def teacher_in_the_loop_rollout(self, prompt_ids: list[list[int]], rule: Rule, num_draft_tokens: int) -> Rollout:
         """Rollout where `rule` decides, token by token, whether the teacher writes instead of the student, run by
-        the block-verify engine ([`trl_kd.sampler.block_verify_sample`][trl_kd.sampler.block_verify_sample]). Gradient
-        checkpointing is off and ZeRO-3 parameters are gathered while it runs; with several processes every process
-        runs the same number of rounds.
+        the block-verify engine ([`trl_kd.sampler.block_verify_sample`][trl_kd.sampler.block_verify_sample]) with
+        `student_sampling_params` and `teacher_sampling_params`. Gradient checkpointing is off and ZeRO-3 parameters
+        are gathered while it runs; with several processes every process runs the same number of rounds.
         """
         sync = None
         if self.accelerator.num_processes > 1:
@@ -335,8 +328,9 @@ class KDTrainer(DistillationTrainer):
             out = block_verify_sample(
                 student, teacher, prompt_ids, rule, max_new_tokens=self.max_completion_length,
                 eos_token_ids=self.eos_token_ids, pad_token_id=self._tokenizer.pad_token_id,
-                vocab_size=self.kd_vocab_size, num_draft_tokens=num_draft_tokens, student_params=student_params,
-                teacher_params=teacher_params, sync_continue=sync,
+                vocab_size=self.kd_vocab_size, num_draft_tokens=num_draft_tokens,
+                student_params=self.student_sampling_params, teacher_params=self.teacher_sampling_params,
+                sync_continue=sync,
             )
         return Rollout(out.completion_ids, out.teacher_mask, out.counts)
 

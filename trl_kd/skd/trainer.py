@@ -65,8 +65,7 @@ class SpeculativeKDTrainer(KDTrainer):
 
     def rollout(self, prompt_ids: list[list[int]]) -> Rollout:
         """Interleaved sampling: student drafts, the teacher replaces drafted tokens outside its top-K."""
-        teacher_params = self.teacher_sampling_params
-        rule = TopKRule(self.args.acceptance_top_k, on=self.args.acceptance_on, teacher_params=teacher_params)
-        return self.teacher_in_the_loop_rollout(
-            prompt_ids, rule, self.args.num_draft_tokens, self.student_sampling_params, teacher_params
+        rule = TopKRule(
+            self.args.acceptance_top_k, on=self.args.acceptance_on, teacher_params=self.teacher_sampling_params
         )
+        return self.teacher_in_the_loop_rollout(prompt_ids, rule, self.args.num_draft_tokens)

@@ -115,10 +115,7 @@ class SwitchTrainer(KDTrainer):
         return super().teacher_sampling_params
 
     def _switch_rollout(self, prompt_ids: list[list[int]], scale: float) -> Rollout:
-        return self.teacher_in_the_loop_rollout(
-            prompt_ids, self.switch_rule(scale), self.args.num_draft_tokens, self.student_sampling_params,
-            self.teacher_sampling_params,
-        )
+        return self.teacher_in_the_loop_rollout(prompt_ids, self.switch_rule(scale), self.args.num_draft_tokens)
 
     def rollout(self, prompt_ids: list[list[int]]) -> Rollout:
         """The student writes, the teacher takes over positions where the divergence exceeds the threshold."""
