@@ -53,13 +53,17 @@ def test_mixing_is_reproducible_from_the_seed(tmp_path, tokenizer):
     assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
 
 
-@pytest.mark.parametrize("loss_type", ["jsd", "skew_fkl", "skew_rkl", "tvd"])
-def test_micro_batch_split_does_not_change_the_update(tmp_path, tokenizer, loss_type):
+@pytest.mark.parametrize(
+    "loss_type,normalization",
+    [("jsd", "tokens"), ("skew_fkl", "tokens"), ("skew_rkl", "tokens"), ("tvd", "tokens"), ("jsd", "sequences")],
+)
+def test_micro_batch_split_does_not_change_the_update(tmp_path, tokenizer, loss_type, normalization):
     """The same 4 rows as 4x1, 2x2 and 1x4 (micro-batch x accumulation) give the same loss and the same update."""
     results = []
     for per_device, accumulation in [(4, 1), (2, 2), (1, 4)]:
         trainer = make_trainer(
-            tmp_path, tokenizer, lmbda=0.0, loss_type=loss_type, max_steps=1, optim="sgd", learning_rate=1.0,
+            tmp_path, tokenizer, lmbda=0.0, loss_type=loss_type, loss_normalization=normalization, max_steps=1,
+            optim="sgd", learning_rate=1.0,
             per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation, max_grad_norm=0.0,
         )
         trainer.train()
@@ -71,6 +75,121 @@ def test_micro_batch_split_does_not_change_the_update(tmp_path, tokenizer, loss_
             torch.testing.assert_close(p[name], params0[name], atol=1e-6, rtol=1e-5)
     before = params(build_model("qwen2", tokenizer, "student", seed=0))
     assert any(not torch.equal(before[n], params0[n]) for n in before)
+
+
+def naive_batch(tokenizer, lengths=(2, 7, 4)):
+    """A hand-made micro-batch of prompt/completion rows with different completion lengths."""
+    from trl.trainer.utils import pad
+
+    prompts = [tokenizer(t)["input_ids"] for t in ("reverse: a b c\n", "sort: d c\n", "copy: x y z w\n")]
+    completions = [tokenizer(" a b c d e f g h")["input_ids"][:n] for n in lengths]
+    tensors = [torch.tensor(p) for p in prompts]
+    return {
+        "prompt_ids": pad(tensors, padding_value=tokenizer.pad_token_id, padding_side="left"),
+        "prompt_mask": pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left"),
+        "completion_ids": pad([torch.tensor(c) for c in completions], padding_value=0, padding_side="right"),
+        "completion_mask": pad([torch.ones(len(c), dtype=torch.long) for c in completions], padding_value=0),
+        "teacher_mask": torch.zeros(len(prompts), max(lengths), dtype=torch.long),
+        "num_items_in_batch": torch.tensor(sum(lengths)),
+        "num_sequences_in_batch": torch.tensor(len(prompts)),
+    }
+
+
+@pytest.mark.parametrize("normalization", ["tokens", "sequences"])
+def test_loss_normalization_matches_a_naive_computation(tmp_path, tokenizer, normalization):
+    """Forward KL from full logits, per row: the mean over all response tokens ("tokens") or each row's own mean,
+    then the mean over rows ("sequences", SKD's Eq. 1)."""
+    trainer = make_trainer(tmp_path, tokenizer, beta=0.0, loss_normalization=normalization)
+    inputs = naive_batch(tokenizer)
+    student, teacher = trainer.model, trainer.accelerator.unwrap_model(trainer.teacher_model)
+    loss = trainer.distillation_loss(student, inputs, inputs["num_items_in_batch"])[0]
+
+    per_row = []
+    for i in range(3):
+        prompt = inputs["prompt_ids"][i][inputs["prompt_mask"][i].bool()]
+        completion = inputs["completion_ids"][i][inputs["completion_mask"][i].bool()]
+        ids = torch.cat([prompt, completion])[None]
+        with torch.no_grad():
+            log_q = student(ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1).double()
+            log_p = teacher(ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1).double()
+        per_row.append((log_p.exp() * (log_p - log_q)).sum(-1))
+    if normalization == "tokens":
+        expected = torch.cat(per_row).mean()
+    else:
+        expected = torch.stack([row.mean() for row in per_row]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    token_mean, sequence_mean = torch.cat(per_row).mean(), torch.stack([r.mean() for r in per_row]).mean()
+    assert abs(token_mean - sequence_mean) > 1e-3 * expected  # the two normalisations differ here
+
+
+def test_teacher_sampling_settings_are_its_own(tmp_path, tokenizer):
+    """The student's `temperature`/`top_p`/`top_k` never reach the teacher, whose settings are `teacher_*` only."""
+    from trl_kd.sampler import SamplingParams
+
+    trainer = make_trainer(tmp_path, tokenizer, temperature=0.5, top_p=0.9, top_k=10)
+    assert trainer.student_sampling_params == SamplingParams(temperature=0.5, top_p=0.9, top_k=10)
+    assert trainer.teacher_sampling_params == SamplingParams(temperature=1.0, top_p=1.0, top_k=0)
+    config = trainer.teacher_generation_config
+    assert (config.temperature, config.top_p, config.top_k) == (1.0, 1.0, 0)
+    own = make_trainer(
+        tmp_path / "own", tokenizer, top_k=10, teacher_temperature=0.3, teacher_top_p=0.8, teacher_top_k=5
+    )
+    assert own.teacher_sampling_params == SamplingParams(temperature=0.3, top_p=0.8, top_k=5)
+
+
+def test_teacher_model_init_kwargs_with_a_loaded_teacher_is_refused(tmp_path, tokenizer):
+    # TRL's rule: the kwargs would be silently ignored (a float32 teacher stays float32 under {"dtype": "float16"})
+    with pytest.raises(ValueError, match="teacher_model_init_kwargs .* already instantiated"):
+        make_trainer(tmp_path, tokenizer, teacher_model_init_kwargs={"dtype": "float16"})
+
+
+def test_teacher_model_init_kwargs_apply_to_a_teacher_loaded_by_path(tmp_path, tokenizer, tiny_paths):
+    trainer = KDTrainer(
+        model=tiny_paths["student"], teacher_model=tiny_paths["teacher"],
+        args=make_args(tmp_path, teacher_model_init_kwargs={"dtype": "float16"}),
+        train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer,
+    )
+    assert trainer.accelerator.unwrap_model(trainer.teacher_model).dtype == torch.float16
+
+
+@pytest.mark.parametrize("trainer_class", ["KDTrainer", "SpeculativeKDTrainer"])
+def test_stop_strings_end_generated_completions_and_the_loss(tmp_path, tokenizer, trainer_class, monkeypatch):
+    """A stop string spanning two tokens, taken from the middle of a completion the same seeded run samples without
+    it: with it, every generated completion the loss sees either contains no stop string or ends with the token that
+    completes its first occurrence, on TRL's generation path (KDTrainer) and in the teacher-in-the-loop sampler
+    (SKD)."""
+    import trl_kd
+
+    cls = getattr(trl_kd, trainer_class)
+    loss = cls.distillation_loss
+
+    def train_and_record(path, **overrides):
+        seen = []
+
+        def spy(self, student, inputs, num_items_in_batch):
+            rows = zip(inputs["completion_ids"], inputs["completion_mask"])
+            seen.extend(ids[mask.bool()].tolist() for ids, mask in rows)
+            return loss(self, student, inputs, num_items_in_batch)
+
+        monkeypatch.setattr(cls, "distillation_loss", spy)
+        make_trainer(path, tokenizer, trainer_class=cls, lmbda=1.0, max_completion_length=16, **overrides).train()
+        return seen
+
+    def text(ids):
+        return tokenizer.decode(ids, skip_special_tokens=False)
+
+    probe = train_and_record(tmp_path / "probe")
+    first = next(ids for ids in probe if len(ids) == 16)  # a completion of the first batch, cut by the length only
+    start = next(i for i in range(4, 14) if "\ufffd" not in text(first[i : i + 2]) and first[i] > 2)
+    stop = text(first[start : start + 2])
+    assert len(tokenizer(stop, add_special_tokens=False)["input_ids"]) >= 2
+
+    # the first batch is sampled as in the probe up to the stop, so that completion now ends at the stop string
+    seen = train_and_record(tmp_path / "stopped", stop_strings=[stop])
+    stopped = [ids for ids in seen if stop in text(ids)]
+    assert any(ids == first[: len(ids)] and len(ids) <= start + 2 for ids in stopped)
+    for ids in stopped:
+        assert text(ids).endswith(stop) and stop not in text(ids[:-1])
 
 
 def test_on_policy_loss_matches_trl_distillation_trainer(tmp_path, tokenizer):
@@ -164,6 +283,13 @@ def test_completion_longer_than_the_context_is_refused_at_init(tmp_path, tokeniz
         ({"loss_temperature": 0.0}, "loss_temperature"),
         ({"teacher_zero_stage": 2}, "teacher_zero_stage"),
         ({"teacher_zero_stage": 0, "teacher_offload": True}, "teacher_offload"),
+        ({"teacher_temperature": 0.0}, "teacher_temperature"),
+        ({"teacher_temperature": float("nan")}, "teacher_temperature"),
+        ({"teacher_top_k": -1}, "teacher_top_k"),
+        ({"top_k": -2}, "top_k"),
+        ({"loss_normalization": "batch"}, "loss_normalization"),
+        ({"stop_strings": []}, "stop_strings"),
+        ({"stop_strings": ["\n", ""]}, "stop_strings"),
     ],
 )
 def test_bad_config_values_are_refused(tmp_path, overrides, match):

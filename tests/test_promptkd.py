@@ -53,7 +53,7 @@ def test_each_step_runs_the_student_once_for_both_the_prompt_and_the_student(tmp
 
 def test_prompt_starts_from_the_init_text_embeddings(tmp_path, tokenizer):
     trainer = promptkd_trainer(tmp_path, tokenizer, num_prompt_tokens=9)
-    ids = tokenizer("Suppose you are a student.", add_special_tokens=False)["input_ids"]
+    ids = tokenizer("Suppose you are a student.")["input_ids"]
     expected_ids = (ids * 9)[:9]
     embedding = trainer.accelerator.unwrap_model(trainer.teacher_model).get_input_embeddings().weight
     torch.testing.assert_close(trainer.soft_prompt.detach(), embedding[expected_ids].detach())
@@ -61,10 +61,115 @@ def test_prompt_starts_from_the_init_text_embeddings(tmp_path, tokenizer):
     assert random_init.soft_prompt.shape == (7, embedding.shape[1])
 
 
+def test_init_text_keeps_the_tokenizers_special_tokens_as_the_official_code(tmp_path, tokenizer):
+    """A tokenizer that prepends BOS (as OPT's and LLaMA's do): the first virtual token is BOS unless
+    `prompt_init_special_tokens=False`."""
+    from tokenizers import processors
+
+    bos_tokenizer = copy.deepcopy(tokenizer)
+    bos_tokenizer.bos_token = "<|im_start|>"
+    bos = bos_tokenizer.bos_token_id
+    bos_tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+    )
+    text_ids = bos_tokenizer("Suppose you are a student.", add_special_tokens=False)["input_ids"]
+    assert bos_tokenizer("Suppose you are a student.")["input_ids"] == [bos] + text_ids
+    for special, expected in ((True, [bos] + text_ids[:6]), (False, text_ids[:7])):
+        trainer = promptkd_trainer(tmp_path / str(special), bos_tokenizer, prompt_init_special_tokens=special)
+        embedding = trainer.accelerator.unwrap_model(trainer.teacher_model).get_input_embeddings().weight
+        torch.testing.assert_close(trainer.soft_prompt.detach(), embedding[expected].detach())
+
+
 def test_regulariser_weight_decays_linearly(tmp_path, tokenizer):
+    # s counts optimizer steps from 1, as the official code: the last step's weight is 0
     trainer = promptkd_trainer(tmp_path, tokenizer, max_steps=4, prompt_reg_coef=2.0)
     trainer.train()
-    assert logged(trainer, "prompt_reg_weight") == pytest.approx([2.0, 1.5, 1.0, 0.5])
+    assert logged(trainer, "prompt_reg_weight") == pytest.approx([1.5, 1.0, 0.5, 0.0])
+
+
+def test_prompt_steps_once_per_optimizer_step_whatever_the_accumulation(tmp_path, tokenizer):
+    """The same 4 rows as 4x1, 2x2 and 1x4 (micro-batch x accumulation): the prompt's gradient accumulates over the
+    micro-batches and it takes one AdamW step per optimizer step, so its value after the step is the same."""
+    prompts, steps = [], []
+    for per_device, accumulation in [(4, 1), (2, 2), (1, 4)]:
+        trainer = promptkd_trainer(
+            tmp_path / f"{per_device}x{accumulation}", tokenizer, max_steps=1, learning_rate=0.0,
+            prompt_learning_rate=0.05, lr_scheduler_type="constant", warmup_steps=0,
+            per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
+        )
+        initial = trainer.soft_prompt.detach().clone()
+        trainer.train()
+        prompts.append(trainer.soft_prompt.detach().clone())
+        steps.append(trainer.prompt_optimizer.state_dict()["state"][0]["step"].item())
+    assert steps == [1, 1, 1]
+    assert not torch.equal(prompts[0], initial)
+    for other in prompts[1:]:
+        torch.testing.assert_close(other, prompts[0], atol=1e-6, rtol=1e-5)
+
+
+def test_student_samples_in_eval_mode_and_the_prompted_teacher_trains_in_train_mode(tmp_path, tokenizer, monkeypatch):
+    """The official modes, on GPT-2 models (which have dropout): the student samples and gives the prompt step its
+    target in eval mode; the prompted teacher runs in train mode for the prompt loss and in eval mode as the
+    student's target."""
+    from trl_kd.testing import build_model
+
+    student, teacher = build_model("gpt2", tokenizer, "student"), build_model("gpt2", tokenizer, "teacher", seed=1)
+    assert student.config.resid_pdrop > 0
+    trainer = promptkd_trainer(tmp_path, tokenizer, student=student, teacher=teacher, max_steps=1)
+    seen = {"rollout": [], "prompted": [], "student": []}
+    rollout, prompted_forward = KDTrainer.rollout, PromptKDTrainer._prompted_forward
+    hidden_states = KDTrainer.hidden_states
+
+    def spy_rollout(self, prompt_ids):
+        seen["rollout"].append(self.model.training)
+        return rollout(self, prompt_ids)
+
+    def spy_prompted(self, model, *args):
+        seen["prompted"].append((model.training, torch.is_grad_enabled()))
+        return prompted_forward(self, model, *args)
+
+    def spy_hidden(model, *args):
+        if model is trainer.model:
+            seen["student"].append((model.training, torch.is_grad_enabled()))
+        return hidden_states(model, *args)
+
+    monkeypatch.setattr(KDTrainer, "rollout", spy_rollout)
+    monkeypatch.setattr(PromptKDTrainer, "_prompted_forward", spy_prompted)
+    monkeypatch.setattr(PromptKDTrainer, "hidden_states", staticmethod(spy_hidden))
+    trainer.train()
+    assert seen["rollout"] == [False]
+    assert seen["prompted"] == [(True, True), (False, False)]  # the prompt loss, then the student's target
+    assert seen["student"] == [(True, True), (False, False)]  # the student's loss, then the prompt step's target
+    assert trainer.model.training and not teacher.training
+
+
+def test_prompt_length_check_counts_the_soft_prompt(tmp_path, tokenizer):
+    """GPT-2 has learned absolute positions: the prompted teacher places 7 virtual tokens before the prompt, so a
+    prompt that fits the student but not the teacher must be refused when the trainer is built (it used to crash
+    mid-training with an IndexError)."""
+    from datasets import Dataset
+
+    from trl_kd.testing import build_model
+
+    def models():
+        return {
+            "student": build_model("gpt2", tokenizer, "student", context_length=32),
+            "teacher": build_model("gpt2", tokenizer, "teacher", seed=1, context_length=32),
+        }
+
+    def prompt(num_tokens):
+        text = "reverse:" + " a" * (num_tokens - 2)
+        assert len(tokenizer(text)["input_ids"]) == num_tokens
+        return Dataset.from_dict({"prompt": [text] * 4})
+
+    common = dict(trainer_class=PromptKDTrainer, max_completion_length=8, max_steps=1)
+    with pytest.raises(ValueError, match="Row 0 .* prompt of 20 tokens, longer than the limit of 17"):
+        make_trainer(tmp_path / "long", tokenizer, prompt(20), **models(), **common)
+    with pytest.raises(ValueError, match="soft-prompt"):
+        make_trainer(tmp_path / "explicit", tokenizer, prompt(10), **models(), max_prompt_length=20, **common)
+    trainer = make_trainer(tmp_path / "fits", tokenizer, prompt(17), **models(), **common)
+    trainer.train()
+    assert logged(trainer, "prompt_loss")
 
 
 def peft_prompted_teacher(teacher, adapter_dir):
@@ -76,7 +181,10 @@ def peft_prompted_teacher(teacher, adapter_dir):
 def test_zero_prompt_learning_rate_is_on_policy_reverse_kl_against_the_prompted_teacher(tmp_path, tokenizer):
     """Reference: a plain KDTrainer (beta=1, lmbda=1) whose teacher is PEFT's prompt-tuned teacher loaded from the
     adapter PromptKD exports. Batch size 1, so no left padding (PEFT counts positions from the first slot)."""
-    overrides = dict(per_device_train_batch_size=1, max_steps=3, learning_rate=0.05)
+    overrides = dict(
+        per_device_train_batch_size=1, max_steps=3, learning_rate=0.05, lr_scheduler_type="linear", warmup_steps=0,
+        weight_decay=0.01,
+    )
     promptkd = promptkd_trainer(tmp_path / "promptkd", tokenizer, prompt_learning_rate=0.0, **overrides)
     adapter_dir = tmp_path / "adapter"
     promptkd.save_prompt_adapter(str(adapter_dir))
@@ -150,6 +258,10 @@ def test_defaults_follow_the_official_code(tmp_path):
     args = PromptKDConfig(output_dir=str(tmp_path), bf16=False)
     assert (args.num_prompt_tokens, args.prompt_init_text, args.prompt_weight_decay) == (7, "Suppose you are a student.", 0.01)
     assert (args.beta, args.lmbda, args.temperature, args.prompt_reg_coef) == (1.0, 1.0, 1.0, 1.0)
+    assert (args.top_k, args.top_p, args.prompt_init_special_tokens) == (0, 1.0, True)
+    # the official GPT-2 base scripts: 5e-5, 100 warm-up steps then constant, weight decay 0.01, clipping at 1.0
+    assert (args.learning_rate, args.warmup_steps, args.weight_decay, args.max_grad_norm) == (5e-5, 100, 0.01, 1.0)
+    assert args.lr_scheduler_type == "constant_with_warmup"
 
 
 def test_model_card_cites_the_paper(tmp_path, tokenizer):

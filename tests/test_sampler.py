@@ -11,6 +11,7 @@ from trl_kd.sampler import (
     DivergenceThresholdRule,
     OnPolicyRule,
     SamplingParams,
+    StopStrings,
     TeacherOnlyRule,
     TopKRule,
     block_verify_sample,
@@ -58,6 +59,37 @@ def test_greedy_equals_token_by_token_reference(pair, tokenizer, gamma, rule):
     assert ours.teacher_mask == ref.teacher_mask
     for key in ("accepted", "replaced", "drafted"):
         assert ours.counts[key] == ref.counts[key]
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+@pytest.mark.parametrize("rule", ["on_policy", "top_k", "threshold"])
+def test_stop_strings_end_rows_as_a_post_hoc_cut_would(pair, tokenizer, gamma, rule):
+    """A stop string spanning two tokens, taken from the middle of a greedy completion: block-verify with it equals
+    the reference with it, and both equal the unstopped completions cut after the first occurrence."""
+    student, teacher = pair
+    common = kwargs(tokenizer, student_params=GREEDY, teacher_params=GREEDY)
+    free = reference_sample(student, teacher, prompts(tokenizer), RULES[rule](), **common)
+    text = next(
+        tokenizer.decode(ids[i : i + 2]) for ids in free.completion_ids for i in range(3, len(ids) - 2)
+        if "\ufffd" not in tokenizer.decode(ids[i : i + 2])
+    )
+    stop = StopStrings(tokenizer, [text])
+    ours = block_verify_sample(student, teacher, prompts(tokenizer), RULES[rule](), num_draft_tokens=gamma, stop=stop,
+                               **common)
+    ref = reference_sample(student, teacher, prompts(tokenizer), RULES[rule](), stop=stop, **common)
+    cut = [stop.cut(ids) for ids in free.completion_ids]
+    assert ours.completion_ids == ref.completion_ids == cut
+    assert ours.teacher_mask == ref.teacher_mask == [m[: len(c)] for m, c in zip(free.teacher_mask, cut)]
+    assert cut != free.completion_ids  # at least one row was cut
+
+
+def test_stop_strings_find_the_token_that_completes_the_first_occurrence(tokenizer):
+    ids = tokenizer("count: 1 2 3 4 5 6", add_special_tokens=False)["input_ids"]
+    stop = StopStrings(tokenizer, ["3 4", "6"])
+    end = stop.end(ids)
+    assert tokenizer.decode(ids[:end]).endswith("3 4") and "3 4" not in tokenizer.decode(ids[: end - 1])
+    assert stop.cut(ids) == ids[:end]
+    assert StopStrings(tokenizer, ["7"]).cut(ids) == ids
 
 
 def test_rules_make_a_difference(pair, tokenizer):

@@ -175,6 +175,62 @@ def test_calibration_meets_the_target_fraction(tmp_path, tokenizer):
     assert abs(logged(trainer, "teacher_token_fraction")[0] - target) <= 0.08
 
 
+def test_schedule_from_control_keeps_tau0_within_the_divergence_range(tmp_path, tokenizer):
+    trainer = switch_trainer(tmp_path, tokenizer, switch_decay=0.2)
+    cap = math.log(2)
+    assert trainer.scale_cap == cap
+    assert trainer.schedule_from_control(math.log(0.3)) == pytest.approx((0.3, 0.2))
+    assert trainer.schedule_from_control(math.log(cap) + math.log(4)) == pytest.approx((cap, 0.05))
+    tvd = switch_trainer(tmp_path / "tvd", tokenizer, switch_divergence="tvd")
+    assert tvd.schedule_from_control(1.0) == pytest.approx((1.0, 0.1 / math.e))
+    assert switch_trainer(tmp_path / "kl", tokenizer, switch_divergence="fkl").schedule_from_control(1.0)[0] == math.e
+
+
+def test_calibration_lowers_the_decay_when_the_target_needs_a_threshold_above_ln2(tmp_path, tokenizer):
+    """Sharp models (JSD about 0.6 everywhere) with a strong per-token decay: even at tau_0 = ln 2 the teacher writes
+    nearly every token after the first, so a 20% target cannot be met by tau_0 (it used to climb to 1.6 and more,
+    where JSD can never reach it). tau_0 stops at ln 2 and the decay is calibrated instead."""
+    target = 0.2
+    trainer = switch_trainer(
+        tmp_path, tokenizer, n=32, sharp=True, per_device_train_batch_size=32, max_completion_length=16, max_steps=1,
+        switch_decay=1.0, target_teacher_fraction=target, calibration_rounds=12, learning_rate=0.0,
+    )
+    prompt_ids = [tokenizer(t)["input_ids"] for t in PROMPTS] * 8
+    at_cap = trainer._teacher_fraction(trainer._switch_rollout(prompt_ids, math.log(2)))
+    assert at_cap > target + 0.3
+    trainer.train()
+    assert trainer.switch_scale <= math.log(2)
+    assert trainer.switch_scale == pytest.approx(math.log(2)) and trainer.switch_decay < 1.0
+    assert logged(trainer, "switch_threshold") == [pytest.approx(math.log(2))]
+    assert abs(logged(trainer, "teacher_token_fraction")[0] - target) <= 0.08
+
+
+def control_value(threshold, decay, base_decay=0.1):
+    """The controller's state from the logged schedule (see `SwitchTrainer.schedule_from_control`)."""
+    if threshold < math.log(2) - 1e-12:
+        return math.log(threshold)
+    return math.log(math.log(2)) + math.log(base_decay / decay)
+
+
+def test_controller_moves_the_threshold_by_gain_times_the_fraction_error(tmp_path, tokenizer):
+    """After calibration, each training batch moves the control by gain x (measured fraction - target); with gain 0
+    the calibrated schedule stays."""
+    common = dict(
+        sharp=True, max_steps=5, target_teacher_fraction=0.4, calibration_rounds=4, max_completion_length=16,
+    )
+    trainer = switch_trainer(tmp_path, tokenizer, switch_controller_gain=2.0, **common)
+    trainer.train()
+    thresholds, decays = logged(trainer, "switch_threshold"), logged(trainer, "switch_decay")
+    fractions = logged(trainer, "teacher_token_fraction")
+    controls = [control_value(t, d) for t, d in zip(thresholds, decays)] + [trainer.switch_control]
+    for step, fraction in enumerate(fractions):
+        assert controls[step + 1] - controls[step] == pytest.approx(2.0 * (fraction - 0.4), abs=1e-9)
+    assert len(set(controls)) > 1
+    fixed = switch_trainer(tmp_path / "fixed", tokenizer, switch_controller_gain=0.0, **common)
+    fixed.train()
+    assert len(set(zip(logged(fixed, "switch_threshold"), logged(fixed, "switch_decay")))) == 1
+
+
 def test_training_changes_the_student_only(tmp_path, tokenizer):
     trainer = switch_trainer(tmp_path, tokenizer, sharp=True, switch_threshold=0.6, max_steps=3)
     teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
@@ -200,6 +256,9 @@ def test_resume_restores_the_calibrated_threshold_exactly(tmp_path, tokenizer):
     assert not resumed.calibrated
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-1"))
     assert resumed.calibrated and resumed.switch_scale == full.switch_scale
+    # the controller moved the threshold after every batch; its state resumed exactly
+    assert len(set(zip(logged(full, "switch_threshold"), logged(full, "switch_decay")))) > 1
+    assert (resumed.switch_control, resumed.switch_decay) == (full.switch_control, full.switch_decay)
     for name, value in params(full.model).items():
         torch.testing.assert_close(params(resumed.model)[name], value, atol=0, rtol=0)
 
@@ -213,6 +272,11 @@ def test_resume_restores_the_calibrated_threshold_exactly(tmp_path, tokenizer):
         ({"switch_mode": "sequence"}, "switch_mode"),
         ({"switch_threshold": -0.1}, "switch_threshold"),
         ({"target_teacher_fraction": 1.5}, "target_teacher_fraction"),
+        ({"target_teacher_fraction": float("nan")}, "target_teacher_fraction"),
+        ({"switch_decay": float("nan")}, "switch_decay"),
+        ({"switch_adaptive_factor": float("inf")}, "switch_adaptive_factor"),
+        ({"switch_controller_gain": -1.0}, "switch_controller_gain"),
+        ({"switch_controller_gain": float("nan")}, "switch_controller_gain"),
         ({"use_vllm": True}, "use_vllm"),
     ],
 )

@@ -253,6 +253,7 @@ def chunked_kd_loss(
     temperature: float = 1.0,
     num_items_in_batch: torch.Tensor | float | None = None,
     chunk_size: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token-averaged distillation loss over the positions where ``loss_mask`` is 1.
 
@@ -263,6 +264,9 @@ def chunked_kd_loss(
         num_items_in_batch: the normaliser. Pass the *global* number of response tokens (divided by the number of
             processes, since DDP averages gradients) so that gradient accumulation and world size don't change the
             loss; ``None`` divides by the local count.
+        token_weights: optional ``(B, T)`` weight of each token in the loss's sum (e.g. ``1 / response length`` for a
+            per-sequence mean, with ``num_items_in_batch`` then counting sequences). The returned sums stay
+            unweighted.
 
     Returns:
         ``(loss, divergence_sum, entropy_sum, num_tokens)``: the normalised loss and the raw local sums (detached),
@@ -276,7 +280,8 @@ def chunked_kd_loss(
     )
     total = per_token.sum()
     count = valid.sum()
+    weighted = total if token_weights is None else (per_token * token_weights.reshape(-1)[valid].float()).sum()
     denominator = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(total.device)
-    return total / denominator, total.detach(), entropy.sum(), count
+    return weighted / denominator, total.detach(), entropy.sum(), count

@@ -58,6 +58,34 @@ class SamplingParams:
         return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
+class StopStrings:
+    """Where a completion ends under stop strings: after the token that completes the first occurrence of any of
+    them (in the decoded text, so a stop string may span several tokens), as `transformers`' `stop_strings`."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+        self.tokenizer, self.stop_strings = tokenizer, tuple(stop_strings)
+
+    def _contains(self, ids: Sequence[int]) -> bool:
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return any(stop in text for stop in self.stop_strings)
+
+    def end(self, ids: Sequence[int], start: int = 0) -> int | None:
+        """Length of the shortest prefix of ``ids`` that contains a stop string, or ``None`` when ``ids`` contains
+        none. ``ids[:start]`` is known to contain none (only longer prefixes are searched)."""
+        if not self._contains(ids):
+            return None
+        low, high = start, len(ids)  # ids[:low] has no stop string, ids[:high] has one
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if self._contains(ids[:middle]) else (middle, high)
+        return high
+
+    def cut(self, ids: list[int]) -> list[int]:
+        """``ids`` up to and including the token that completes the first stop string."""
+        end = self.end(ids)
+        return ids if end is None else ids[:end]
+
+
 @dataclass
 class Proposal:
     """What a rule sees for one block of drafted tokens.
@@ -113,28 +141,49 @@ class TeacherOnlyRule(Rule):
 class TopKRule(Rule):
     """Speculative KD: reject a drafted token that is not among the teacher's top-``k`` tokens at its position.
 
-    ``on="raw"`` ranks the teacher's unwarped distribution (the paper); ``on="warped"`` ranks the distribution after
-    the teacher's sampling settings, so a token outside the teacher's nucleus is rejected too (the official code).
-    ``k=0`` rejects everything; ``k >= V`` accepts everything (``raw``).
+    Args:
+        k: size of the teacher's top set; ``0`` rejects everything, ``k >= V`` accepts everything (``raw``).
+        on: ``"raw"`` ranks the teacher's unwarped distribution (the paper's Algorithm 1). ``"warped"`` is the
+            official code's test: ``torch.topk`` of the teacher's probabilities after ``teacher_params`` (temperature,
+            top-p), so when the nucleus holds fewer than ``k`` tokens the remaining slots are zero-probability tokens
+            in ``torch.topk``'s tie order, and a drafted token in one of them is accepted.
+        teacher_params: the teacher's sampling settings, for ``on="warped"``.
+        test: ``"drafted"`` tests the drafted token (the paper). ``"fresh_sample"`` tests a fresh draw from the
+            student's drafting distribution at the same position and keeps or replaces the *drafted* token on its
+            result (the official code), so a kept token may lie outside the teacher's top-``k``: the output is
+            ``A * q(v) + (1 - A) * p(v)`` with ``A`` the student's mass on the top-``k``.
+        student_params: the student's drafting settings, for ``test="fresh_sample"``.
     """
 
-    def __init__(self, k: int, on: str = "raw", teacher_params: SamplingParams | None = None):
+    def __init__(
+        self,
+        k: int,
+        on: str = "raw",
+        teacher_params: SamplingParams | None = None,
+        test: str = "drafted",
+        student_params: SamplingParams | None = None,
+    ):
         if on not in ("raw", "warped"):
             raise ValueError(f"on must be 'raw' or 'warped', got {on!r}.")
+        if test not in ("drafted", "fresh_sample"):
+            raise ValueError(f"test must be 'drafted' or 'fresh_sample', got {test!r}.")
         self.k, self.on, self.teacher_params = k, on, teacher_params or SamplingParams()
+        self.test, self.student_params = test, student_params or SamplingParams()
 
     def reject(self, proposal: Proposal) -> torch.Tensor:
-        scores = proposal.teacher_logits.float()
-        if self.on == "warped":
-            scores = self.teacher_params.log_probs(scores)
         if self.k <= 0:
             return torch.ones_like(proposal.draft, dtype=torch.bool)
-        token_score = scores.gather(-1, proposal.draft.unsqueeze(-1)).squeeze(-1)
-        rank = (scores > token_score.unsqueeze(-1)).sum(-1)  # tokens strictly better than the drafted one
-        outside = rank >= self.k
+        tested = proposal.draft
+        if self.test == "fresh_sample":
+            tested = self.student_params.sample(proposal.student_logits)
         if self.on == "warped":
-            outside |= torch.isinf(token_score)
-        return outside
+            probs = self.teacher_params.log_probs(proposal.teacher_logits).exp()
+            top = probs.topk(min(self.k, probs.shape[-1]), dim=-1).indices
+            return ~(top == tested.unsqueeze(-1)).any(-1)
+        scores = proposal.teacher_logits.float()
+        token_score = scores.gather(-1, tested.unsqueeze(-1)).squeeze(-1)
+        rank = (scores > token_score.unsqueeze(-1)).sum(-1)  # tokens strictly better than the tested one
+        return rank >= self.k
 
 
 class DivergenceThresholdRule(Rule):
@@ -235,6 +284,18 @@ def _forward(model, input_ids, slot_mask, positions, cache) -> torch.Tensor:
     return out.logits.float()
 
 
+def _apply_stop_strings(
+    stop: StopStrings, tokens: torch.Tensor, lengths: torch.Tensor, done: torch.Tensor, rows: torch.Tensor,
+    previous_lengths: torch.Tensor,
+) -> None:
+    """End the rows of ``rows`` whose new tokens complete a stop string: cut their length, mark them done."""
+    for row, previous in zip(rows.tolist(), previous_lengths.tolist()):
+        end = stop.end(tokens[row, : int(lengths[row])].tolist(), start=previous)
+        if end is not None:
+            lengths[row] = end
+            done[row] = True
+
+
 @torch.no_grad()
 def block_verify_sample(
     student: torch.nn.Module,
@@ -250,6 +311,7 @@ def block_verify_sample(
     student_params: SamplingParams = SamplingParams(),
     teacher_params: SamplingParams = SamplingParams(),
     sync_continue: Callable[[bool], bool] | None = None,
+    stop: StopStrings | None = None,
 ) -> SampleOutput:
     """Sample one completion per prompt: the student drafts blocks, the teacher verifies them under ``rule``.
 
@@ -266,6 +328,7 @@ def block_verify_sample(
         sync_continue: for ZeRO-3 and other collectives: called each round with "this process has unfinished rows"
             and must return whether any process has; finished processes then keep running forwards on their rows
             (whose outputs are ignored) until every process is done, and no row leaves the batch.
+        stop: a row ends after the token that completes a stop string (checked after every round).
 
     Returns:
         [`SampleOutput`][trl_kd.sampler.SampleOutput].
@@ -352,6 +415,8 @@ def block_verify_sample(
         done[rows] |= (lengths[rows] >= max_new_tokens) | (active & (num_kept > 0) & torch.isin(last, eos))
         totals += torch.stack([accepted.sum(), replaced.sum(), gamma * active.sum()])
         rule.update(proposal, num_kept)
+        if stop is not None:
+            _apply_stop_strings(stop, tokens, lengths, done, rows[num_kept > 0], row_lengths[num_kept > 0])
 
         # 4. cache slots: pending + the accepted draft tokens stay visible, the rest is masked or cropped
         new_valid = num_kept.clamp(1, gamma)
@@ -393,6 +458,7 @@ def reference_sample(
     vocab_size: int | None = None,
     student_params: SamplingParams = SamplingParams(),
     teacher_params: SamplingParams = SamplingParams(),
+    stop: StopStrings | None = None,
 ) -> SampleOutput:
     """The token-by-token algorithm, without KV caches: at each position both models run on the whole sequence, the
     student draws a token, the rule decides, and a rejected token is redrawn from the teacher. Slow; for tests."""
@@ -428,7 +494,8 @@ def reference_sample(
             completions[row].append(tok)
             teacher_mask[row].append(bool(reject[i]))
             counts["replaced" if reject[i] else "accepted"] += 1
-            if tok not in eos_token_ids:
+            stopped = stop is not None and stop.end(completions[row], start=len(completions[row]) - 1) is not None
+            if tok not in eos_token_ids and not stopped:
                 still.append(row)
         active = still
     counts["drafted"] = counts["accepted"] + counts["replaced"]

@@ -56,6 +56,8 @@ class RankDependentTrainer(KDTrainer):
 # completions, or a teacher that writes every token greedily), so their losses can be compared with one process.
 CASES = {
     "kd": (KDTrainer, KDConfig, {"lmbda": 0.0}),
+    # per-sequence normalisation: its loss must not depend on the process count either
+    "kd_sequences": (KDTrainer, KDConfig, {"lmbda": 0.0, "loss_normalization": "sequences"}),
     "skd": (SpeculativeKDTrainer, SpeculativeKDConfig, {"acceptance_top_k": 0, "teacher_top_p": 1e-6}),
     "switch": (SwitchTrainer, SwitchConfig, {"switch_threshold": 0.0, "teacher_greedy": True}),
     # dataset completions; the first logged loss is computed after one prompt step, so it checks the prompt's
@@ -69,7 +71,7 @@ CASES = {
     "skd_sampled": (SpeculativeKDTrainer, SpeculativeKDConfig, {"acceptance_top_k": 150, "temperature": 1.0}),
     "uneven": (RankDependentTrainer, KDConfig, {"lmbda": 1.0}),
 }
-PARITY_CASES = ("kd", "skd", "switch", "promptkd", "kd_teacher_sharded", "kd_teacher_replicated")
+PARITY_CASES = ("kd", "kd_sequences", "skd", "switch", "promptkd", "kd_teacher_sharded", "kd_teacher_replicated")
 DEEPSPEED_ONLY = ("kd_teacher_sharded", "kd_teacher_replicated", "skd_teacher_offloaded", "switch_teacher_replicated")
 
 

@@ -7,14 +7,18 @@ from trl import DistillationConfig
 from ..losses import LOSS_TYPES
 
 
+LOSS_NORMALIZATIONS = ("tokens", "sequences")
+
+
 @dataclass
 class KDConfig(DistillationConfig):
     r"""Configuration for [`KDTrainer`][trl_kd.KDTrainer]: generalized knowledge distillation (GKD, arXiv 2306.13649).
 
     Everything of `trl.DistillationConfig` applies (generation settings, `max_completion_length`, `beta`, vLLM,
     teacher loading); this class adds what GKD has beyond on-policy distillation, and the package's divergences.
-    TRL's `temperature` (default `1.0`, GKD samples at 1), `top_p` and `top_k` are the student's sampling settings;
-    the teacher's are `teacher_temperature` and `teacher_top_p`.
+    TRL's `temperature` (default `1.0`, GKD samples at 1), `top_p` and `top_k` are the student's sampling settings
+    only; the teacher's are `teacher_temperature`, `teacher_top_p` and `teacher_top_k`, which never follow the
+    student's.
 
     Parameters:
         lmbda (float):
@@ -41,11 +45,22 @@ class KDConfig(DistillationConfig):
         max_prompt_length (int | None):
             Longest prompt accepted, in tokens; a longer prompt is an error when the trainer is built. `None` uses the
             student's context length minus `max_completion_length`.
-        teacher_temperature (float | None):
+        loss_normalization (str):
+            How token divergences are averaged. `"tokens"`: over every response token of the global batch (GKD and
+            TRL). `"sequences"`: each sequence's mean over its own response tokens, then the mean over the sequences
+            of the global batch (SKD's Eq. 1 and its official code), so short and long responses weigh the same. Both
+            are invariant to micro-batch size, gradient accumulation and the number of processes.
+        stop_strings (list[str] | None):
+            Generated completions (student, teacher or both) end after the token that completes the first occurrence
+            of any of these strings, which may span several tokens (e.g. `["\\n\\n"]`, as the official SKD code
+            cuts GSM8K answers); tokens after it are neither generated nor trained on. Dataset completions are not
+            cut. `None` stops at EOS and `max_completion_length` only.
+        teacher_temperature (float):
             Sampling temperature of the teacher wherever it writes tokens (`seq_kd`, SKD and SWITCH replacements).
-            `None` uses `temperature`.
-        teacher_top_p (float | None):
-            Nucleus of the teacher's sampling. `None` uses `top_p`.
+        teacher_top_p (float):
+            Nucleus of the teacher's sampling.
+        teacher_top_k (int):
+            Top-k of the teacher's sampling; `0` disables it.
         teacher_zero_stage (int | None):
             DeepSpeed placement of the teacher, independent of the student's stage: `3` shards it across processes
             (e.g. a big teacher beside a ZeRO-2 student), `0` replicates it on every process. `None` follows TRL:
@@ -84,10 +99,19 @@ class KDConfig(DistillationConfig):
         default=None,
         metadata={"help": "Longest prompt in tokens; None = context length minus max_completion_length."},
     )
-    teacher_temperature: float | None = field(
-        default=None, metadata={"help": "Teacher sampling temperature; None = same as `temperature`."}
+    loss_normalization: str = field(
+        default="tokens",
+        metadata={
+            "help": "Average the divergence over the batch's 'tokens' or per sequence ('sequences').",
+            "choices": list(LOSS_NORMALIZATIONS),
+        },
     )
-    teacher_top_p: float | None = field(default=None, metadata={"help": "Teacher top-p; None = same as `top_p`."})
+    stop_strings: list[str] | None = field(
+        default=None, metadata={"help": "Generated completions end after the first occurrence of any of these."}
+    )
+    teacher_temperature: float = field(default=1.0, metadata={"help": "Teacher sampling temperature."})
+    teacher_top_p: float = field(default=1.0, metadata={"help": "Teacher top-p."})
+    teacher_top_k: int = field(default=0, metadata={"help": "Teacher top-k (0 = off)."})
     teacher_zero_stage: int | None = field(
         default=None,
         metadata={"help": "DeepSpeed stage of the teacher: 3 = sharded, 0 = replicated, None = TRL's default."},
@@ -116,8 +140,24 @@ class KDConfig(DistillationConfig):
             raise ValueError(f"max_completion_length must be a positive integer, got {self.max_completion_length}.")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be positive or None, got {self.max_prompt_length}.")
-        if self.teacher_temperature is not None and self.teacher_temperature <= 0:
-            raise ValueError(f"teacher_temperature must be > 0 or None, got {self.teacher_temperature}.")
+        if not self.teacher_temperature > 0:
+            raise ValueError(f"teacher_temperature must be > 0, got {self.teacher_temperature}.")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
+        if self.teacher_top_k < 0:
+            raise ValueError(f"teacher_top_k must be >= 0 (0 = off), got {self.teacher_top_k}.")
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {self.loss_normalization!r}."
+            )
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = [self.stop_strings]
+        if self.stop_strings is not None and (
+            not self.stop_strings or not all(isinstance(s, str) and s for s in self.stop_strings)
+        ):
+            raise ValueError(
+                f"stop_strings must be a non-empty list of non-empty strings or None, got {self.stop_strings!r}."
+            )
         if self.teacher_zero_stage not in (None, 0, 3):
             raise ValueError(
                 f"teacher_zero_stage must be 0 (replicated), 3 (sharded) or None, got {self.teacher_zero_stage}: a "
@@ -128,7 +168,7 @@ class KDConfig(DistillationConfig):
                              "under a ZeRO-3 launch).")
         for name in ("top_p", "teacher_top_p"):
             value = getattr(self, name)
-            if value is not None and not 0.0 < value <= 1.0:
+            if value is None or not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}.")
 
     def check_teacher_in_the_loop(self, method: str) -> None:
@@ -143,5 +183,6 @@ class KDConfig(DistillationConfig):
         if bad:
             raise ValueError(
                 f"{method} samples with trl-kd's teacher-in-the-loop sampler, which supports `temperature`, `top_p`, "
-                f"`top_k`, `teacher_temperature` and `teacher_top_p` only; unset {', '.join(f'`{b}`' for b in bad)}."
+                f"`top_k`, `stop_strings` and the `teacher_*` sampling fields only; unset "
+                f"{', '.join(f'`{b}`' for b in bad)}."
             )

@@ -19,7 +19,7 @@ from trl.trainer.utils import create_model_from_path, pad
 from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset
 from ..losses import LMHead, chunked_kd_loss
 from ..model_card import distillation_section
-from ..sampler import Rule, SamplingParams, block_verify_sample
+from ..sampler import Rule, SamplingParams, StopStrings, block_verify_sample
 from .config import KDConfig
 
 
@@ -125,6 +125,13 @@ class KDTrainer(DistillationTrainer):
             eval_dataset = prepare_dataset(eval_dataset, "eval_dataset")
         if isinstance(teacher_model, str):
             teacher_model = self._load_teacher(teacher_model, args)
+        elif args.teacher_model_init_kwargs is not None:
+            # TRL's error: the kwargs would be silently ignored for a teacher that is already loaded
+            raise ValueError(
+                "You passed teacher_model_init_kwargs to the config, but your teacher_model is already instantiated. "
+                "Pass the teacher by name or path to have it loaded with these kwargs, or unset "
+                "teacher_model_init_kwargs (and e.g. call `teacher.to(torch.float16)` yourself)."
+            )
 
         # The teacher is prepared below, after our own vocabulary check (TRL's refuses differently padded heads).
         super().__init__(
@@ -172,10 +179,12 @@ class KDTrainer(DistillationTrainer):
                 "do_sample": not teacher_sampling.greedy,
                 "temperature": teacher_sampling.temperature,
                 "top_p": teacher_sampling.top_p,
+                "top_k": teacher_sampling.top_k,
                 "suppress_tokens": self._padding_token_ids(teacher_model) or None,
             },
             disable_compile=True,
         )
+        self.stop_strings = StopStrings(self._tokenizer, args.stop_strings) if args.stop_strings else None
         self._rollout_rows: list[dict[str, Any]] = []
         self._rollout_teacher_mask: list[list[bool]] = []
         self._eval_rollouts = 0
@@ -258,20 +267,42 @@ class KDTrainer(DistillationTrainer):
     def _padding_token_ids(self, model: PreTrainedModel) -> list[int]:
         return list(range(self.kd_vocab_size, model.config.get_text_config().vocab_size))
 
+    teacher_prefix_tokens: int = 0
+    """Positions the teacher sees before each prompt (PromptKD's soft prompt), counted in the length checks."""
+
+    def position_limits(self) -> dict[str, int]:
+        """Longest `prompt + completion` each model can place, by role (models whose config names no limit are
+        left out); the teacher's limit is reduced by `teacher_prefix_tokens`."""
+        limits = {}
+        for role, model in (("student", self.model), ("teacher", self.accelerator.unwrap_model(self.teacher_model))):
+            config = model.config.get_text_config()
+            context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+            if context is not None:
+                limits[role] = context - (self.teacher_prefix_tokens if role == "teacher" else 0)
+        return limits
+
     def _check_prompt_lengths(self, dataset: Dataset | IterableDataset, name: str) -> None:
+        completion = self.args.max_completion_length
+        limits = self.position_limits()
+        for role, context in limits.items():
+            room = f"the {role}'s context of {context} tokens"
+            if role == "teacher" and self.teacher_prefix_tokens:
+                room += f" (left after its {self.teacher_prefix_tokens} soft-prompt tokens)"
+            if context - completion <= 0:
+                raise ValueError(
+                    f"`max_completion_length` ({completion}) leaves no room for a prompt in {room}. Lower "
+                    f"`max_completion_length` (e.g. `max_completion_length={max(context // 2, 1)}`)."
+                )
+            if self.args.max_prompt_length is not None and self.args.max_prompt_length + completion > context:
+                raise ValueError(
+                    f"`max_prompt_length` ({self.args.max_prompt_length}) + `max_completion_length` ({completion}) "
+                    f"exceeds {room}. Lower `max_prompt_length` to at most {context - completion}."
+                )
         limit = self.args.max_prompt_length
         if limit is None:
-            context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-            context = context or getattr(self.model.config.get_text_config(), "n_positions", None)
-            if context is None:
+            if not limits:
                 return
-            limit = context - self.args.max_completion_length
-            if limit <= 0:
-                raise ValueError(
-                    f"`max_completion_length` ({self.args.max_completion_length}) leaves no room for a prompt in the "
-                    f"student's context of {context} tokens. Lower `max_completion_length` (e.g. "
-                    f"`max_completion_length={context // 2}`)."
-                )
+            limit = min(limits.values()) - completion
         check_prompt_lengths(dataset, lambda prompts: self._tokenize_prompts(prompts)[0], limit, name)
 
     # ------------------------------------------------------------------------------------------------------ rollouts
@@ -282,13 +313,10 @@ class KDTrainer(DistillationTrainer):
 
     @property
     def teacher_sampling_params(self) -> SamplingParams:
-        """The teacher's sampling settings (`teacher_temperature`, `teacher_top_p`, falling back to the student's)."""
+        """The teacher's sampling settings (`teacher_temperature`, `teacher_top_p`, `teacher_top_k`): never the
+        student's."""
         args = self.args
-        return SamplingParams(
-            temperature=args.teacher_temperature if args.teacher_temperature is not None else args.temperature,
-            top_p=args.teacher_top_p if args.teacher_top_p is not None else args.top_p,
-            top_k=args.top_k or 0,
-        )
+        return SamplingParams(temperature=args.teacher_temperature, top_p=args.teacher_top_p, top_k=args.teacher_top_k)
 
     def rollout(self, prompt_ids: list[list[int]]) -> Rollout:
         """Generation hook: sample completions for the on-policy rows and say who wrote each token.
@@ -330,7 +358,7 @@ class KDTrainer(DistillationTrainer):
                 eos_token_ids=self.eos_token_ids, pad_token_id=self._tokenizer.pad_token_id,
                 vocab_size=self.kd_vocab_size, num_draft_tokens=num_draft_tokens,
                 student_params=self.student_sampling_params, teacher_params=self.teacher_sampling_params,
-                sync_continue=sync,
+                sync_continue=sync, stop=self.stop_strings,
             )
         return Rollout(out.completion_ids, out.teacher_mask, out.counts)
 
@@ -379,6 +407,9 @@ class KDTrainer(DistillationTrainer):
         teacher_mask = torch.nn.functional.pad(teacher_mask, (0, width - teacher_mask.shape[1]))
         output["teacher_mask"] = teacher_mask.to(self.accelerator.device)
         mode = "train" if self.model.training else "eval"
+        # sequences with a response token, over the whole generation batch of every process (as TRL counts tokens)
+        has_tokens = (output["completion_mask"].sum(1) > 0).sum()
+        output["num_sequences_in_batch"] = self.accelerator.gather(has_tokens).sum()
         teacher_tokens = self.accelerator.gather(output["teacher_mask"].sum()).sum()
         total_tokens = self.accelerator.gather(output["completion_mask"].sum()).sum()
         self._metrics[mode]["teacher_token_fraction"].append((teacher_tokens / total_tokens.clamp(min=1)).item())
@@ -435,6 +466,10 @@ class KDTrainer(DistillationTrainer):
             )
             for i, ids in zip(teacher_rows, sampled):
                 completions[i], teacher_mask[i] = ids, [True] * len(ids)
+        if self.stop_strings is not None:  # generated rows end at a stop string (the sampler already stopped there)
+            for i in set(student_rows) | set(teacher_rows):
+                completions[i] = self.stop_strings.cut(completions[i])
+                teacher_mask[i] = teacher_mask[i][: len(completions[i])]
         for i in range(n):
             if not on_policy[i] and not self.args.seq_kd:
                 completions[i] = completion_token_ids(
@@ -511,6 +546,25 @@ class KDTrainer(DistillationTrainer):
         teacher_hidden = self.teacher_hidden_states(input_ids, attention_mask, num_completion_tokens)
         return self.loss_from_hidden_states(student, student_hidden, teacher_hidden, inputs, num_items_in_batch)
 
+    def loss_normalizer(
+        self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`(token_weights, denominator)` for [`chunked_kd_loss`][trl_kd.losses.chunked_kd_loss] under
+        `loss_normalization`.
+
+        `"tokens"` keeps TRL's global token count. `"sequences"` weighs each token by `1 / its response length` and
+        divides by the global number of sequences (per process, as TRL divides the token count, because DDP averages
+        gradients); in evaluation, by the local number of sequences.
+        """
+        if self.args.loss_normalization == "tokens":
+            return None, num_items_in_batch
+        mask = inputs["completion_mask"].float()
+        lengths = mask.sum(1, keepdim=True)
+        weights = mask / lengths.clamp(min=1)
+        if num_items_in_batch is None or inputs.get("num_sequences_in_batch") is None:
+            return weights, (lengths > 0).sum().clamp(min=1)
+        return weights, inputs["num_sequences_in_batch"].clamp(min=1) / self.accelerator.num_processes
+
     def loss_from_hidden_states(
         self,
         student: torch.nn.Module,
@@ -522,6 +576,7 @@ class KDTrainer(DistillationTrainer):
         """The configured divergence between the two models' next-token distributions at the completion positions,
         from their `(B, C, H)` hidden states (the second half of `distillation_loss`)."""
         teacher = self.accelerator.unwrap_model(self.teacher_model)
+        token_weights, denominator = self.loss_normalizer(inputs, num_items_in_batch)
         return chunked_kd_loss(
             student_hidden,
             teacher_hidden.to(student_hidden.device),
@@ -533,8 +588,9 @@ class KDTrainer(DistillationTrainer):
             beta=self.args.beta,
             skew_alpha=self.args.skew_alpha,
             temperature=self.args.loss_temperature,
-            num_items_in_batch=num_items_in_batch,
+            num_items_in_batch=denominator,
             chunk_size=self.args.loss_chunk_size,
+            token_weights=token_weights,
         )
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):

@@ -16,6 +16,18 @@ from .config import PromptKDConfig
 PROMPT_ADAPTER_DIR = "teacher_prompt"
 
 
+def _has_active_dropout(model: torch.nn.Module) -> bool:
+    """Whether a forward of `model` in its current mode drops anything: a `Dropout` module with `p > 0` in train
+    mode, or a functional attention dropout named in the config (Llama-style `attention_dropout`)."""
+    if not model.training:
+        return False
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if config is not None else None
+    return bool(getattr(text_config, "attention_dropout", 0) or 0)
+
+
 class PromptKDTrainer(KDTrainer):
     r"""PromptKD: distilling student-friendly knowledge through a soft prompt on the teacher.
 
@@ -33,8 +45,12 @@ class PromptKDTrainer(KDTrainer):
     Teacher distributions are read at real-token positions only. The prompt has its own optimizer and learning-rate
     schedule (the student's schedule type and warm-up), is averaged across processes, saved in checkpoints and
     restored on resume, and exported next to the student as a PEFT prompt-tuning adapter of the teacher
-    (`teacher_prompt/`, loadable with `peft.PeftModel.from_pretrained(teacher, path)`). With gradient accumulation
-    the prompt steps once per micro-batch (each micro-batch is one "batch" of the algorithm).
+    (`teacher_prompt/`, loadable with `peft.PeftModel.from_pretrained(teacher, path)`).
+
+    As in the official code: with gradient accumulation the prompt's gradient accumulates over the micro-batches and
+    the prompt steps once per optimizer step, at the last micro-batch, before that micro-batch's student loss; the
+    student samples and gives the prompt step its target in eval mode, and the prompted teacher runs in train mode
+    (dropout on, for models that have it) for the prompt loss and in eval mode as the student's target.
 
     Metrics logged besides [`KDTrainer`][trl_kd.KDTrainer]'s: `prompt_loss` (`KL(p_phi || q)`), `prompt_reg_loss`
     (`KL(p_phi || p)`), `prompt_reg_weight` and `prompt_learning_rate`.
@@ -86,6 +102,10 @@ class PromptKDTrainer(KDTrainer):
         self.prompt_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
     @property
+    def teacher_prefix_tokens(self) -> int:
+        return self.args.num_prompt_tokens
+
+    @property
     def prompt_learning_rate(self) -> float:
         lr = self.args.prompt_learning_rate
         return self.args.learning_rate if lr is None else lr
@@ -102,7 +122,9 @@ class PromptKDTrainer(KDTrainer):
         device = self.accelerator.device
         with torch.no_grad():
             if self.args.prompt_init_text is not None:
-                ids = self._tokenizer(self.args.prompt_init_text, add_special_tokens=False)["input_ids"]
+                ids = self._tokenizer(
+                    self.args.prompt_init_text, add_special_tokens=self.args.prompt_init_special_tokens
+                )["input_ids"]
                 ids = (ids * math.ceil(n / len(ids)))[:n]  # tiled or truncated to n tokens, as PEFT does
                 return embedding(torch.tensor(ids, device=device)).float().clone()
             generator = torch.Generator().manual_seed(self.args.seed)
@@ -113,11 +135,18 @@ class PromptKDTrainer(KDTrainer):
 
     # ------------------------------------------------------------------------------------------------ teacher
     def prompted_teacher_hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion_tokens: int
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion_tokens: int, train: bool = False
     ) -> torch.Tensor:
-        """Hidden states of the prompted teacher at the completion positions; gradients reach `soft_prompt` only."""
+        """Hidden states of the prompted teacher at the completion positions; gradients reach `soft_prompt` only.
+        `train=True` runs the teacher in train mode (dropout on), as the official code does for the prompt loss."""
         teacher = self._teacher
-        teacher.eval()
+        teacher.train(train)
+        try:
+            return self._prompted_forward(teacher, input_ids, attention_mask, num_completion_tokens)
+        finally:
+            teacher.eval()
+
+    def _prompted_forward(self, teacher, input_ids, attention_mask, num_completion_tokens):
         embeds = teacher.get_input_embeddings()(input_ids)
         batch = input_ids.shape[0]
         prompt = self.soft_prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
@@ -134,11 +163,22 @@ class PromptKDTrainer(KDTrainer):
         with torch.no_grad():
             return self.prompted_teacher_hidden_states(input_ids, attention_mask, num_completion_tokens)
 
+    # ------------------------------------------------------------------------------------------------ rollouts
+    def rollout(self, prompt_ids: list[list[int]]):
+        """The student samples in eval mode (no dropout), as in the official code."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return super().rollout(prompt_ids)
+        finally:
+            self.model.train(was_training)
+
     # ----------------------------------------------------------------------------------------------- prompt step
     def prompt_reg_weight(self) -> float:
-        """`prompt_reg_coef * (1 - s / S)`: the regulariser's weight at the current step."""
+        """`prompt_reg_coef * (1 - s / S)`: the regulariser's weight for the optimizer step being taken, `s` counted
+        from 1 as in the official code (so the last step's weight is 0)."""
         total = max(self.state.max_steps, 1)
-        return self.args.prompt_reg_coef * max(0.0, 1.0 - self.state.global_step / total)
+        return self.args.prompt_reg_coef * max(0.0, 1.0 - (self.state.global_step + 1) / total)
 
     def _ensure_prompt_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         if self.prompt_scheduler is None:
@@ -152,37 +192,42 @@ class PromptKDTrainer(KDTrainer):
     def update_prompt(
         self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | None, student_hidden: torch.Tensor
     ) -> None:
-        """One AdamW step of the soft prompt on `KL(p_phi || q) + w * KL(p_phi || p)` for this batch, given the
-        student's detached `(B, C, H)` hidden states on it."""
+        """Accumulate the soft prompt's gradient of `KL(p_phi || q) + w * KL(p_phi || p)` on this micro-batch, given
+        the student's detached eval-mode `(B, C, H)` hidden states on it, and take the prompt's AdamW step at the
+        last micro-batch of the optimizer step (the loss is normalised over the whole accumulated batch, as the
+        student's)."""
         scheduler = self._ensure_prompt_scheduler()
         input_ids, attention_mask, n = sequences(inputs)
         student = self.accelerator.unwrap_model(self.model_wrapped)
         with torch.no_grad():
             teacher_hidden = KDTrainer.teacher_hidden_states(self, input_ids, attention_mask, n)
-        prompted = self.prompted_teacher_hidden_states(input_ids, attention_mask, n)
+        prompted = self.prompted_teacher_hidden_states(input_ids, attention_mask, n, train=True)
         teacher_head, student_head = LMHead.from_model(self._teacher), LMHead.from_model(student)
+        token_weights, denominator = self.loss_normalizer(inputs, num_items_in_batch)
         # beta=1 is KL(first || second): the prompted teacher goes first, as the side that receives gradients
         common = dict(
             loss_mask=inputs["completion_mask"], vocab_size=self.kd_vocab_size, loss_type="jsd", beta=1.0,
-            temperature=self.args.loss_temperature, num_items_in_batch=num_items_in_batch,
-            chunk_size=self.args.loss_chunk_size,
+            temperature=self.args.loss_temperature, num_items_in_batch=denominator,
+            chunk_size=self.args.loss_chunk_size, token_weights=token_weights,
         )
         student_hidden = student_hidden.to(prompted.device)
         to_student = chunked_kd_loss(prompted, student_hidden, teacher_head, student_head, **common)
         to_teacher = chunked_kd_loss(prompted, teacher_hidden, teacher_head, teacher_head, **common)
         weight = self.prompt_reg_weight()
+        learning_rate = self.prompt_optimizer.param_groups[0]["lr"]
         if self.prompt_learning_rate > 0:
             (to_student[0] + weight * to_teacher[0]).backward()
-            grad = self.soft_prompt.grad
-            if self.accelerator.num_processes > 1:
-                # each process's loss is scaled by the process count (see `num_items_in_batch`): sum, then average
-                torch.distributed.all_reduce(grad)
-                grad /= self.accelerator.num_processes
-            if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([self.soft_prompt], self.args.max_grad_norm)
-            self.prompt_optimizer.step()
-        self.prompt_optimizer.zero_grad(set_to_none=True)
         if self.accelerator.sync_gradients:
+            grad = self.soft_prompt.grad
+            if grad is not None:
+                if self.accelerator.num_processes > 1:
+                    # each process's loss is scaled by the process count (see `num_items_in_batch`): sum, then average
+                    torch.distributed.all_reduce(grad)
+                    grad /= self.accelerator.num_processes
+                if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_([self.soft_prompt], self.args.max_grad_norm)
+                self.prompt_optimizer.step()
+            self.prompt_optimizer.zero_grad(set_to_none=True)
             scheduler.step()
 
         sums = torch.stack([to_student[1], to_teacher[1], to_student[3].to(to_student[1])])
@@ -192,16 +237,32 @@ class PromptKDTrainer(KDTrainer):
         metrics["prompt_loss"].append((sums[0] / count).item())
         metrics["prompt_reg_loss"].append((sums[1] / count).item())
         metrics["prompt_reg_weight"].append(weight)
-        metrics["prompt_learning_rate"].append(self.prompt_optimizer.param_groups[0]["lr"])
+        metrics["prompt_learning_rate"].append(learning_rate)
+
+    def _student_target_hidden_states(
+        self, student: torch.nn.Module, inputs: dict[str, torch.Tensor], train_hidden: torch.Tensor
+    ) -> torch.Tensor:
+        """The student's eval-mode hidden states for the prompt step: the training forward's, detached, when the
+        student has no active dropout (identical then); otherwise one more no-grad forward in eval mode."""
+        if not _has_active_dropout(student):
+            return train_hidden.detach()
+        was_training = student.training
+        student.eval()
+        try:
+            with torch.no_grad():
+                return self.hidden_states(student, *sequences(inputs))
+        finally:
+            student.train(was_training)
 
     def distillation_loss(self, student, inputs, num_items_in_batch):
-        """The prompt step, then the student's loss against the updated prompted teacher. One student forward serves
-        both: its detached hidden states are the prompt step's `q`, and the prompt step leaves the student as it
-        was."""
+        """The prompt step, then the student's loss against the (at an optimizer step, updated) prompted teacher.
+        Without dropout one student forward serves both: its detached hidden states are the prompt step's `q`, and
+        the prompt step leaves the student as it was."""
         input_ids, attention_mask, n = sequences(inputs)
         student_hidden = self.hidden_states(student, input_ids, attention_mask, n)
         if self.model.training:
-            self.update_prompt(inputs, num_items_in_batch, student_hidden.detach())
+            target = self._student_target_hidden_states(student, inputs, student_hidden)
+            self.update_prompt(inputs, num_items_in_batch, target)
         teacher_hidden = self.teacher_hidden_states(input_ids, attention_mask, n)
         return self.loss_from_hidden_states(student, student_hidden, teacher_hidden, inputs, num_items_in_batch)
 

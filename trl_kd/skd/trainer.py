@@ -3,7 +3,7 @@ from __future__ import annotations
 import textwrap
 
 from ..kd.trainer import KDTrainer, Rollout
-from ..sampler import TopKRule
+from ..sampler import SamplingParams, TopKRule
 from .config import SpeculativeKDConfig
 
 
@@ -21,9 +21,10 @@ class SpeculativeKDTrainer(KDTrainer):
     tokens, the teacher scores them in one forward and the first rejected one is replaced. This is exactly the
     token-by-token algorithm of the paper, at a fraction of the teacher forwards.
 
-    Where the paper and the official code differ, the paper is the default and the code is a switch
-    (`SpeculativeKDConfig.acceptance_on`); the code's other deviations (a fresh student sample for the acceptance
-    test, an off-by-one loss slice, batch size 1) are not reproduced.
+    Where the paper and the official code differ, the paper is the default and the code is one field away
+    ([`SpeculativeKDConfig`][trl_kd.SpeculativeKDConfig]'s `draft_sampling="teacher"`,
+    `acceptance_test="fresh_sample"`, `acceptance_on="warped"`); the code's off-by-one loss slice and batch size of 1
+    are not reproduced.
 
     Metrics logged besides [`KDTrainer`][trl_kd.KDTrainer]'s: `acceptance_rate` (kept drafted tokens / judged drafted
     tokens), `teacher_token_fraction` and its value by quarter of the response, and the sampler's counters `rollout/*`.
@@ -63,9 +64,17 @@ class SpeculativeKDTrainer(KDTrainer):
     config_class = SpeculativeKDConfig
     position_buckets = 4
 
+    @property
+    def student_sampling_params(self) -> SamplingParams:
+        """The drafting settings: the student's, or the teacher's with `draft_sampling="teacher"` (official code)."""
+        if self.args.draft_sampling == "teacher":
+            return self.teacher_sampling_params
+        return super().student_sampling_params
+
     def rollout(self, prompt_ids: list[list[int]]) -> Rollout:
         """Interleaved sampling: student drafts, the teacher replaces drafted tokens outside its top-K."""
         rule = TopKRule(
-            self.args.acceptance_top_k, on=self.args.acceptance_on, teacher_params=self.teacher_sampling_params
+            self.args.acceptance_top_k, on=self.args.acceptance_on, teacher_params=self.teacher_sampling_params,
+            test=self.args.acceptance_test, student_params=self.student_sampling_params,
         )
         return self.teacher_in_the_loop_rollout(prompt_ids, rule, self.args.num_draft_tokens)

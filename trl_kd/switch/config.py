@@ -50,9 +50,16 @@ class SwitchConfig(KDConfig):
         teacher_greedy (bool):
             The teacher's tokens are its argmax instead of samples at `teacher_temperature`/`teacher_top_p`.
         target_teacher_fraction (float | None):
-            When set, the scale of the schedule (tau_0, or `switch_adaptive_factor` for `adaptive`) is calibrated on
-            the first training batch so that this fraction of response tokens is written by the teacher (the paper
-            reports about 0.53). The calibrated value is logged as `switch_threshold` and saved with checkpoints.
+            When set, the schedule is calibrated on the first training batch so that this fraction of response tokens
+            is written by the teacher (the paper reports about 0.53 as an outcome of its decay, not as a target), then
+            held by a controller. The calibrated value is tau_0 (`switch_adaptive_factor` for `adaptive`), kept at or
+            below the divergence's maximum (ln 2 for JSD, 1 for TVD): where the target needs a higher threshold, tau_0
+            stays at the maximum and `switch_decay` is lowered instead. Logged as `switch_threshold` and
+            `switch_decay`, saved with checkpoints.
+        switch_controller_gain (float):
+            After calibration, every training batch moves the log of the threshold by this gain times (measured
+            teacher fraction − target), so the fraction stays at the target as the student changes (past the
+            divergence's maximum it moves the decay instead). `0` calibrates once only.
         calibration_rounds (int):
             Most sampling passes the calibration spends on the first batch (geometric bracketing, then bisection).
         calibration_tolerance (float):
@@ -66,14 +73,25 @@ class SwitchConfig(KDConfig):
 
     switch_threshold: float = field(default=0.2, metadata={"help": "tau_0: the threshold at the first position."})
     switch_decay: float = field(default=0.1, metadata={"help": "lambda of the exp/linear schedule."})
-    switch_decay_unit: str = field(default="token", metadata={"help": "t counts 'token's or a 'fraction' of max."})
-    switch_schedule: str = field(default="exp", metadata={"help": "'exp', 'linear', 'constant' or 'adaptive'."})
+    switch_decay_unit: str = field(
+        default="token", metadata={"help": "t counts 'token's or a 'fraction' of max.", "choices": list(DECAY_UNITS)}
+    )
+    switch_schedule: str = field(
+        default="exp", metadata={"help": "Threshold schedule.", "choices": list(SCHEDULES)}
+    )
     switch_adaptive_factor: float = field(default=2.0, metadata={"help": "K of the adaptive schedule."})
-    switch_divergence: str = field(default="jsd", metadata={"help": "'jsd', 'tvd', 'fkl' or 'rkl'."})
-    switch_mode: str = field(default="token", metadata={"help": "'token' (decide per token) or 'handoff'."})
+    switch_divergence: str = field(
+        default="jsd", metadata={"help": "Decision divergence.", "choices": list(SWITCH_DIVERGENCES)}
+    )
+    switch_mode: str = field(
+        default="token", metadata={"help": "'token' (decide per token) or 'handoff'.", "choices": list(SWITCH_MODES)}
+    )
     teacher_greedy: bool = field(default=False, metadata={"help": "Teacher tokens are its argmax."})
     target_teacher_fraction: float | None = field(
         default=None, metadata={"help": "Calibrate the threshold on the first batch to meet this teacher fraction."}
+    )
+    switch_controller_gain: float = field(
+        default=1.0, metadata={"help": "Per-batch log-threshold step per unit of fraction error (0 = off)."}
     )
     calibration_rounds: int = field(default=8, metadata={"help": "Most sampling passes spent calibrating."})
     calibration_tolerance: float = field(default=0.03, metadata={"help": "Calibration stops this close to target."})
@@ -93,10 +111,14 @@ class SwitchConfig(KDConfig):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if math.isnan(self.switch_threshold) or self.switch_threshold < 0:
             raise ValueError(f"switch_threshold must be >= 0 (inf allowed), got {self.switch_threshold}.")
-        if self.switch_decay < 0:
-            raise ValueError(f"switch_decay must be >= 0, got {self.switch_decay}.")
-        if self.switch_adaptive_factor <= 0:
-            raise ValueError(f"switch_adaptive_factor must be > 0, got {self.switch_adaptive_factor}.")
+        if not 0 <= self.switch_decay < math.inf:
+            raise ValueError(f"switch_decay must be a finite number >= 0, got {self.switch_decay}.")
+        if not 0 < self.switch_adaptive_factor < math.inf:
+            raise ValueError(f"switch_adaptive_factor must be a finite number > 0, got {self.switch_adaptive_factor}.")
+        if not 0 <= self.switch_controller_gain < math.inf:
+            raise ValueError(
+                f"switch_controller_gain must be a finite number >= 0, got {self.switch_controller_gain}."
+            )
         if self.target_teacher_fraction is not None and not 0.0 < self.target_teacher_fraction < 1.0:
             raise ValueError(f"target_teacher_fraction must be in (0, 1) or None, got {self.target_teacher_fraction}.")
         if self.calibration_rounds < 1:

@@ -12,8 +12,9 @@ from ..sampler import DivergenceThresholdRule, SamplingParams
 from .config import SwitchConfig
 
 
-# the decision divergence, as (loss type, beta) of `trl_kd.losses.divergence`
+# the decision divergence, as (loss type, beta) of `trl_kd.losses.divergence`, and its largest value in nats
 _DIVERGENCES = {"jsd": ("jsd", 0.5), "fkl": ("jsd", 0.0), "rkl": ("jsd", 1.0), "tvd": ("tvd", 0.5)}
+_DIVERGENCE_MAX = {"jsd": math.log(2), "tvd": 1.0, "fkl": math.inf, "rkl": math.inf}
 
 
 class SwitchTrainer(KDTrainer):
@@ -32,12 +33,13 @@ class SwitchTrainer(KDTrainer):
 
     The paper's full text and code were not available; each unknown is a [`SwitchConfig`][trl_kd.SwitchConfig] field:
     the schedule and its unit, the decision divergence, per-token decisions or a hand-off to the teacher, teacher
-    sampling or argmax, AdaSwitch's adaptive threshold (arXiv 2510.07842), and a calibration of tau_0 to a target
-    teacher-token fraction.
+    sampling or argmax, AdaSwitch's adaptive threshold (arXiv 2510.07842), and a target teacher-token fraction:
+    calibrated on the first batch, with tau_0 kept within the divergence's range (the decay is calibrated past it),
+    then held during training by a proportional controller whose state is saved in checkpoints.
 
     Metrics logged besides [`KDTrainer`][trl_kd.KDTrainer]'s: `teacher_token_fraction` and its value by quarter of the
-    response, `switch_threshold` (tau_0 in use; `switch_adaptive_factor` for the adaptive schedule) and the sampler's
-    counters `rollout/*`.
+    response, `switch_threshold` and `switch_decay` (the schedule in use; `switch_adaptive_factor` for the adaptive
+    schedule) and the sampler's counters `rollout/*`.
 
     Example:
 
@@ -78,13 +80,40 @@ class SwitchTrainer(KDTrainer):
         super().__init__(*args, **kwargs)
         adaptive = self.args.switch_schedule == "adaptive"
         self.switch_scale = self.args.switch_adaptive_factor if adaptive else self.args.switch_threshold
+        self.switch_decay = self.args.switch_decay
         self.calibrated = self.args.target_teacher_fraction is None
+        # the calibrated and controlled state: log of the scale, continued past the cap as log-decrease of the decay
+        self.switch_control: float | None = None
 
     # ------------------------------------------------------------------------------------------------------ sampling
-    def threshold_schedule(self, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    @property
+    def scale_cap(self) -> float:
+        """The largest useful tau_0: the decision divergence's maximum (ln 2 for JSD, 1 for TVD; KL is unbounded).
+        A threshold above it never fires until the decay brings it below. The adaptive factor has no cap."""
+        if self.args.switch_schedule == "adaptive":
+            return math.inf
+        return _DIVERGENCE_MAX[self.args.switch_divergence]
+
+    def schedule_from_control(self, control: float) -> tuple[float, float]:
+        """`(scale, decay)` for a control value: `scale = exp(control)` up to `scale_cap`; past the cap the scale
+        stays at the cap and the decay shrinks by `exp(cap - control)` instead (exp and linear schedules), so a
+        larger control always means fewer teacher tokens and tau_0 never leaves the divergence's range."""
+        cap = math.log(self.scale_cap)
+        decay = self.args.switch_decay
+        if control <= cap:
+            return math.exp(control), decay
+        decays = self.args.switch_schedule in ("exp", "linear")
+        return self.scale_cap, decay * math.exp(cap - control) if decays else decay
+
+    def _set_control(self, control: float) -> None:
+        self.switch_control = control
+        self.switch_scale, self.switch_decay = self.schedule_from_control(control)
+
+    def threshold_schedule(self, scale: float, decay: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """tau(t) for response positions `t`; `scale` is tau_0 (for `adaptive`, the first position's threshold is
-        `switch_threshold` and `scale` is the factor K, applied by the rule)."""
+        `switch_threshold` and `scale` is the factor K, applied by the rule); `decay` defaults to `switch_decay`."""
         args = self.args
+        decay = args.switch_decay if decay is None else decay
         if args.switch_schedule == "adaptive":
             scale = args.switch_threshold
         unit = args.max_completion_length if args.switch_decay_unit == "fraction" else 1
@@ -94,16 +123,16 @@ class SwitchTrainer(KDTrainer):
             if math.isinf(scale) or args.switch_schedule in ("constant", "adaptive"):
                 return torch.full_like(t, scale)
             if args.switch_schedule == "exp":
-                return scale * torch.exp(-args.switch_decay * t)
-            return scale * (1 - args.switch_decay * t).clamp(min=0)
+                return scale * torch.exp(-decay * t)
+            return scale * (1 - decay * t).clamp(min=0)
 
         return schedule
 
-    def switch_rule(self, scale: float) -> DivergenceThresholdRule:
+    def switch_rule(self, scale: float, decay: float | None = None) -> DivergenceThresholdRule:
         """The SWITCH decision rule at schedule scale `scale` (tau_0, or K for the adaptive schedule)."""
         divergence, beta = _DIVERGENCES[self.args.switch_divergence]
         return DivergenceThresholdRule(
-            self.threshold_schedule(scale), divergence=divergence, beta=beta,
+            self.threshold_schedule(scale, decay), divergence=divergence, beta=beta,
             handoff=self.args.switch_mode == "handoff",
             adaptive_factor=scale if self.args.switch_schedule == "adaptive" else None,
         )
@@ -114,17 +143,31 @@ class SwitchTrainer(KDTrainer):
             return SamplingParams(greedy=True)
         return super().teacher_sampling_params
 
-    def _switch_rollout(self, prompt_ids: list[list[int]], scale: float) -> Rollout:
-        return self.teacher_in_the_loop_rollout(prompt_ids, self.switch_rule(scale), self.args.num_draft_tokens)
+    def _switch_rollout(self, prompt_ids: list[list[int]], control: float | None = None) -> Rollout:
+        if control is None:
+            scale, decay = self.switch_scale, self.switch_decay
+        else:
+            scale, decay = self.schedule_from_control(control)
+        return self.teacher_in_the_loop_rollout(prompt_ids, self.switch_rule(scale, decay), self.args.num_draft_tokens)
 
     def rollout(self, prompt_ids: list[list[int]]) -> Rollout:
-        """The student writes, the teacher takes over positions where the divergence exceeds the threshold."""
-        if self.model.training and not self.calibrated:
+        """The student writes, the teacher takes over positions where the divergence exceeds the threshold. With
+        `target_teacher_fraction`, the first training batch calibrates the schedule and every later one feeds the
+        controller that holds the fraction."""
+        training = self.model.training
+        if training and not self.calibrated:
             self.calibrate(prompt_ids)
-        mode = "train" if self.model.training else "eval"
-        name = "switch_adaptive_factor" if self.args.switch_schedule == "adaptive" else "switch_threshold"
-        self._metrics[mode][name].append(self.switch_scale)
-        return self._switch_rollout(prompt_ids, self.switch_scale)
+        mode = "train" if training else "eval"
+        if self.args.switch_schedule == "adaptive":
+            self._metrics[mode]["switch_adaptive_factor"].append(self.switch_scale)
+        else:
+            self._metrics[mode]["switch_threshold"].append(self.switch_scale)
+            self._metrics[mode]["switch_decay"].append(self.switch_decay)
+        rollout = self._switch_rollout(prompt_ids)
+        if training and self.args.target_teacher_fraction is not None and self.args.switch_controller_gain > 0:
+            error = self._teacher_fraction(rollout) - self.args.target_teacher_fraction
+            self._set_control(self.switch_control + self.args.switch_controller_gain * error)
+        return rollout
 
     # --------------------------------------------------------------------------------------------------- calibration
     def _teacher_fraction(self, rollout: Rollout) -> float:
@@ -135,31 +178,44 @@ class SwitchTrainer(KDTrainer):
         return (total[0] / total[1].clamp(min=1)).item()
 
     def calibrate(self, prompt_ids: list[list[int]]) -> float:
-        """Set the schedule's scale so that `target_teacher_fraction` of the tokens sampled for `prompt_ids` are the
-        teacher's: geometric bracketing from the configured value, then bisection in log space, at most
-        `calibration_rounds` sampling passes. Every process reaches the same value (fractions are global)."""
+        """Set the schedule so that `target_teacher_fraction` of the tokens sampled for `prompt_ids` are the
+        teacher's: the control value (log tau_0, then, past the divergence's maximum, the log-decrease of the decay;
+        see [`schedule_from_control`][trl_kd.SwitchTrainer.schedule_from_control]) is bracketed geometrically from
+        the configured tau_0 and bisected, in at most `calibration_rounds` sampling passes. Every process reaches the
+        same value (fractions are global). Returns tau_0 (K for the adaptive schedule)."""
         args = self.args
         target = args.target_teacher_fraction
-        scale = self.switch_scale if 0 < self.switch_scale < math.inf else 0.1
-        low, high = None, None  # scales known to give too many / too few teacher tokens
-        best = (math.inf, scale)
+        start = self.switch_scale if 0 < self.switch_scale < math.inf else 0.1
+        control = math.log(min(start, self.scale_cap))
+        low, high = None, None  # controls known to give too many / too few teacher tokens
+        best = (math.inf, control)
         for _ in range(args.calibration_rounds):
-            fraction = self._teacher_fraction(self._switch_rollout(prompt_ids, scale))
-            best = min(best, (abs(fraction - target), scale))
+            fraction = self._teacher_fraction(self._switch_rollout(prompt_ids, control))
+            best = min(best, (abs(fraction - target), control))
             if abs(fraction - target) <= args.calibration_tolerance:
                 break
             if fraction > target:  # threshold too low: the teacher writes too much
-                low = scale
-                scale = math.sqrt(low * high) if high is not None else scale * 4
+                low = control
+                control = (low + high) / 2 if high is not None else control + math.log(4)
             else:
-                high = scale
-                scale = math.sqrt(low * high) if low is not None else scale / 4
-        self.switch_scale, self.calibrated = best[1], True
+                high = control
+                control = (low + high) / 2 if low is not None else control - math.log(4)
+        self._set_control(best[1])
+        self.calibrated = True
         return self.switch_scale
 
     # ------------------------------------------------------------------------------------------------------ state
     def method_state_dict(self) -> dict[str, Any]:
-        return {"switch_scale": self.switch_scale, "calibrated": self.calibrated}
+        return {
+            "switch_scale": self.switch_scale,
+            "switch_decay": self.switch_decay,
+            "switch_control": self.switch_control,
+            "calibrated": self.calibrated,
+        }
 
     def load_method_state_dict(self, state: dict[str, Any]) -> None:
         self.switch_scale, self.calibrated = state["switch_scale"], state["calibrated"]
+        self.switch_decay = state.get("switch_decay", self.args.switch_decay)
+        self.switch_control = state.get("switch_control")
+        if self.switch_control is None and self.calibrated and self.args.target_teacher_fraction is not None:
+            self.switch_control = math.log(self.switch_scale)  # a checkpoint from before the controller existed
