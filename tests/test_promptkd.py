@@ -247,6 +247,8 @@ def test_resume_restores_prompt_and_optimizer_exactly(tmp_path, tokenizer):
         ({"prompt_learning_rate": -1.0}, "prompt_learning_rate"),
         ({"prompt_reg_coef": -0.5}, "prompt_reg_coef"),
         ({"prompt_init_text": "  "}, "prompt_init_text"),
+        ({"prompt_init_special_tokens": "yes"}, "prompt_init_special_tokens"),
+        ({"prompt_reg_coef": float("nan")}, "prompt_reg_coef"),
     ],
 )
 def test_bad_config_values_are_refused(tmp_path, overrides, match):

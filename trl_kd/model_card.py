@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 
 # TrainingArguments fields worth showing besides the method's own
 _TRAINING_FIELDS = (
-    "learning_rate", "lr_scheduler_type", "warmup_steps", "max_steps", "num_train_epochs",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "max_completion_length",
-    "temperature", "top_p", "top_k", "beta", "seed",
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_epsilon", "max_steps",
+    "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm",
+    "max_completion_length", "temperature", "top_p", "top_k", "beta", "seed",
 )
 _PACKAGES = ("trl-kd", "trl", "transformers", "torch", "accelerate", "peft", "datasets", "deepspeed")
 

@@ -93,6 +93,8 @@ class KDTrainer(DistillationTrainer):
     config_class = KDConfig
     position_buckets: int = 0
     """Log `teacher_token_fraction/bucket_<b>_of_<n>` over this many equal parts of each response (0 = off)."""
+    teacher_prefix_tokens: int = 0
+    """Positions the teacher sees before each prompt (PromptKD's soft prompt), counted in the length checks."""
 
     def __init__(
         self,
@@ -266,9 +268,6 @@ class KDTrainer(DistillationTrainer):
 
     def _padding_token_ids(self, model: PreTrainedModel) -> list[int]:
         return list(range(self.kd_vocab_size, model.config.get_text_config().vocab_size))
-
-    teacher_prefix_tokens: int = 0
-    """Positions the teacher sees before each prompt (PromptKD's soft prompt), counted in the length checks."""
 
     def position_limits(self) -> dict[str, int]:
         """Longest `prompt + completion` each model can place, by role (models whose config names no limit are

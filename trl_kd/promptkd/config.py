@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..kd.config import KDConfig
@@ -76,11 +77,17 @@ class PromptKDConfig(KDConfig):
         super().__post_init__()
         if self.num_prompt_tokens < 1:
             raise ValueError(f"num_prompt_tokens must be >= 1, got {self.num_prompt_tokens}.")
-        if self.prompt_learning_rate is not None and self.prompt_learning_rate < 0:
-            raise ValueError(f"prompt_learning_rate must be >= 0 or None, got {self.prompt_learning_rate}.")
-        if self.prompt_weight_decay < 0:
-            raise ValueError(f"prompt_weight_decay must be >= 0, got {self.prompt_weight_decay}.")
-        if self.prompt_reg_coef < 0:
-            raise ValueError(f"prompt_reg_coef must be >= 0, got {self.prompt_reg_coef}.")
+        if self.prompt_learning_rate is not None and not 0 <= self.prompt_learning_rate < math.inf:
+            raise ValueError(
+                f"prompt_learning_rate must be a finite number >= 0 or None, got {self.prompt_learning_rate}."
+            )
+        if not 0 <= self.prompt_weight_decay < math.inf:
+            raise ValueError(f"prompt_weight_decay must be a finite number >= 0, got {self.prompt_weight_decay}.")
+        if not 0 <= self.prompt_reg_coef < math.inf:
+            raise ValueError(f"prompt_reg_coef must be a finite number >= 0, got {self.prompt_reg_coef}.")
+        if not isinstance(self.prompt_init_special_tokens, bool):
+            raise ValueError(
+                f"prompt_init_special_tokens must be True or False, got {self.prompt_init_special_tokens!r}."
+            )
         if self.prompt_init_text is not None and not self.prompt_init_text.strip():
             raise ValueError("prompt_init_text must be a non-empty text or None (random initialisation).")

@@ -28,6 +28,7 @@ TRAINING_DEFAULTS = dict(
     per_device_train_batch_size=8,
     learning_rate=1e-3,
     lr_scheduler_type="constant",
+    warmup_steps=0,  # PromptKD's official 100 warm-up steps would outlast this short run
     max_completion_length=24,
     logging_steps=10,
     eval_strategy="no",
