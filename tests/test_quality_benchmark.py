@@ -1,0 +1,103 @@
+"""The quality benchmark's statistics and record/resume logic (the benchmark itself runs outside CI)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from quality_records import is_finished, load_records, read_record, record_path, run_once, slug, write_record
+from quality_stats import Interval, mean_and_interval, paired_bootstrap
+
+
+def test_constant_differences_have_a_point_interval():
+    rng = np.random.default_rng(0)
+    baseline = rng.uniform(0, 100, size=(5, 64))
+    interval = paired_bootstrap(baseline + 3.0, baseline)
+    assert (interval.mean, interval.low, interval.high) == pytest.approx((3.0, 3.0, 3.0))
+    assert interval.excludes_zero and interval.verdict() == "better"
+
+
+def test_two_prompts_hand_computed():
+    # one seed, differences 0 and 2: a resample of two prompts has mean 0 (p=1/4), 1 (p=1/2) or 2 (p=1/4),
+    # so the 2.5th and 97.5th percentiles are 0 and 2
+    interval = paired_bootstrap(np.array([[0.0, 2.0]]), np.zeros((1, 2)), resamples=20000)
+    assert (interval.mean, interval.low, interval.high) == (1.0, 0.0, 2.0)
+    assert not interval.excludes_zero and interval.verdict() == "tie"
+
+
+def test_seeds_are_resampled_too():
+    # one prompt, two seeds with differences 0 and 4: means 0, 2, 4 with p = 1/4, 1/2, 1/4
+    interval = paired_bootstrap(np.array([[0.0], [4.0]]), np.zeros((2, 1)), resamples=20000)
+    assert (interval.mean, interval.low, interval.high) == (2.0, 0.0, 4.0)
+
+
+def test_pairing_removes_the_shared_prompt_variation():
+    """Prompts differ a lot in difficulty; the method is 1 point better on every prompt. Paired: exactly +1."""
+    rng = np.random.default_rng(1)
+    difficulty = rng.uniform(0, 100, size=(1, 256)).repeat(5, axis=0)
+    paired = paired_bootstrap(difficulty + 1.0, difficulty)
+    assert paired.low == pytest.approx(1.0) and paired.high == pytest.approx(1.0)
+    # the method's own mean has the prompts' spread in its interval (about +-7 points here)
+    alone = mean_and_interval(difficulty + 1.0)
+    assert alone.high - alone.low > 5.0
+
+
+def test_worse_and_reproducible():
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0, 1, size=(5, 100))
+    worse = base - 0.2 + rng.normal(0, 0.05, size=base.shape)
+    first, second = paired_bootstrap(worse, base, seed=3), paired_bootstrap(worse, base, seed=3)
+    assert first == second and first.verdict() == "worse" and first.high < 0
+    assert str(Interval(1.0, -0.5, 2.5)) == "+1.0 [-0.5, +2.5]"
+
+
+def test_shapes_must_match():
+    with pytest.raises(ValueError, match="seeds, prompts"):
+        paired_bootstrap(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+def test_records_are_written_atomically_and_read_back(tmp_path):
+    path = record_path(tmp_path, "Exact answers", "SKD (K=25, FKL)", seed=2, learning_rate=3e-4, phase="final",
+                       steps=400)
+    assert path.parts[-3:] == ("exact-answers", "skd-k-25-fkl", "final-steps400-lr0.0003-seed2.json")
+    assert not is_finished(path)
+    write_record(path, {"metrics": {"rouge_l": 41.5}, "seed": 2})
+    assert read_record(path)["metrics"] == {"rouge_l": 41.5} and "written_at" in read_record(path)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_half_written_and_foreign_files_are_not_finished_runs(tmp_path):
+    path = record_path(tmp_path, "text", "SFT", seed=0, learning_rate=1e-3, phase="grid")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"metrics": {"ce": 1.')  # a run killed mid-write by an older, non-atomic writer
+    assert not is_finished(path)
+    (path.parent / "other.json").write_text(json.dumps({"no": "metrics"}))
+    (path.parent / ".tmp-abc.json").write_text(json.dumps({"metrics": {}}))
+    assert load_records(tmp_path) == []
+
+
+def test_finished_runs_are_skipped_on_restart(tmp_path):
+    calls = []
+
+    def run():
+        calls.append(1)
+        return {"metrics": {"exact_match": 50.0}, "method": "SFT"}
+
+    path = record_path(tmp_path, "exact", "SFT", seed=0, learning_rate=1e-3, phase="final")
+    first, computed = run_once(path, run)
+    again, recomputed = run_once(path, run)
+    assert computed and not recomputed and len(calls) == 1
+    assert again["metrics"] == first["metrics"] == {"exact_match": 50.0}
+    assert [r["method"] for r in load_records(tmp_path, "exact")] == ["SFT"]
+    assert slug("GKD on-policy (lmbda 1, JSD 0.5)") == "gkd-on-policy-lmbda-1-jsd-0-5"
+
+
+def test_a_failed_run_writes_nothing(tmp_path):
+    path = record_path(tmp_path, "exact", "SFT", seed=0, learning_rate=1e-3, phase="final")
+
+    def crash():
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        run_once(path, crash)
+    assert not path.exists()
