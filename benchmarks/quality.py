@@ -58,6 +58,7 @@ from trl_kd import (  # noqa: E402
     SwitchConfig,
     SwitchTrainer,
 )
+from trl_kd.scripts.default import cache_base  # noqa: E402
 from trl_kd.testing import CHAT_TEMPLATE, EOS, PAD, build_tokenizer, make_task  # noqa: E402
 
 from plotting import pyplot  # noqa: E402
@@ -120,8 +121,9 @@ class Setting:
     student_steps: int = 100
     steps: int = 300
     student_size: tuple[int, int, int] = (32, 2, 64)  # hidden, layers, intermediate
+    capacity_steps: int = 2000  # the long SFT run that shows how far the student can go
+    capacity_batch: int = BATCH
     teacher_size: tuple[int, int, int] = (64, 3, 128)
-    chat: bool = True
     text_file: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -158,28 +160,29 @@ def make_long(rng):
 GENERATION = {"rouge_l": True, "exact_match": True, "stop_rate": True, "rouge_l_sampled": True}
 SETTINGS = {
     "exact": Setting("exact", "exact answers, 2-6 items", make_exact, 18, "rouge_l", GENERATION,
-                     student_steps=300, steps=400),
+                     student_steps=300, steps=400, capacity_steps=4000),
     "multi": Setting("multi", "pick two of 3-6 items: several correct answers, noisy references", make_multi, 8,
                      "validity", {"validity": True, "validity_sampled": True, "distinct_answers": True,
                                   "stop_rate": True}, student_steps=150, steps=400),
     "long": Setting("long", "copy/reverse/sort 64-72 letters (answers of 64+ tokens)", make_long, 80, "rouge_l",
-                    GENERATION, teacher_steps=2500, student_steps=200, steps=300,
-                    teacher_size=(96, 3, 192)),
+                    GENERATION, teacher_steps=2500, student_steps=200, steps=300, student_size=(64, 2, 128),
+                    teacher_size=(96, 3, 192), capacity_steps=3000, capacity_batch=32),
     "text": Setting("text", "continuing real text (the next 64 tokens of a held-out passage)", None, 64, "ce",
                     {"ce": False, "fkl": False, "rkl": False, "teacher_nll": False, "distinct_2": True},
-                    teacher_steps=2000, student_steps=150, steps=300, student_size=(48, 2, 128),
-                    teacher_size=(128, 4, 384), chat=False),
+                    teacher_steps=2000, student_steps=150, steps=300, student_size=(64, 2, 192),
+                    teacher_size=(128, 4, 384)),
 }
 
 
 # ------------------------------------------------------------------------------------------------ data and models
 def cache_root() -> Path:
-    root = os.environ.get("TRL_KD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "trl-kd")
-    return Path(root) / f"quality-{RECIPE_VERSION}"
+    return cache_base() / f"quality-{RECIPE_VERSION}"
 
 
-def recipe_key(setting: Setting) -> str:
-    recipe = {k: v for k, v in vars(setting).items() if k not in ("make", "higher_is_better", "describe", "extra")}
+def recipe_key(setting: Setting, *fields: str) -> str:
+    """A hash of the setting's data (its name, and the text file's content) and of the named recipe fields, so a
+    cached model is reused exactly when what made it is unchanged (a new student size keeps the teacher)."""
+    recipe = {"name": setting.name, **{f: getattr(setting, f) for f in fields}}
     if setting.text_file:
         recipe["text_sha"] = hashlib.sha256(Path(setting.text_file).read_bytes()).hexdigest()[:16]
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -261,7 +264,7 @@ class Task:
         return out
 
     def _cached_model(self, role, size, steps, seed):
-        path = self.folder / role
+        path = self.folder / f"{role}-{recipe_key(self.setting, f'{role}_size', f'{role}_steps')}"
         if (path / "config.json").exists():
             return AutoModelForCausalLM.from_pretrained(path).eval()
         start = time.perf_counter()
@@ -482,13 +485,17 @@ def run_setting(setting: Setting, args, log=print) -> None:
         run_once(record_path(root, setting.name, name, 0, 0.0, "reference"),
                  lambda make=make, name=name: reference_record(task, name, make(), task.test, args.seeds))
 
+    capacity_steps, capacity_batch = args.capacity_steps or setting.capacity_steps, setting.capacity_batch
+
     def capacity():
         model = copy.deepcopy(task.student)
-        sft(model, task.tokenizer, task.examples(args.capacity_steps * BATCH, seed=77), args.capacity_steps, BATCH,
-            3e-3, seed=0)
-        return reference_record(task, f"Student capacity ({args.capacity_steps} SFT steps)", model, task.test, 1)
+        sft(model, task.tokenizer, task.examples(capacity_steps * capacity_batch, seed=77), capacity_steps,
+            capacity_batch, 3e-3, seed=0)
+        name = f"Student capacity ({capacity_steps} SFT steps of batch {capacity_batch})"
+        return reference_record(task, name, model, task.test, 1)
 
-    run_once(record_path(root, setting.name, f"capacity-{args.capacity_steps}", 0, 0.0, "reference"), capacity)
+    run_once(record_path(root, setting.name, f"capacity-{capacity_steps}x{capacity_batch}", 0, 0.0, "reference"),
+             capacity)
     for method in methods:
         scored = []  # (validation score, lr) of each grid point; no search with a single rate
         for lr in args.lr_grid if len(args.lr_grid) > 1 else []:
@@ -590,8 +597,36 @@ def report(setting: Setting, root: str, plots: str | None) -> list[str]:
             verdict = {"better": "confirmed", "worse": "refuted", "tie": "inconclusive at this power"}
             verdict = verdict[interval.verdict()]
             lines.append(f"| {claim} | {interval} | {verdict} |")
+    lines += length_buckets(setting, final)
     if plots:
         plot_curves(setting, final, refs, os.path.join(plots, f"quality_{setting.name}.png"))
+    return lines
+
+
+def length_buckets(setting: Setting, final: dict, buckets: int = 3) -> list[str]:
+    """The primary metric by reference length (tertiles of the test prompts' reference tokens), and each method's
+    difference from on-policy GKD in every bucket: SWITCH's claim is that its gain grows with length."""
+    first = next(iter(final.values()), [None])[0]
+    if first is None or "reference_tokens" not in first["per_prompt"] or GKD_BASELINE not in final:
+        return []
+    lengths = np.array(first["per_prompt"]["reference_tokens"])
+    edges = np.quantile(lengths, np.linspace(0, 1, buckets + 1))
+    which = np.clip(np.searchsorted(edges, lengths, side="right") - 1, 0, buckets - 1)
+    names = [f"{int(lengths[which == b].min())}-{int(lengths[which == b].max())} tokens" for b in range(buckets)]
+    gkd = _per_prompt_matrix(final[GKD_BASELINE], setting.primary)
+    lines = ["", f"{setting.primary} by reference length (test prompts split at the length quantiles into {buckets} "
+             "buckets; the difference from GKD on-policy with its paired 95% interval):", "",
+             "| method | " + " | ".join(names) + " |", "|" + " --- |" * (buckets + 1)]
+    for method, runs in final.items():
+        scores = _per_prompt_matrix(runs, setting.primary)
+        cells = []
+        for b in range(buckets):
+            cell = f"{scores[:, which == b].mean():.1f}"
+            if method != GKD_BASELINE:
+                n = min(len(scores), len(gkd))
+                cell += f" ({paired_bootstrap(scores[:n, which == b], gkd[:n, which == b])})"
+            cells.append(cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -633,12 +668,13 @@ def main() -> None:
     parser.add_argument("--val-prompts", type=int, default=64, help="validation prompts (learning-rate grid)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: per setting)")
     parser.add_argument("--lr-grid", default="3e-4,1e-3,3e-3")
-    parser.add_argument("--capacity-steps", type=int, default=2000)
+    parser.add_argument("--capacity-steps", type=int, default=None, help="default: per setting")
     parser.add_argument("--text-file", default=None, help="a plain-text corpus for the text setting")
     parser.add_argument("--records", default="benchmarks/records/quality")
     parser.add_argument("--plots", default="docs/img")
     parser.add_argument("--report", action="store_true", help="only rebuild the tables and plots from the records")
     parser.add_argument("--quick", action="store_true", help="a few minutes: few steps, prompts, seeds and methods")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 lets two settings run side by side)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.prompts, args.val_prompts, args.steps = 2, 32, 16, args.steps or 30
@@ -652,7 +688,7 @@ def main() -> None:
     unknown = set(args.methods or ()) - {slug(m) for m in METHODS}
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {[slug(m) for m in METHODS]}")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     for name in args.settings.split(","):
         setting = copy.copy(SETTINGS[name])
         setting.text_file = args.text_file if name == "text" else None

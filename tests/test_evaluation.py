@@ -64,3 +64,7 @@ def test_best_checkpoint_is_selected_by_rouge_l(tmp_path, tokenizer):
     best_step = scores[:3].index(max(scores[:3])) + 1
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
     assert len(logged(trainer, "eval_rouge_l_before")) == 1
+    # the teacher's score, logged once beside the student's "before", is its own greedy ROUGE-L
+    teacher_scores = logged(trainer, "eval_teacher_rouge_l")
+    expected = generation_metrics(trainer.teacher_model, None, tokenizer, prompts, list(eval_dataset["completion"]), 8)
+    assert teacher_scores == [pytest.approx(expected["rouge_l"])]

@@ -2,6 +2,7 @@
 default and writes a model card; recipes parse; bad flags fail with a clear message."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,10 @@ def test_example_runs_with_no_arguments(method, tmp_path, env):
     output_dir = tmp_path / "outputs" / f"{method}-default"
     assert f"to outputs/{method}-default" in out.stdout
     assert "Student ROUGE-L on 48 held-out prompts" in out.stdout
+    if method == "switch":  # the newcomer's run must show a clear effect (issue #16: >= 20 ROUGE-L points)
+        match = re.search(r"ROUGE-L on 48 held-out prompts: ([\d.]+) before, ([\d.]+) after", out.stdout)
+        before, after = map(float, match.groups())
+        assert after - before >= 20, out.stdout[-2000:]
     assert (output_dir / "model.safetensors").exists() and (output_dir / "tokenizer.json").exists()
     card = ModelCard.load(output_dir / "README.md")
     assert {"trl-kd", "distillation"} <= set(card.data.tags)

@@ -73,7 +73,8 @@ def generation_metrics(
 
 class GenerationEvalCallback(TrainerCallback):
     """Logs `eval_rouge_l`, `eval_exact_match` and `eval_top1_agreement` of a trl-kd trainer's student before
-    training (with a `_before` suffix), whenever the trainer evaluates, and at the end of training.
+    training (with a `_before` suffix, and the teacher's `eval_teacher_rouge_l`), whenever the trainer evaluates, and
+    at the end of training.
 
     The metrics are also added to what `trainer.evaluate()` returns, so `metric_for_best_model="rouge_l"` with
     `load_best_model_at_end=True` keeps the checkpoint with the best ROUGE-L.
@@ -98,7 +99,13 @@ class GenerationEvalCallback(TrainerCallback):
 
     # every process evaluates (identical greedy work), so ZeRO-3 parameter gathers stay aligned
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.log({f"{k}_before": v for k, v in self.evaluate().items()})
+        before = {f"{k}_before": v for k, v in self.evaluate().items()}
+        trainer = self.trainer
+        teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+        # the teacher's own score: the ceiling the student is distilled toward
+        ceiling = generation_metrics(teacher, None, trainer.processing_class, self.prompts, self.references,
+                                     self.max_new_tokens)
+        trainer.log({**before, "eval_teacher_rouge_l": ceiling["rouge_l"]})
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         results = self.evaluate()

@@ -135,8 +135,10 @@ def main(method: str, argv: list[str] | None = None) -> str:
         trainer.push_to_hub(dataset_name=dataset_name)
     if trainer.is_world_process_zero():
         history = trainer.state.log_history
-        scores = {k: v for row in history for k, v in row.items() if k in ("eval_rouge_l_before", "eval_rouge_l")}
-        if len(scores) == 2:
+        keys = ("eval_teacher_rouge_l", "eval_rouge_l_before", "eval_rouge_l")
+        scores = {k: v for row in history for k, v in row.items() if k in keys}
+        if len(scores) == 3:
+            print(f"Teacher ROUGE-L on {EVAL_PROMPTS} held-out prompts: {scores['eval_teacher_rouge_l']:.1f}.")
             print(f"Student ROUGE-L on {EVAL_PROMPTS} held-out prompts: {scores['eval_rouge_l_before']:.1f} before, "
                   f"{scores['eval_rouge_l']:.1f} after.")
         print(f"Saved the student, its tokenizer and the model card (README.md) to {training_args.output_dir}")
