@@ -22,7 +22,8 @@ reports how far a long SFT run of that student gets (its capacity). Each method'
 grid on a validation split (one seed), then the method runs ``--seeds`` seeds at that rate and is scored on held-out
 test prompts. Every run writes a JSON record (``--records``); finished runs are skipped when the script is started
 again, and ``--report`` rebuilds the tables, the paired-bootstrap intervals (over prompts and seeds, against SFT and
-against on-policy GKD) and the learning-curve plots from the records alone.
+against on-policy GKD) and the learning-curve plots from the records alone. PromptKD also gets a diagnostic run that
+scores its prompted teacher; ``DIAGNOSTIC_METHODS`` run only when named with ``--methods``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import hashlib
 import json
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +84,12 @@ METHODS: dict[str, tuple | None] = {
     "PromptKD (paper init text)": (PromptKDTrainer, PromptKDConfig, {}),
     "PromptKD (in-distribution init)": (PromptKDTrainer, PromptKDConfig, {"prompt_init_text": None}),
 }
+# run only when named with --methods, to diagnose a result (e.g. SKD when the teacher accepts every student token)
+DIAGNOSTIC_METHODS: dict[str, tuple] = {
+    "On-policy FKL (lmbda 1, beta 0)": (KDTrainer, KDConfig, {"lmbda": 1.0, "beta": 0.0}),
+    "SKD (K=3, FKL)": (SpeculativeKDTrainer, SpeculativeKDConfig, {"acceptance_top_k": 3}),
+}
+ALL_METHODS = {**METHODS, **DIAGNOSTIC_METHODS}
 SFT_BASELINE, GKD_BASELINE = "SFT on references", "GKD on-policy (lmbda 1, JSD 0.5)"
 # the papers' claims, as (claim, method, baseline) comparisons of the primary metric
 CLAIMS = [
@@ -123,6 +131,8 @@ class Setting:
     student_size: tuple[int, int, int] = (32, 2, 64)  # hidden, layers, intermediate
     capacity_steps: int = 2000  # the long SFT run that shows how far the student can go
     capacity_batch: int = BATCH
+    batch: int = BATCH  # of every method's runs
+    schedule: str = "constant"  # of every method's runs: "constant" or "linear" (decay to 0)
     teacher_size: tuple[int, int, int] = (64, 3, 128)
     text_file: str | None = None
     extra: dict = field(default_factory=dict)
@@ -166,7 +176,7 @@ SETTINGS = {
                                   "stop_rate": True}, student_steps=150, steps=400),
     "long": Setting("long", "copy/reverse/sort 64-72 letters (answers of 64+ tokens)", make_long, 80, "rouge_l",
                     GENERATION, teacher_steps=2500, student_steps=200, steps=300, student_size=(64, 2, 128),
-                    teacher_size=(96, 3, 192), capacity_steps=3000, capacity_batch=32),
+                    teacher_size=(96, 3, 192), capacity_steps=3000, capacity_batch=32, batch=32, schedule="linear"),
     "text": Setting("text", "continuing real text (the next 64 tokens of a held-out passage)", None, 64, "ce",
                     {"ce": False, "fkl": False, "rkl": False, "teacher_nll": False, "distinct_2": True},
                     teacher_steps=2000, student_steps=150, steps=300, student_size=(64, 2, 192),
@@ -422,6 +432,7 @@ def train_one(task: Task, method: str, lr: float, seed: int, steps: int, example
     student = copy.deepcopy(task.student)
     curve_at = {max(1, round(steps * f)) for f in (0.25, 0.5, 0.75, 1.0)}
     curve: list[dict] = []
+    extra: dict[str, dict] = {}
 
     def record_at(step: int, model=None) -> None:
         if step in curve_at:
@@ -429,16 +440,17 @@ def train_one(task: Task, method: str, lr: float, seed: int, steps: int, example
             curve.append({"step": step, **metrics})
 
     begin = time.perf_counter()
-    spec = METHODS[method]
-    rows = task.train_rows(steps * BATCH, seed=21 + seed)
+    spec = ALL_METHODS[method]
+    rows = task.train_rows(steps * setting.batch, seed=21 + seed)
     if spec is None:
         examples_train = [Example(r["prompt"], r["completion"]) for r in rows]
-        sft(student, tokenizer, examples_train, steps, BATCH, lr, seed, callback=record_at, schedule="constant")
+        sft(student, tokenizer, examples_train, steps, setting.batch, lr, seed, callback=record_at,
+            schedule=setting.schedule)
     else:
         trainer_class, config_class, overrides = spec
         args = config_class(**{
-            "output_dir": str(cache_root() / "runs"), "per_device_train_batch_size": BATCH, "max_steps": steps,
-            "learning_rate": lr, "lr_scheduler_type": "constant", "warmup_steps": 0,
+            "output_dir": str(cache_root() / "runs"), "per_device_train_batch_size": setting.batch,
+            "max_steps": steps, "learning_rate": lr, "lr_scheduler_type": setting.schedule, "warmup_steps": 0,
             "max_completion_length": setting.max_new_tokens, "report_to": "none", "bf16": False,
             "use_cpu": not torch.cuda.is_available(), "save_strategy": "no", "logging_steps": max(1, steps // 10),
             "disable_tqdm": True, "gradient_checkpointing": False, "seed": seed, **overrides,
@@ -454,17 +466,33 @@ def train_one(task: Task, method: str, lr: float, seed: int, steps: int, example
             model.train()
 
         trainer.add_callback(CurveCallback(at_step))
+        if phase == "diagnostic" and isinstance(trainer, PromptKDTrainer):
+            extra["prompted_teacher_before"] = prompted_teacher_scores(task, trainer, examples, seed)
         trainer.train()
         student = model
+        if phase == "diagnostic" and isinstance(trainer, PromptKDTrainer):
+            extra["prompted_teacher_after"] = prompted_teacher_scores(task, trainer, examples, seed)
         logs = [row for row in trainer.state.log_history if "teacher_token_fraction" in row]
         teacher_fraction = [row["teacher_token_fraction"] for row in logs]
     wall = time.perf_counter() - begin
     scores = evaluate(task, student.eval(), examples, seed)
     return {
         "setting": setting.name, "method": method, "phase": phase, "seed": seed, "lr": lr, "steps": steps,
-        "metrics": summary(scores), "per_prompt": scores, "curve": curve, "wall_time": wall,
-        "teacher_token_fraction": teacher_fraction if spec is not None else [], "git_commit": git_commit(),
+        "batch": setting.batch, "schedule": setting.schedule, "metrics": summary(scores), "per_prompt": scores,
+        "curve": curve, "wall_time": wall,
+        "teacher_token_fraction": teacher_fraction if spec is not None else [], "git_commit": git_commit(), **extra,
     }
+
+
+def prompted_teacher_scores(task: Task, trainer: PromptKDTrainer, examples: list[Example], seed: int) -> dict:
+    """The teacher with PromptKD's current soft prompt, scored like a student (through the PEFT adapter the trainer
+    exports): does the prompt the student learns from keep the teacher's skill?"""
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory() as folder:
+        trainer.save_prompt_adapter(folder)
+        prompted = PeftModel.from_pretrained(copy.deepcopy(task.teacher), folder).eval()
+        return summary(evaluate(task, prompted, examples, seed, quick_curve=True))
 
 
 def reference_record(task: Task, name: str, model, examples, seeds: int) -> dict:
@@ -479,7 +507,7 @@ def run_setting(setting: Setting, args, log=print) -> None:
     task = Task(setting, n_test=args.prompts, n_val=args.val_prompts, log=log)
     root, better = args.records, setting.higher_is_better[setting.primary]
     steps = args.steps or setting.steps
-    methods = [m for m in METHODS if not args.methods or slug(m) in args.methods]
+    methods = [m for m in ALL_METHODS if slug(m) in args.methods] if args.methods else list(METHODS)
     # references: the teacher, the base student, and the base student after a long SFT (its capacity)
     for name, make in (("Teacher", lambda: task.teacher), ("Student before distillation", lambda: task.student)):
         run_once(record_path(root, setting.name, name, 0, 0.0, "reference"),
@@ -519,6 +547,10 @@ def run_setting(setting: Setting, args, log=print) -> None:
             if computed:
                 log(f"[{setting.name}] {method} seed {seed} (lr {best_lr:g}): {setting.primary} "
                     f"{record['metrics'][setting.primary]:.2f} in {record['wall_time']:.0f}s")
+        if ALL_METHODS[method] is not None and ALL_METHODS[method][0] is PromptKDTrainer:
+            # one more seed-0 run that also scores the prompted teacher the student learns from
+            run_once(record_path(root, setting.name, method, 0, best_lr, "diagnostic", steps),
+                     lambda method=method: train_one(task, method, best_lr, 0, steps, task.test, [], "diagnostic"))
 
 
 # ------------------------------------------------------------------------------------------------------- reporting
@@ -532,17 +564,37 @@ def _per_prompt_matrix(records: list[dict], metric: str) -> np.ndarray:
     return np.array(rows, dtype=float)
 
 
+def _final_runs(final: dict, grid: dict, setting: Setting) -> dict[str, list[dict]]:
+    """Each method's final runs at the rate its grid chose (else the budget and rate with the most seeds); final
+    runs at any other rate are diagnostics, listed after the methods as "<method> at lr <rate>"."""
+    better = setting.higher_is_better[setting.primary]
+    chosen, extra = {}, {}
+    for method in ALL_METHODS:
+        if method not in final:
+            continue
+        key = max(final[method], key=lambda k: len(final[method][k]))
+        on_grid = grid.get(method, {}).items()
+        scored = [(runs[0]["metrics"][setting.primary], k) for k, runs in on_grid if k[0] == key[0]]
+        if scored:
+            best = (max(scored) if better else min(scored))[1]
+            key = best if best in final[method] else key
+        chosen[method] = final[method][key]
+        for other, runs in final[method].items():
+            if other != key:
+                extra[f"{method} at lr {other[1]:g}"] = runs
+    return {**chosen, **extra}
+
+
 def report(setting: Setting, root: str, plots: str | None) -> list[str]:
     """The markdown tables of one setting, from its records."""
     records = load_records(root, setting.name)
     final, grid = {}, {}
     for r in records:
-        if r.get("phase") in ("final", "grid") and r["method"] in METHODS:
+        if r.get("phase") in ("final", "grid") and r["method"] in ALL_METHODS:
             by_phase = final if r["phase"] == "final" else grid
             by_phase.setdefault(r["method"], {}).setdefault((r["steps"], r["lr"]), []).append(r)
     refs = {r["method"]: r for r in records if r.get("phase") == "reference"}
-    # a method's final runs: the budget and rate with the most seeds (the rate its grid chose)
-    final = {m: max(final[m].values(), key=len) for m in METHODS if m in final}
+    final = _final_runs(final, grid, setting)
     metrics = list(setting.higher_is_better)
     lines = [f"**{setting.name}**: {setting.describe}", ""]
     header = "| method | lr | seeds | " + " | ".join(metrics) + " | wall s/run |"
@@ -598,8 +650,25 @@ def report(setting: Setting, root: str, plots: str | None) -> list[str]:
             verdict = verdict[interval.verdict()]
             lines.append(f"| {claim} | {interval} | {verdict} |")
     lines += length_buckets(setting, final)
+    lines += prompted_teacher_table(setting, records, refs.get("Teacher"))
     if plots:
         plot_curves(setting, final, refs, os.path.join(plots, f"quality_{setting.name}.png"))
+    return lines
+
+
+def prompted_teacher_table(setting: Setting, records: list[dict], teacher: dict | None) -> list[str]:
+    """PromptKD's diagnostic runs: the teacher with the initial and with the learned soft prompt, beside the plain
+    teacher, on the test prompts (seed 0)."""
+    runs = [r for r in records if r.get("phase") == "diagnostic" and "prompted_teacher_after" in r]
+    if not runs or teacher is None:
+        return []
+    k = setting.primary
+    lines = ["", f"PromptKD's prompted teacher ({k} on the test prompts, seed 0; the plain teacher: "
+             f"{teacher['metrics'][k]:.2f}):", "", "| method | lr | initial prompt | learned prompt | student after |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in sorted(runs, key=lambda r: r["method"]):
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r['prompted_teacher_before'][k]:.2f} | "
+                     f"{r['prompted_teacher_after'][k]:.2f} | {r['metrics'][k]:.2f} |")
     return lines
 
 
@@ -685,9 +754,9 @@ def main() -> None:
             args.settings = "exact"
     args.lr_grid = [float(x) for x in args.lr_grid.split(",")]
     args.methods = args.methods.split(",") if args.methods else None
-    unknown = set(args.methods or ()) - {slug(m) for m in METHODS}
+    unknown = set(args.methods or ()) - {slug(m) for m in ALL_METHODS}
     if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; choose from {[slug(m) for m in METHODS]}")
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {[slug(m) for m in ALL_METHODS]}")
     torch.set_num_threads(args.threads)
     for name in args.settings.split(","):
         setting = copy.copy(SETTINGS[name])
