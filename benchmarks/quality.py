@@ -513,7 +513,8 @@ def run_setting(setting: Setting, args, log=print) -> None:
         run_once(record_path(root, setting.name, name, 0, 0.0, "reference"),
                  lambda make=make, name=name: reference_record(task, name, make(), task.test, args.seeds))
 
-    capacity_steps, capacity_batch = args.capacity_steps or setting.capacity_steps, setting.capacity_batch
+    capacity_steps = setting.capacity_steps if args.capacity_steps is None else args.capacity_steps
+    capacity_batch = setting.capacity_batch
 
     def capacity():
         model = copy.deepcopy(task.student)
@@ -522,8 +523,9 @@ def run_setting(setting: Setting, args, log=print) -> None:
         name = f"Student capacity ({capacity_steps} SFT steps of batch {capacity_batch})"
         return reference_record(task, name, model, task.test, 1)
 
-    run_once(record_path(root, setting.name, f"capacity-{capacity_steps}x{capacity_batch}", 0, 0.0, "reference"),
-             capacity)
+    if capacity_steps:
+        run_once(record_path(root, setting.name, f"capacity-{capacity_steps}x{capacity_batch}", 0, 0.0, "reference"),
+                 capacity)
     for method in methods:
         scored = []  # (validation score, lr) of each grid point; no search with a single rate
         for lr in args.lr_grid if len(args.lr_grid) > 1 else []:
@@ -737,7 +739,9 @@ def main() -> None:
     parser.add_argument("--val-prompts", type=int, default=64, help="validation prompts (learning-rate grid)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: per setting)")
     parser.add_argument("--lr-grid", default="3e-4,1e-3,3e-3")
-    parser.add_argument("--capacity-steps", type=int, default=None, help="default: per setting")
+    parser.add_argument("--capacity-steps", type=int, default=None, help="default: per setting; 0 skips it")
+    parser.add_argument("--student-steps", type=int, default=None,
+                        help="SFT steps of the base student (default: per setting), e.g. to test a stronger start")
     parser.add_argument("--text-file", default=None, help="a plain-text corpus for the text setting")
     parser.add_argument("--records", default="benchmarks/records/quality")
     parser.add_argument("--plots", default="docs/img")
@@ -761,6 +765,7 @@ def main() -> None:
     for name in args.settings.split(","):
         setting = copy.copy(SETTINGS[name])
         setting.text_file = args.text_file if name == "text" else None
+        setting.student_steps = args.student_steps or setting.student_steps
         if args.quick:
             setting.teacher_steps, setting.student_steps = min(setting.teacher_steps, 300), 30
         if not args.report:
