@@ -37,7 +37,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -135,7 +135,6 @@ class Setting:
     schedule: str = "constant"  # of every method's runs: "constant" or "linear" (decay to 0)
     teacher_size: tuple[int, int, int] = (64, 3, 128)
     text_file: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _letters(rng: random.Random, n: int) -> list[str]:
@@ -466,11 +465,12 @@ def train_one(task: Task, method: str, lr: float, seed: int, steps: int, example
             model.train()
 
         trainer.add_callback(CurveCallback(at_step))
-        if phase == "diagnostic" and isinstance(trainer, PromptKDTrainer):
+        score_prompted_teacher = phase == "diagnostic" and isinstance(trainer, PromptKDTrainer)
+        if score_prompted_teacher:
             extra["prompted_teacher_before"] = prompted_teacher_scores(task, trainer, examples, seed)
         trainer.train()
         student = model
-        if phase == "diagnostic" and isinstance(trainer, PromptKDTrainer):
+        if score_prompted_teacher:
             extra["prompted_teacher_after"] = prompted_teacher_scores(task, trainer, examples, seed)
         logs = [row for row in trainer.state.log_history if "teacher_token_fraction" in row]
         teacher_fraction = [row["teacher_token_fraction"] for row in logs]
