@@ -64,7 +64,7 @@ from trl_kd.scripts.default import cache_base  # noqa: E402
 from trl_kd.testing import CHAT_TEMPLATE, EOS, PAD, build_tokenizer, make_task  # noqa: E402
 
 from plotting import pyplot  # noqa: E402
-from quality_records import git_commit, load_records, record_path, run_once, slug  # noqa: E402
+from quality_records import foreign_records, git_commit, load_records, record_path, run_once, slug  # noqa: E402
 from quality_stats import mean_and_interval, paired_bootstrap  # noqa: E402
 
 
@@ -254,6 +254,7 @@ class Task:
             self.val = self.examples(n_val, seed=998)
         self.teacher = self._cached_model("teacher", setting.teacher_size, setting.teacher_steps, seed=1)
         self.student = self._cached_model("student", setting.student_size, setting.student_steps, seed=0)
+        self.models = {"teacher": fingerprint(self.teacher), "student": fingerprint(self.student)}
 
     def _passage(self, ids: list[int], start: int) -> Example:
         prompt, completion = ids[start : start + 64], ids[start + 64 : start + 128]
@@ -287,6 +288,15 @@ class Task:
     def train_rows(self, n: int, seed: int) -> Dataset:
         rows = self.examples(n, seed)
         return Dataset.from_list([{"prompt": e.prompt, "completion": e.reference} for e in rows])
+
+
+def fingerprint(model) -> str:
+    """A hash of the model's weights: the same recipe gives other weights with another thread count or machine."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def sft(model, tokenizer, examples: list[Example], steps: int, batch: int, lr: float, seed: int,
@@ -480,7 +490,7 @@ def train_one(task: Task, method: str, lr: float, seed: int, steps: int, example
         "setting": setting.name, "method": method, "phase": phase, "seed": seed, "lr": lr, "steps": steps,
         "batch": setting.batch, "schedule": setting.schedule, "metrics": summary(scores), "per_prompt": scores,
         "curve": curve, "wall_time": wall,
-        "teacher_token_fraction": teacher_fraction if spec is not None else [], "git_commit": git_commit(), **extra,
+        "teacher_token_fraction": teacher_fraction if spec is not None else [], **provenance(task), **extra,
     }
 
 
@@ -499,13 +509,38 @@ def reference_record(task: Task, name: str, model, examples, seeds: int) -> dict
     per_seed = [evaluate(task, model, examples, seed) for seed in range(seeds)]
     return {"setting": task.setting.name, "method": name, "phase": "reference", "seed": -1, "lr": 0.0, "steps": 0,
             "metrics": summary(per_seed[0]), "per_prompt_by_seed": per_seed, "curve": [], "wall_time": 0.0,
-            "git_commit": git_commit()}
+            **provenance(task)}
+
+
+def provenance(task: Task) -> dict:
+    return {"git_commit": git_commit(), "models": task.models, "threads": torch.get_num_threads()}
+
+
+def check_records_match(task: Task, root: str) -> None:
+    """Refuse to add runs to records made with another teacher or base student (a cache rebuilt elsewhere, or with
+    another ``--threads``, trains other weights). Records from before fingerprints are checked by re-scoring the
+    teacher on the recorded test prompts."""
+    setting = task.setting
+    records = load_records(root, setting.name)
+    foreign = foreign_records(records, task.models)
+    teacher = next((r for r in records if r["method"] == "Teacher" and r.get("phase") == "reference"), None)
+    if teacher is not None and "models" not in teacher:
+        rescored = evaluate(task, task.teacher, task.test, 0)[setting.primary]
+        if rescored != teacher["per_prompt_by_seed"][0][setting.primary]:
+            foreign.append(teacher)
+    if foreign:
+        raise SystemExit(
+            f"{len(foreign)} record(s) under {Path(root) / setting.name} were made with another teacher or base "
+            f"student than the cached ones ({task.models}): the models were retrained (another machine or thread "
+            "count?). Write to a new --records folder, or remove that setting's records to redo it."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- the driver
 def run_setting(setting: Setting, args, log=print) -> None:
     task = Task(setting, n_test=args.prompts, n_val=args.val_prompts, log=log)
     root, better = args.records, setting.higher_is_better[setting.primary]
+    check_records_match(task, root)
     steps = args.steps or setting.steps
     methods = [m for m in ALL_METHODS if slug(m) in args.methods] if args.methods else list(METHODS)
     # references: the teacher, the base student, and the base student after a long SFT (its capacity)

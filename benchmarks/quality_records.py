@@ -5,7 +5,8 @@ Layout: ``<root>/<setting>/<method slug>/<phase>-steps<steps>-lr<lr>-seed<seed>.
 budget, rate or seed is another record. A record holds the setting, method, seed,
 learning rate, phase (``"grid"`` for the learning-rate search on the validation split, ``"final"`` for the test
 runs), the learning curve (metrics by step), the final metrics, the per-prompt scores, wall time, git commit and the
-time it was written.
+time it was written, and the fingerprints of the teacher and base student it was made with (``models``), so runs
+made with different models are never mixed.
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ def load_records(root: str | Path, setting: str | None = None) -> list[dict[str,
     base = Path(root) / slug(setting) if setting else Path(root)
     records = [read_record(p) for p in sorted(base.rglob("*.json")) if not p.name.startswith(".tmp-")]
     return [r for r in records if r is not None]
+
+
+def foreign_records(records: list[dict[str, Any]], models: dict[str, str]) -> list[dict[str, Any]]:
+    """The records made with other models than ``models`` (role -> fingerprint), e.g. after a teacher was retrained
+    on another machine or with another thread count: mixing them with new runs would compare students of different
+    teachers. Records without fingerprints (older ones) are not judged here."""
+    return [r for r in records if "models" in r and r["models"] != models]
 
 
 def run_once(path: str | Path, run) -> tuple[dict[str, Any], bool]:

@@ -5,7 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from quality_records import is_finished, load_records, read_record, record_path, run_once, slug, write_record
+from quality_records import (
+    foreign_records,
+    is_finished,
+    load_records,
+    read_record,
+    record_path,
+    run_once,
+    slug,
+    write_record,
+)
 from quality_stats import Interval, mean_and_interval, paired_bootstrap
 
 
@@ -101,6 +110,49 @@ def test_a_failed_run_writes_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         run_once(path, crash)
     assert not path.exists()
+
+
+def test_records_of_other_models_are_foreign():
+    models = {"teacher": "aa", "student": "bb"}
+    records = [{"method": "SFT", "models": models}, {"method": "old, no fingerprint"},
+               {"method": "retrained teacher", "models": {"teacher": "cc", "student": "bb"}},
+               {"method": "retrained student", "models": {"teacher": "aa", "student": "dd"}}]
+    assert [r["method"] for r in foreign_records(records, models)] == ["retrained teacher", "retrained student"]
+
+
+def test_a_retrained_teacher_is_refused(tmp_path):
+    """Adding runs to records made with another teacher stops before anything is trained; the same models pass."""
+    import quality
+
+    class FakeTask:
+        setting = quality.SETTINGS["exact"]
+        models = {"teacher": "new", "student": "same"}
+
+    write_record(record_path(tmp_path, "exact", "SFT on references", 0, 1e-3, "final", 400),
+                 {"method": "SFT on references", "phase": "final", "metrics": {}, "models": FakeTask.models})
+    quality.check_records_match(FakeTask(), str(tmp_path))  # same models: no error
+    write_record(record_path(tmp_path, "exact", "Teacher", 0, 0.0, "reference"),
+                 {"method": "Teacher", "phase": "reference", "metrics": {},
+                  "models": {"teacher": "old", "student": "same"}})
+    with pytest.raises(SystemExit, match="1 record.* another teacher or base student"):
+        quality.check_records_match(FakeTask(), str(tmp_path))
+
+
+def test_a_legacy_teacher_record_is_rescored(tmp_path, monkeypatch):
+    """A teacher record from before fingerprints is checked by re-scoring the teacher: equal scores pass."""
+    import quality
+
+    class FakeTask:
+        setting, models, teacher, test = quality.SETTINGS["exact"], {"teacher": "t", "student": "s"}, None, []
+
+    write_record(record_path(tmp_path, "exact", "Teacher", 0, 0.0, "reference"),
+                 {"method": "Teacher", "phase": "reference", "metrics": {},
+                  "per_prompt_by_seed": [{"rouge_l": [100.0, 50.0]}]})
+    monkeypatch.setattr(quality, "evaluate", lambda *a, **k: {"rouge_l": [100.0, 50.0]})
+    quality.check_records_match(FakeTask(), str(tmp_path))
+    monkeypatch.setattr(quality, "evaluate", lambda *a, **k: {"rouge_l": [100.0, 49.0]})
+    with pytest.raises(SystemExit, match="another teacher"):
+        quality.check_records_match(FakeTask(), str(tmp_path))
 
 
 def test_length_buckets_split_at_the_quantiles_and_pair_with_gkd():
