@@ -6,6 +6,7 @@
     python benchmarks/speed.py --only trainers-sft  # the same after fine-tuning both models on the task
     python benchmarks/speed.py --only positions     # who writes each part of the response (SKD, SWITCH)
     python benchmarks/speed.py --only trainers --match PromptKD "beta=1"   # chosen rows, with the reference runs
+    python benchmarks/speed.py --only guards        # time in the finite-value guards, per trainer step
 
 Plots go to `docs/img/` (`--plot-dir`) when matplotlib is installed.
 
@@ -367,9 +368,86 @@ def plot_positions(curves: dict[str, list[float]], buckets: int, path: str) -> N
     print(f"wrote {path}")
 
 
+def bench_guards(steps: int = 20, batch: int = 4, completion: int = 32) -> str:
+    """Share of each trainer's step spent in the finite-value guards (`trl_kd.guards`): every guard call is timed
+    inside real steps of the tiny random pair, where the guards weigh most against the models' own work."""
+    import copy
+    import time
+    from collections import defaultdict
+
+    from transformers.trainer_callback import PrinterCallback
+
+    import trl_kd.kd.trainer
+    import trl_kd.promptkd.trainer
+    import trl_kd.sampler
+    from trl_kd import (
+        KDConfig,
+        KDTrainer,
+        PromptKDConfig,
+        PromptKDTrainer,
+        SpeculativeKDConfig,
+        SpeculativeKDTrainer,
+        SwitchConfig,
+        SwitchTrainer,
+    )
+    from trl_kd.testing import make_dataset
+
+    spent = defaultdict(float)
+
+    def timed(module, name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+
+        setattr(module, name, wrapper)
+
+    for module, names in ((trl_kd.sampler, ["check_sampling_probs"]),
+                          (trl_kd.kd.trainer, ["finite_flags", "check_grad_norm"]),
+                          (trl_kd.promptkd.trainer, ["finite_flags", "check_grad_norm"])):
+        for name in names:
+            timed(module, name)
+    tokenizer, student, teacher = _tiny_pair("random")
+    dataset = make_dataset("conversational_prompt_completion", 256)
+    common = _bench_args(steps, batch, completion, temperature=1.0, gradient_checkpointing=False)
+    cases = [
+        ("KDTrainer lmbda=1 (on-policy, JSD)", KDTrainer, KDConfig, {"lmbda": 1.0}),
+        ("SpeculativeKDTrainer, K=25 (paper defaults)", SpeculativeKDTrainer, SpeculativeKDConfig, {}),
+        ("SwitchTrainer, calibrated to 50% teacher tokens", SwitchTrainer, SwitchConfig,
+         {"target_teacher_fraction": 0.5}),
+        ("PromptKDTrainer (defaults)", PromptKDTrainer, PromptKDConfig, {}),
+    ]
+    rows = []
+    for label, trainer_cls, config_cls, extra in cases:
+        trainer = trainer_cls(
+            model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher), args=config_cls(**common, **extra),
+            train_dataset=dataset, processing_class=tokenizer,
+        )
+        trainer.remove_callback(PrinterCallback)
+        timer = _step_timer()
+        trainer.add_callback(timer)
+        spent.clear()
+        trainer.train()
+        step = statistics.mean(timer.times)
+        guard = sum(spent.values()) / steps
+        rows.append(f"| {label} | {step * 1000:.1f} | {guard * 1000:.3f} | {100 * guard / step:.2f}% |")
+    header = [
+        f"Time in the finite-value guards per optimizer step, tiny Qwen2 pair (random-init), batch {batch}, up to "
+        f"{completion} new tokens, fp32, {torch.get_num_threads()} threads, {steps} steps (means).",
+        "",
+        "| trainer | step (ms) | guards (ms/step) | share |",
+        "| --- | --- | --- | --- |",
+    ]
+    return "\n".join(header + rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["loss", "trainers", "trainers-sft", "positions"])
+    parser.add_argument("--only", choices=["loss", "trainers", "trainers-sft", "positions", "guards"])
     parser.add_argument("--plot-dir", default="docs/img", help="Where the PNG plots go ('' for none).")
     parser.add_argument("--match", nargs="+", help="Time only the trainer rows whose labels contain one of these.")
     parser.add_argument("--loss-case", help=argparse.SUPPRESS)
@@ -390,6 +468,8 @@ def main() -> None:
         print(bench_trainers(pair="sft", plot_path=sft_plot, match=args.match) + "\n")
     if args.only in (None, "positions"):
         print(bench_positions(plot_path=plot("teacher_fraction_by_position.png")) + "\n")
+    if args.only in (None, "guards"):
+        print(bench_guards() + "\n")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from trl_kd import (
     PromptKDConfig,
     SpeculativeKDConfig,
     SwitchConfig,
+    checkpoints,
     evaluation,
     losses,
     model_card,
@@ -116,7 +117,7 @@ def test_api_reference_has_every_public_name_and_config_field(site):
         if not name.startswith("__"):
             obj = getattr(trl_kd, name)
             assert {f"trl_kd.{name}", f"{obj.__module__}.{obj.__qualname__}"} & anchors, f"no API entry for {name}"
-    for module in (losses, sampler, planner, evaluation, model_card, testing):
+    for module in (losses, sampler, planner, evaluation, model_card, testing, checkpoints):
         for name, obj in vars(module).items():
             if not name.startswith("_") and (inspect.isroutine(obj) or inspect.isclass(obj)):
                 if getattr(obj, "__module__", None) == module.__name__:

@@ -37,9 +37,9 @@ _TILE_ELEMENTS = 2**24
 
 
 def _kl_from_logs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """``KL(a || b)`` per row from log-probabilities; ``0 * log 0`` counts as 0."""
+    """``KL(a || b)`` per row from log-probabilities; ``0 * log 0`` counts as 0, and a NaN stays NaN."""
     a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+    return torch.where(a == 0, torch.zeros_like(a), a * (log_a - log_b)).sum(-1)
 
 
 def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:

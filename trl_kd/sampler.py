@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from .guards import check_sampling_probs
 from .losses import divergence
 
 
@@ -49,11 +50,15 @@ class SamplingParams:
             logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
         return logits.log_softmax(-1)
 
-    def sample(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One token per row of ``logits`` (shape ``(..., V)``)."""
+    def sample(
+        self, logits: torch.Tensor, generator: torch.Generator | None = None, source: str = "student"
+    ) -> torch.Tensor:
+        """One token per row of ``logits`` (shape ``(..., V)``) of the ``source`` model ("student" or "teacher", named
+        in the error if they are not finite)."""
         if self.greedy:
             return logits.argmax(-1)
         probs = self.log_probs(logits).exp()
+        check_sampling_probs(probs, source)
         flat = probs.reshape(-1, probs.shape[-1])
         return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
@@ -393,7 +398,7 @@ def block_verify_sample(
         reject = rule.reject(proposal).to(device)
         first_reject = torch.where(reject.any(1), reject.float().argmax(1), gamma)
         at_reject = teacher_logits[torch.arange(len(rows), device=device), first_reject.clamp(max=gamma - 1)]
-        replacement = teacher_params.sample(at_reject)
+        replacement = teacher_params.sample(at_reject, source="teacher")
 
         # keep the draft up to the first rejection, the first EOS (included) or the budget; then the replacement
         active = ~done[rows]
@@ -484,7 +489,7 @@ def reference_sample(
         position = torch.full((len(active), 1), t, device=device)
         proposal = Proposal(q[:, None], p[:, None], drawn[:, None], position, rows)
         reject = rule.reject(proposal)[:, 0]
-        replacement = teacher_params.sample(p)
+        replacement = teacher_params.sample(p, source="teacher")
         token = torch.where(reject, replacement, drawn)
         rule.update(proposal, torch.ones(len(active), dtype=torch.long, device=device))
         still = []

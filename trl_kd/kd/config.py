@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
+from ..guards import check_finite_fields
 from ..losses import LOSS_TYPES
 
 
@@ -121,6 +122,7 @@ class KDConfig(DistillationConfig):
     )
 
     def __post_init__(self):
+        check_finite_fields(self)  # first: NaN slips through comparisons such as `loss_temperature <= 0`
         super().__post_init__()
         if not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"lmbda must be in [0, 1], got {self.lmbda}.")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -16,14 +17,13 @@ from trl import DistillationTrainer
 from trl.models import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, pad
 
+from ..checkpoints import load_method_state, resolve_checkpoint, save_method_state
 from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset
+from ..guards import NonFiniteError, check_grad_norm, finite_flags, sampling_from
 from ..losses import LMHead, chunked_kd_loss
 from ..model_card import distillation_section
 from ..sampler import Rule, SamplingParams, StopStrings, block_verify_sample
 from .config import KDConfig
-
-
-METHOD_STATE_NAME = "trl_kd_state.pt"
 
 
 @dataclass
@@ -191,6 +191,7 @@ class KDTrainer(DistillationTrainer):
         self._rollout_teacher_mask: list[list[bool]] = []
         self._eval_rollouts = 0
         self._kd_sums: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._hidden_finite: torch.Tensor | None = None
         self.dataset_name: str | None = None  # shown in the model card; the example scripts set it
 
     # ------------------------------------------------------------------------------------------------ set-up checks
@@ -454,15 +455,17 @@ class KDTrainer(DistillationTrainer):
         teacher_mask: list[list[bool]] = [[] for _ in range(n)]
         counts: dict[str, int] = {}
         if self._any_process(bool(student_rows)):
-            rollout = self.rollout([prompt_ids[i] for i in (student_rows or [0])])
+            with sampling_from("student", self.state.global_step + 1):
+                rollout = self.rollout([prompt_ids[i] for i in (student_rows or [0])])
             if student_rows:
                 counts = rollout.counts
                 for i, ids, mask in zip(student_rows, rollout.completion_ids, rollout.teacher_mask):
                     completions[i], teacher_mask[i] = ids, mask
         if self._any_process(bool(teacher_rows)):
-            sampled = self.sample_from(
-                self.teacher_model, [prompt_ids[i] for i in (teacher_rows or [0])], self.teacher_generation_config
-            )
+            with sampling_from("teacher", self.state.global_step + 1):
+                sampled = self.sample_from(
+                    self.teacher_model, [prompt_ids[i] for i in (teacher_rows or [0])], self.teacher_generation_config
+                )
             for i, ids in zip(teacher_rows, sampled):
                 completions[i], teacher_mask[i] = ids, [True] * len(ids)
         if self.stop_strings is not None:  # generated rows end at a stop string (the sampler already stopped there)
@@ -576,6 +579,8 @@ class KDTrainer(DistillationTrainer):
         from their `(B, C, H)` hidden states (the second half of `distillation_loss`)."""
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         token_weights, denominator = self.loss_normalizer(inputs, num_items_in_batch)
+        # read only if the loss is not finite, to name the source (no sync on a healthy step)
+        self._hidden_finite = finite_flags(student_hidden, teacher_hidden)
         return chunked_kd_loss(
             student_hidden,
             teacher_hidden.to(student_hidden.device),
@@ -603,8 +608,26 @@ class KDTrainer(DistillationTrainer):
         output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         divergence_sum, num_tokens = (self.accelerator.gather_for_metrics(t.reshape(1)).sum() for t in self._kd_sums)
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["kd_loss"].append((divergence_sum / num_tokens.clamp(min=1)).item())
+        kd_loss = (divergence_sum / num_tokens.clamp(min=1)).item()
+        if not math.isfinite(kd_loss):  # gathered, so every process decides alike
+            self._raise_non_finite_loss()
+        self._metrics[mode]["kd_loss"].append(kd_loss)
         return output
+
+    def _raise_non_finite_loss(self):
+        # every process sees the same gathered kd_loss, so all of them get here together
+        student_ok, teacher_ok = True, True
+        if self._hidden_finite is not None:
+            student_ok, teacher_ok = self.accelerator.gather(self._hidden_finite[None]).min(0).values.tolist()
+        source = "teacher" if not teacher_ok else "student" if not student_ok else "loss"
+        what = {"teacher": "teacher hidden states", "student": "student hidden states", "loss": "distillation loss"}
+        raise NonFiniteError(source, what[source], self.state.global_step + 1)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        loss_scaled = self.accelerator.scaler is not None or (self.is_deepspeed_enabled and self.args.fp16)
+        check_grad_norm(grad_norm, self.state.global_step + 1, loss_scaled)
+        return grad_norm
 
     # ----------------------------------------------------------------------------------------------- model card
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
@@ -620,8 +643,12 @@ class KDTrainer(DistillationTrainer):
         """Extra markdown lines a method adds to its model card (e.g. PromptKD's teacher prompt)."""
         return []
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`transformers.Trainer.train`, except that `resume_from_checkpoint=True` picks the newest *complete*
+        checkpoint and an incomplete one (a run killed while saving) is refused with the missing file named."""
+        resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir,
+                                                    self.has_method_state)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         # TRL writes the card at checkpoints only; the final one has the final metrics
         name = (self.args.hub_model_id or self.args.output_dir).rstrip("/").split("/")[-1]
         self.create_model_card(model_name=name)
@@ -636,19 +663,23 @@ class KDTrainer(DistillationTrainer):
     def load_method_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what [`~KDTrainer.method_state_dict`] returned."""
 
+    @property
+    def has_method_state(self) -> bool:
+        """Whether this method keeps training state of its own (it overrides `method_state_dict`)."""
+        return type(self).method_state_dict is not KDTrainer.method_state_dict
+
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        state = self.method_state_dict()
+        # first, atomically: `trainer_state.json`, written last by super(), then marks the checkpoint complete
+        state = self.method_state_dict() if self.has_method_state else {}
         if state and self.args.should_save:
             checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
-            torch.save(state, os.path.join(folder, METHOD_STATE_NAME))
+            save_method_state(state, os.path.join(self._get_output_dir(trial=trial), checkpoint))
+        super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, METHOD_STATE_NAME) if checkpoint is not None else None
-        if path is not None and os.path.exists(path):
-            self.load_method_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        if checkpoint is not None and self.has_method_state:
+            self.load_method_state_dict(load_method_state(checkpoint))
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

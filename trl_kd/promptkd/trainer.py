@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import get_scheduler
 
+from ..guards import NonFiniteError, check_grad_norm, finite_flags
 from ..kd.trainer import KDTrainer, sequences
 from ..losses import LMHead, chunked_kd_loss
 from .config import PromptKDConfig
@@ -215,6 +216,14 @@ class PromptKDTrainer(KDTrainer):
         to_teacher = chunked_kd_loss(prompted, teacher_hidden, teacher_head, teacher_head, **common)
         weight = self.prompt_reg_weight()
         learning_rate = self.prompt_optimizer.param_groups[0]["lr"]
+        sums = torch.stack([to_student[1], to_teacher[1], to_student[3].to(to_student[1])])
+        sums = self.accelerator.reduce(sums.detach().float(), "sum")
+        if not sums.isfinite().all():  # reduced, so every process decides alike
+            finite = finite_flags(student_hidden, teacher_hidden, prompted)
+            student_ok, teacher_ok, prompted_ok = self.accelerator.gather(finite[None]).min(0).values.tolist()
+            teacher_ok = teacher_ok and prompted_ok
+            source = "teacher" if not teacher_ok else "student" if not student_ok else "loss"
+            raise NonFiniteError(source, "prompt loss (PromptKD's prompt step)", self.state.global_step + 1)
         if self.prompt_learning_rate > 0:
             (to_student[0] + weight * to_teacher[0]).backward()
         if self.accelerator.sync_gradients:
@@ -224,14 +233,13 @@ class PromptKDTrainer(KDTrainer):
                     # each process's loss is scaled by the process count (see `num_items_in_batch`): sum, then average
                     torch.distributed.all_reduce(grad)
                     grad /= self.accelerator.num_processes
+                check_grad_norm(grad.norm(), self.state.global_step + 1, False, "soft-prompt gradient norm")
                 if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_([self.soft_prompt], self.args.max_grad_norm)
                 self.prompt_optimizer.step()
             self.prompt_optimizer.zero_grad(set_to_none=True)
             scheduler.step()
 
-        sums = torch.stack([to_student[1], to_teacher[1], to_student[3].to(to_student[1])])
-        sums = self.accelerator.reduce(sums.detach().float(), "sum")
         count = sums[2].clamp(min=1)
         metrics = self._metrics["train"]
         metrics["prompt_loss"].append((sums[0] / count).item())
