@@ -1,5 +1,5 @@
 """Fault injection: a run killed while saving a checkpoint, corrupted or planted method state, NaN and inf from every
-source in every trainer, non-finite config values."""
+source in every trainer, non-finite config values, bad rows past the first (map-style and streamed)."""
 
 import logging
 import os
@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 import torch
+from datasets import Dataset, IterableDataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import TrainerState
 
@@ -264,3 +265,95 @@ def test_a_non_finite_soft_prompt_gradient_stops_before_the_prompt_step(tmp_path
     with pytest.raises(NonFiniteError, match=r"soft-prompt gradient norm \(inf\) at optimizer step 2"):
         trainer.train()
     torch.testing.assert_close(trainer.soft_prompt.detach(), prompt["value"], atol=0, rtol=0)  # not stepped
+
+
+# ---------------------------------------------------------------------------------------------------------- bad rows
+def with_row(fmt, index, bad, n=8):
+    rows = make_dataset(fmt, n).to_list()
+    rows[index] = bad
+    return rows
+
+
+USER_ONLY = [{"role": "user", "content": "count: from 0 to 4"}]
+BAD_ROWS = {  # (format, bad row 5, what the error says); each a row the old first-row check let through
+    "messages ending with a user turn": (
+        "messages", {"messages": USER_ONLY + [{"role": "assistant", "content": "0 1"}] + USER_ONLY},
+        r"does not end with an assistant answer"),
+    "a single message": ("messages", {"messages": [{"role": "assistant", "content": "0 1"}]},
+                         r"does not end with an assistant answer after at least one other turn"),
+    "a None prompt": ("prompt_completion", {"prompt": None, "completion": "0 1"}, r"`prompt` must be a string"),
+    "an empty conversation": ("conversational_prompt_completion",
+                              {"prompt": [], "completion": [{"role": "assistant", "content": "0 1"}]},
+                              r"`prompt` must be a non-empty list of messages"),
+    "a None message content": ("conversational_prompt_only", {"prompt": [{"role": "user", "content": None}]},
+                               r"message 0 of `prompt` has NoneType content"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_a_bad_row_past_the_first_is_refused_at_construction(case, tmp_path, tokenizer):
+    fmt, bad, message = BAD_ROWS[case]
+    dataset = Dataset.from_list(with_row(fmt, 5, bad))
+    with pytest.raises(ValueError, match=rf"Row 5 of `train_dataset`: .*{message}"):
+        make_trainer(tmp_path, tokenizer, dataset)
+    with pytest.raises(ValueError, match=rf"Row 5 of `eval_dataset`: .*{message}"):
+        KDTrainer(model=build_model("qwen2", tokenizer, "student"), teacher_model=build_model("qwen2", tokenizer),
+                  args=make_args(tmp_path), train_dataset=make_dataset(fmt, 8), eval_dataset=dataset,
+                  processing_class=tokenizer)
+
+
+def test_a_column_of_the_wrong_type_is_refused_at_construction(tmp_path, tokenizer):
+    rows = [{"prompt": "count: from 0 to 3\n", "completion": 7} for _ in range(8)]
+    with pytest.raises(ValueError, match=r"Row 0 of `train_dataset`: `completion` must be a string, a list of "
+                                         r"messages or None, got int 7"):
+        make_trainer(tmp_path, tokenizer, Dataset.from_list(rows))
+
+
+STREAMED_BAD_ROWS = {  # mixed types cannot be stored in Arrow, but a stream can yield them
+    "an int completion": ("prompt_completion", {"prompt": "count: from 0 to 3\n", "completion": 3},
+                          r"`completion` must be a string, a list of messages or None, got int 3"),
+    "a text prompt among conversations": ("conversational_prompt_only", {"prompt": "count: from 0 to 3\n"},
+                                          r"`prompt` is text but the first row's is messages"),
+    **{k: v for k, v in BAD_ROWS.items() if k != "an empty conversation"},
+}
+
+
+def streamed(rows):
+    def generate():
+        yield from rows
+
+    return IterableDataset.from_generator(generate)
+
+
+@pytest.mark.parametrize("case", list(STREAMED_BAD_ROWS))
+def test_a_bad_row_of_a_stream_is_refused_when_it_streams(case, tmp_path, tokenizer):
+    fmt, bad, message = STREAMED_BAD_ROWS[case]
+    trainer = make_trainer(tmp_path, tokenizer, streamed(with_row(fmt, 5, bad)), max_steps=2, lmbda=0.0)
+    with pytest.raises(ValueError, match=rf"Row 5 of `train_dataset`: .*{message}"):
+        trainer.train()
+    assert trainer.state.global_step < 2  # the step whose batch holds row 5 never ran
+
+
+def test_a_streamed_prompt_past_the_models_positions_is_refused(tmp_path, tokenizer):
+    """A Llama student with 256 positions used to train a 600-token prompt of a stream silently."""
+    rows = make_dataset("prompt_completion", 8).to_list()
+    rows[5]["prompt"] = "count: " + " ".join(["a"] * 600) + "\n"
+    student = build_model("llama", tokenizer, "student", seed=0, context_length=256)
+    teacher = build_model("llama", tokenizer, "teacher", seed=1, context_length=256)
+    trainer = make_trainer(tmp_path, tokenizer, streamed(rows), student=student, teacher=teacher, max_steps=2,
+                           lmbda=0.0)
+    with pytest.raises(ValueError, match=r"Row 5 of `train_dataset` has a prompt of \d+ tokens, longer than the "
+                                         r"limit of 248"):
+        trainer.train()
+
+
+def test_checking_100k_rows_is_cheap():
+    """The all-row check runs in batches of columns: 100k conversational rows well under the time of one step."""
+    import time
+
+    from trl_kd.data import check_rows
+
+    dataset = Dataset.from_list(make_dataset("conversational_prompt_completion", 1000).to_list() * 100)
+    start = time.perf_counter()
+    check_rows(dataset)
+    assert time.perf_counter() - start < 30  # measured about 2 s on the 2-core CPU

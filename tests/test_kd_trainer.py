@@ -253,7 +253,7 @@ def test_teacher_vocabulary_smaller_than_tokenizer_is_refused(tmp_path, tokenize
         (make_dataset("prompt_completion", 4).select([]), "is empty"),
         (
             make_dataset("messages", 4).map(lambda r: {"messages": r["messages"][:1]}),
-            "don't end with an assistant message",
+            r"Row 0 of `train_dataset`: the conversation \['user'\] does not end with an assistant answer",
         ),
     ],
 )

@@ -12,7 +12,6 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
-from trl.data_utils import is_conversational
 
 
 def _first_row(dataset: Dataset | IterableDataset) -> dict[str, Any] | None:
@@ -26,14 +25,91 @@ def _split_messages(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, "completion": [last]}
 
 
+def _kind(value: Any) -> str:
+    return "messages" if isinstance(value, list) else "text"
+
+
+def _messages_problem(messages: Any, column: str) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"`{column}` must be a non-empty list of messages, got {type(messages).__name__} {messages!r:.60}"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return f"message {i} of `{column}` must be a dict with a string `role`, got {message!r:.60}"
+        if not isinstance(message.get("content"), str):
+            return (f"message {i} of `{column}` has {type(message.get('content')).__name__} content; trl-kd trains "
+                    "text-only models, so `content` must be a string")
+    return None
+
+
+def row_problem(row: dict[str, Any], prompt_kind: str | None) -> str | None:
+    """What is wrong with one row (in `prompt` [+ `completion`] or `messages` form), or `None`. `prompt_kind` is the
+    first row's format (`"text"` or `"messages"`), which every row must share."""
+    if "messages" in row and "prompt" not in row:
+        messages = row["messages"]
+        problem = _messages_problem(messages, "messages")
+        if problem:
+            return problem
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            roles = [m["role"] for m in messages]
+            return (f"the conversation {roles} does not end with an assistant answer after at least one other turn "
+                    "(the last message becomes the completion)")
+        return None
+    prompt = row.get("prompt")
+    if not isinstance(prompt, (str, list)):
+        return f"`prompt` must be a string or a list of messages, got {type(prompt).__name__} {prompt!r:.60}"
+    if isinstance(prompt, list) and (problem := _messages_problem(prompt, "prompt")):
+        return problem
+    if prompt_kind is not None and _kind(prompt) != prompt_kind:
+        return f"`prompt` is {_kind(prompt)} but the first row's is {prompt_kind}: every row must use one format"
+    completion = row.get("completion")
+    if completion is None:  # no completion: the row is generated on-policy
+        return None
+    if not isinstance(completion, (str, list)):
+        return (f"`completion` must be a string, a list of messages or None, got {type(completion).__name__} "
+                f"{completion!r:.60}")
+    if isinstance(completion, list) and (problem := _messages_problem(completion, "completion")):
+        return problem
+    if _kind(completion) != _kind(prompt):
+        return ("`prompt` and `completion` mix formats: they must both be plain strings or both be lists of "
+                "messages")
+    return None
+
+
+def _raise_for_row(index: int, name: str, problem: str) -> None:
+    raise ValueError(f"Row {index} of `{name}`: {problem}. Fix or drop that row, e.g. with `dataset.filter(...)`.")
+
+
+def check_rows(dataset: Dataset | IterableDataset, name: str = "train_dataset", batch_size: int = 1000):
+    """Check every row with [`row_problem`][trl_kd.data.row_problem]: all of a map-style dataset now, in batches of
+    columns; an `IterableDataset` row by row as it streams (returned wrapped). The error names the first bad row's
+    index and column."""
+    first = _first_row(dataset)
+    kind = _kind(first["prompt"]) if first is not None and "prompt" in first else None
+    if isinstance(dataset, IterableDataset):
+        def check(row: dict[str, Any], index: int) -> dict[str, Any]:
+            if (problem := row_problem(row, kind)) is not None:
+                _raise_for_row(index, name, problem)
+            return {}
+
+        return dataset.map(check, with_indices=True)
+    columns = [c for c in ("prompt", "completion", "messages") if c in dataset.column_names]
+    for start in range(0, len(dataset), batch_size):
+        batch = dataset.select_columns(columns)[start : start + batch_size]
+        for offset, values in enumerate(zip(*(batch[c] for c in columns))):
+            if (problem := row_problem(dict(zip(columns, values)), kind)) is not None:
+                _raise_for_row(start + offset, name, problem)
+    return dataset
+
+
 def prepare_dataset(
     dataset: Dataset | IterableDataset | None, name: str = "train_dataset"
 ) -> Dataset | IterableDataset:
-    """Check that ``dataset`` is usable for distillation and bring it to ``prompt`` [+ ``completion``] form.
+    """Check that ``dataset`` is usable for distillation, every row of it (see `check_rows`), and bring it to
+    ``prompt`` [+ ``completion``] form.
 
     Raises:
         ValueError: with the fix, when the dataset is missing or empty, has neither a ``prompt`` nor a ``messages``
-            column, or has ``messages`` that don't end with an assistant turn.
+            column, or has a bad row (the first one is named: its index, column and what is wrong).
     """
     if dataset is None:
         raise ValueError(f"`{name}` is required: pass a datasets.Dataset with a `prompt` or `messages` column.")
@@ -41,28 +117,15 @@ def prepare_dataset(
     if first is None:
         raise ValueError(f"`{name}` is empty. Pass a dataset with at least one row.")
     columns = list(first.keys())
+    if "prompt" not in columns and "messages" not in columns:
+        raise ValueError(
+            f"`{name}` has columns {columns}, but distillation needs a `prompt` column (optionally with `completion`) "
+            "or a `messages` column. Rename your columns, e.g. `dataset.rename_column('question', 'prompt')`."
+        )
+    dataset = check_rows(dataset, name)
     if "prompt" in columns:
-        if "completion" in columns and is_conversational({"prompt": first["prompt"]}) != is_conversational(
-            {"completion": first["completion"]}
-        ):
-            raise ValueError(
-                f"`{name}` mixes formats: `prompt` and `completion` must both be plain strings or both be lists of "
-                "messages."
-            )
         return dataset
-    if "messages" in columns:
-        messages = first["messages"]
-        if not messages or messages[-1].get("role") != "assistant" or len(messages) < 2:
-            raise ValueError(
-                f"`{name}` has a `messages` column whose conversations don't end with an assistant message. Each "
-                "conversation must be [..., user turn, assistant answer]; the last message becomes the completion."
-            )
-        remove = [c for c in columns if c == "messages"]
-        return dataset.map(_split_messages, remove_columns=remove)
-    raise ValueError(
-        f"`{name}` has columns {columns}, but distillation needs a `prompt` column (optionally with `completion`) or "
-        "a `messages` column. Rename your columns, e.g. `dataset.rename_column('question', 'prompt')`."
-    )
+    return dataset.map(_split_messages, remove_columns=["messages"])
 
 
 def check_prompt_lengths(
@@ -71,18 +134,28 @@ def check_prompt_lengths(
     max_prompt_length: int,
     name: str = "train_dataset",
     batch_size: int = 1000,
-) -> None:
-    """Raise if any prompt tokenizes to more than ``max_prompt_length`` tokens (map-style datasets only)."""
+) -> Dataset | IterableDataset:
+    """Raise if any prompt tokenizes to more than ``max_prompt_length`` tokens: every row of a map-style dataset now,
+    an `IterableDataset` row by row as it streams (returned wrapped)."""
+
+    def check(index: int, ids: list[int]) -> None:
+        if len(ids) > max_prompt_length:
+            raise ValueError(
+                f"Row {index} of `{name}` has a prompt of {len(ids)} tokens, longer than the limit of "
+                f"{max_prompt_length}. Filter long prompts out of the dataset, or raise `max_prompt_length`."
+            )
+
     if isinstance(dataset, IterableDataset):
-        return
+        def check_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+            check(index, tokenize([row["prompt"]])[0])
+            return {}
+
+        return dataset.map(check_row, with_indices=True)
     for start in range(0, len(dataset), batch_size):
         prompts = dataset[start : start + batch_size]["prompt"]
         for offset, ids in enumerate(tokenize(prompts)):
-            if len(ids) > max_prompt_length:
-                raise ValueError(
-                    f"Row {start + offset} of `{name}` has a prompt of {len(ids)} tokens, longer than the limit of "
-                    f"{max_prompt_length}. Filter long prompts out of the dataset, or raise `max_prompt_length`."
-                )
+            check(start + offset, ids)
+    return dataset
 
 
 def completion_token_ids(

@@ -167,10 +167,13 @@ class KDTrainer(DistillationTrainer):
             hasattr(p, "ds_id") for p in teacher_model.parameters()
         )
 
-        self._check_prompt_lengths(train_dataset, "train_dataset")
-        for key, dataset in (eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]):
-            if dataset is not None:
-                self._check_prompt_lengths(dataset, f"eval_dataset[{key!r}]" if key else "eval_dataset")
+        # a streamed dataset comes back wrapped, to be checked row by row as it streams
+        self.train_dataset = self._check_prompt_lengths(self.train_dataset, "train_dataset")
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {key: self._check_prompt_lengths(dataset, f"eval_dataset[{key!r}]")
+                                 for key, dataset in self.eval_dataset.items()}
+        elif self.eval_dataset is not None:
+            self.eval_dataset = self._check_prompt_lengths(self.eval_dataset, "eval_dataset")
 
         # Tokens beyond the tokenizer (embedding padding) are never sampled.
         self.generation_config.suppress_tokens = self._padding_token_ids(self.model) or None
@@ -281,7 +284,7 @@ class KDTrainer(DistillationTrainer):
                 limits[role] = context - (self.teacher_prefix_tokens if role == "teacher" else 0)
         return limits
 
-    def _check_prompt_lengths(self, dataset: Dataset | IterableDataset, name: str) -> None:
+    def _check_prompt_lengths(self, dataset: Dataset | IterableDataset, name: str) -> Dataset | IterableDataset:
         completion = self.args.max_completion_length
         limits = self.position_limits()
         for role, context in limits.items():
@@ -301,9 +304,9 @@ class KDTrainer(DistillationTrainer):
         limit = self.args.max_prompt_length
         if limit is None:
             if not limits:
-                return
+                return dataset
             limit = min(limits.values()) - completion
-        check_prompt_lengths(dataset, lambda prompts: self._tokenize_prompts(prompts)[0], limit, name)
+        return check_prompt_lengths(dataset, lambda prompts: self._tokenize_prompts(prompts)[0], limit, name)
 
     # ------------------------------------------------------------------------------------------------------ rollouts
     @property
