@@ -1,6 +1,8 @@
 """KDTrainer: mixing, formats, invariances, checks at construction, resume."""
 
 
+import re
+
 import pytest
 import torch
 from trl import DistillationConfig, DistillationTrainer
@@ -143,9 +145,9 @@ def test_teacher_model_init_kwargs_with_a_loaded_teacher_is_refused(tmp_path, to
         make_trainer(tmp_path, tokenizer, teacher_model_init_kwargs={"dtype": "float16"})
 
 
-def test_teacher_model_init_kwargs_apply_to_a_teacher_loaded_by_path(tmp_path, tokenizer, tiny_paths):
+def test_teacher_model_init_kwargs_apply_to_a_teacher_loaded_by_path(tmp_path, tokenizer, llama_paths):
     trainer = KDTrainer(
-        model=tiny_paths["student"], teacher_model=tiny_paths["teacher"],
+        model=llama_paths["student"], teacher_model=llama_paths["teacher"],
         args=make_args(tmp_path, teacher_model_init_kwargs={"dtype": "float16"}),
         train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer,
     )
@@ -307,9 +309,9 @@ def test_lora_student_trains(tmp_path, tokenizer):
     assert_lora_student_trains(KDTrainer, tokenizer, args, make_dataset("prompt_completion", 16))
 
 
-def test_teacher_loaded_from_a_path(tmp_path, tokenizer, tiny_paths):
+def test_teacher_loaded_from_a_path(tmp_path, tokenizer, llama_paths):
     trainer = KDTrainer(
-        model=tiny_paths["student"], teacher_model=tiny_paths["teacher"], args=make_args(tmp_path),
+        model=llama_paths["student"], teacher_model=llama_paths["teacher"], args=make_args(tmp_path),
         train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer,
     )
     trainer.train()
@@ -358,3 +360,63 @@ def test_teacher_in_the_loop_rollout_trains_a_lora_student_with_gradient_checkpo
     assert len(rate) == 2 and all(0.0 < f < 1.0 for f in fraction)
     # every response token is judged once: accepted (student wrote it) or replaced (teacher wrote it)
     assert all((1 - f) == pytest.approx(r, abs=1e-9) for f, r in zip(fraction, rate))
+
+
+def tokenizer_with_swapped_ids(tokenizer, first: str, second: str):
+    """The same tokenizer (same size, same merges) with the ids of two tokens exchanged: it encodes some texts to
+    other ids, as a teacher from another model family would, without any difference in vocabulary size."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    for added in spec["added_tokens"]:
+        added["id"] = {vocab[first]: vocab[second], vocab[second]: vocab[first]}.get(added["id"], added["id"])
+    swapped = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token=tokenizer.pad_token,
+        eos_token=tokenizer.eos_token, padding_side="left",
+    )
+    swapped.chat_template = tokenizer.chat_template
+    return swapped
+
+
+def test_a_teacher_tokenizer_of_the_same_size_that_encodes_differently_is_refused(tmp_path, tokenizer):
+    from trl_kd.data import TOKENIZER_PROBE
+
+    probe = tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    first, second = tokenizer.convert_ids_to_tokens([probe[0], probe[3]])
+    other = tokenizer_with_swapped_ids(tokenizer, first, second)
+    assert len(other) == len(tokenizer)
+    with pytest.raises(ValueError, match=r"teacher's tokenizer does not match the student's: a probe text .* first "
+                                         r"differing at token 0.*check_teacher_tokenizer=False"):
+        make_trainer(tmp_path, tokenizer, teacher_processing_class=other)
+    # loaded from the teacher's folder, the error names it
+    teacher_dir = tmp_path / "teacher"
+    build_model("qwen2", tokenizer, "teacher", seed=1, save_dir=teacher_dir)
+    other.save_pretrained(teacher_dir)
+    with pytest.raises(ValueError, match=rf"teacher's tokenizer \({teacher_dir}\) does not match"):
+        KDTrainer(model=build_model("qwen2", tokenizer, "student"), teacher_model=str(teacher_dir),
+                  args=make_args(tmp_path), train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer)
+    # deliberately different tokenizers can be allowed
+    make_trainer(tmp_path, tokenizer, teacher_processing_class=other, check_teacher_tokenizer=False).train()
+
+
+def test_a_teacher_tokenizer_with_another_special_token_id_is_refused(tmp_path, tokenizer):
+    from trl_kd.data import TOKENIZER_PROBE
+
+    probe = set(tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"])
+    unused = next(t for i, t in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+                  if i not in probe and t not in tokenizer.all_special_tokens)
+    other = tokenizer_with_swapped_ids(tokenizer, tokenizer.eos_token, unused)
+    with pytest.raises(ValueError, match=rf"special token '{re.escape(tokenizer.eos_token)}' is id "
+                                         rf"{tokenizer.eos_token_id} for the student and \d+ for the teacher"):
+        make_trainer(tmp_path, tokenizer, teacher_processing_class=other)
+
+
+def test_the_same_tokenizer_saved_with_the_teacher_passes(tmp_path, tokenizer, llama_paths):
+    trainer = KDTrainer(model=llama_paths["student"], teacher_model=llama_paths["teacher"], args=make_args(tmp_path),
+                        train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer)
+    assert trainer.args.check_teacher_tokenizer

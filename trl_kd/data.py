@@ -1,4 +1,4 @@
-"""Dataset checks and conversions shared by the trainers.
+"""Input checks and conversions shared by the trainers: datasets, and the teacher's tokenizer against the student's.
 
 Accepted formats (TRL's): standard or conversational ``prompt`` (prompt-only), ``prompt`` + ``completion``, and
 ``messages`` (whole conversations; the last message is taken as the completion). Everything is checked when the
@@ -192,3 +192,26 @@ def completion_token_ids(
     else:
         ids = ids + [eos_token_ids[0]]
     return ids if max_length is None else ids[:max_length]
+
+
+# letters, digits, code, whitespace runs, accents, CJK and an emoji: where tokenizers of different families part ways
+TOKENIZER_PROBE = ("Distillation, step 1: 12345 + 0.5 = ?\n\tdef f(x):  return x ** 2  # naïve café, Ünïcode; "
+                   "日本語のテキスト 🙂 <br/> https://example.org/a?b=c")
+
+
+def tokenizer_mismatch(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> str | None:
+    """How `teacher` tokenizes differently from `student` (on `TOKENIZER_PROBE`, or a special token of the
+    student's with another id), or `None` when they agree."""
+    ours = student(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    theirs = teacher(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if ours != theirs:
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        ours_at = f"{ours[at]} ({student.convert_ids_to_tokens(ours[at])!r})" if at < len(ours) else "the end"
+        theirs_at = f"{theirs[at]} ({teacher.convert_ids_to_tokens(theirs[at])!r})" if at < len(theirs) else "the end"
+        return (f"a probe text encodes to {len(ours)} tokens for the student and {len(theirs)} for the teacher, first "
+                f"differing at token {at}: {ours_at} vs {theirs_at}")
+    for token in student.all_special_tokens:
+        ours_id, theirs_id = student.convert_tokens_to_ids(token), teacher.convert_tokens_to_ids(token)
+        if ours_id != theirs_id:
+            return f"the special token {token!r} is id {ours_id} for the student and {theirs_id} for the teacher"
+    return None

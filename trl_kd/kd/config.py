@@ -69,6 +69,12 @@ class KDConfig(DistillationConfig):
         teacher_offload (bool):
             Keep the sharded teacher's parameters in CPU memory between uses (ZeRO-3 parameter offload). Needs the
             teacher at stage 3 (`teacher_zero_stage=3`, or a ZeRO-3 student).
+        check_teacher_tokenizer (bool):
+            When the trainer is built, compare the teacher's tokenizer (passed as `teacher_processing_class`, or
+            loaded from the teacher's path) with the student's: a probe text must encode to the same ids and every
+            special token of the student's must have the same id, or the trainer refuses the pair, since the teacher's
+            distributions would be over other tokens. `False` skips it, for tokenizers that differ on purpose but
+            assign the same ids.
     """
 
     _VALID_DICT_FIELDS = DistillationConfig._VALID_DICT_FIELDS
@@ -119,6 +125,10 @@ class KDConfig(DistillationConfig):
     )
     teacher_offload: bool = field(
         default=False, metadata={"help": "Offload the (stage 3) teacher's parameters to CPU memory."}
+    )
+    check_teacher_tokenizer: bool = field(
+        default=True,
+        metadata={"help": "Refuse a teacher whose tokenizer encodes a probe text or the special tokens differently."},
     )
 
     def __post_init__(self):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import zlib
@@ -18,12 +19,15 @@ from trl.models import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, pad
 
 from ..checkpoints import load_method_state, resolve_checkpoint, save_method_state
-from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset
+from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset, tokenizer_mismatch
 from ..guards import NonFiniteError, check_grad_norm, finite_flags, sampling_from
 from ..losses import LMHead, chunked_kd_loss
 from ..model_card import distillation_section
 from ..sampler import Rule, SamplingParams, StopStrings, block_verify_sample
 from .config import KDConfig
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,6 +112,7 @@ class KDTrainer(DistillationTrainer):
         optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
         quantization_config: Any = None,
         peft_config: Any = None,
+        teacher_processing_class: PreTrainedTokenizerBase | None = None,
     ):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
@@ -120,6 +125,7 @@ class KDTrainer(DistillationTrainer):
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         if teacher_model is None:
             raise ValueError("No teacher: pass `teacher_model` or set `teacher_model_name_or_path` in the config.")
+        teacher_source = teacher_model if isinstance(teacher_model, str) else teacher_model.config._name_or_path
         train_dataset = prepare_dataset(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: prepare_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
@@ -149,6 +155,8 @@ class KDTrainer(DistillationTrainer):
             peft_config=peft_config,
         )
         self.kd_vocab_size = self._check_vocabularies(teacher_model)
+        if args.check_teacher_tokenizer:
+            self._check_teacher_tokenizer(teacher_processing_class, teacher_source)
         teacher_model.requires_grad_(False)
         teacher_model.eval()
         if self.is_deepspeed_enabled:
@@ -269,6 +277,29 @@ class KDTrainer(DistillationTrainer):
                     "models with different tokenizers use cross-tokenizer distillation (TRL's GOLD trainer)."
                 )
         return tokenizer_size
+
+    def _check_teacher_tokenizer(self, teacher_tokenizer: PreTrainedTokenizerBase | None, source: str | None) -> None:
+        """Refuse a teacher whose tokenizer disagrees with the student's (see `KDConfig.check_teacher_tokenizer`);
+        the teacher's tokenizer is `teacher_tokenizer`, else the one saved with the teacher, if it can be loaded."""
+        if teacher_tokenizer is None and source:
+            from transformers import AutoTokenizer
+
+            try:
+                teacher_tokenizer = AutoTokenizer.from_pretrained(source)
+            except Exception as error:  # no tokenizer files, offline, ...
+                logger.warning("Could not load the teacher's tokenizer from %s (%s), so it was not compared with the "
+                               "student's; pass `teacher_processing_class` to compare them.", source,
+                               type(error).__name__)
+        if teacher_tokenizer is None:
+            return
+        problem = tokenizer_mismatch(self._tokenizer, getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer))
+        if problem is not None:
+            raise ValueError(
+                f"The teacher's tokenizer{f' ({source})' if source else ''} does not match the student's: {problem}. "
+                "The teacher's distributions would be over other tokens. Use a teacher of the student's model family "
+                "(the same tokenizer), or TRL's GOLD trainer for cross-tokenizer distillation; if the two tokenizers "
+                "assign the same ids on purpose, set `check_teacher_tokenizer=False`."
+            )
 
     def _padding_token_ids(self, model: PreTrainedModel) -> list[int]:
         return list(range(self.kd_vocab_size, model.config.get_text_config().vocab_size))
