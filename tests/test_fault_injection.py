@@ -239,6 +239,7 @@ def test_a_nan_teacher_is_not_read_as_zero_divergence():
 @pytest.mark.parametrize("field", ["loss_temperature", "temperature", "beta", "learning_rate", "weight_decay",
                                    "max_grad_norm"])
 def test_non_finite_config_values_are_refused(field, tmp_path):
+    """Every float field must be finite; +inf only where it means something (never clip; SWITCH: never switch)."""
     with pytest.raises(ValueError, match=f"{field} must be a finite number, got nan"):
         make_args(tmp_path, **{field: float("nan")})
     if field != "max_grad_norm":  # +inf is "never clip" there
@@ -357,3 +358,13 @@ def test_checking_100k_rows_is_cheap():
     start = time.perf_counter()
     check_rows(dataset)
     assert time.perf_counter() - start < 30  # measured about 2 s on the 2-core CPU
+
+
+def test_inf_is_kept_where_it_means_never():
+    from trl_kd import SwitchConfig
+
+    config = SwitchConfig(output_dir="/tmp/x", report_to="none", use_cpu=True, bf16=False,
+                          switch_threshold=float("inf"), max_grad_norm=float("inf"))
+    assert config.switch_threshold == config.max_grad_norm == float("inf")
+    with pytest.raises(ValueError, match="switch_threshold must be a finite number, got nan"):
+        SwitchConfig(output_dir="/tmp/x", report_to="none", use_cpu=True, bf16=False, switch_threshold=float("nan"))

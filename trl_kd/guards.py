@@ -42,7 +42,7 @@ class NonFiniteError(FloatingPointError):
                          "stopped before this step's update, and nothing was saved after it.")
 
 
-def check_finite_fields(config, allow_inf: tuple[str, ...] = ("max_grad_norm",)) -> None:
+def check_finite_fields(config, allow_inf: tuple[str, ...] = ()) -> None:
     """Refuse a config whose float fields are NaN or infinite (those in `allow_inf` may be +inf), naming the
     field."""
     for f in dataclasses.fields(config):

@@ -78,6 +78,8 @@ class KDConfig(DistillationConfig):
     """
 
     _VALID_DICT_FIELDS = DistillationConfig._VALID_DICT_FIELDS
+    # float fields where +inf means something ("never clip"); every other float must be finite
+    _INF_ALLOWED = ("max_grad_norm",)
 
     lmbda: float = field(
         default=0.5,
@@ -132,7 +134,8 @@ class KDConfig(DistillationConfig):
     )
 
     def __post_init__(self):
-        check_finite_fields(self)  # first: NaN slips through comparisons such as `loss_temperature <= 0`
+        # first: NaN slips through comparisons such as `loss_temperature <= 0`
+        check_finite_fields(self, self._INF_ALLOWED)
         super().__post_init__()
         if not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"lmbda must be in [0, 1], got {self.lmbda}.")

@@ -71,6 +71,8 @@ class SwitchConfig(KDConfig):
             trains on student-generated outputs only (`1.0`); whether it mixes in ground truth is unknown.
     """
 
+    _INF_ALLOWED = (*KDConfig._INF_ALLOWED, "switch_threshold")  # inf: never switch
+
     switch_threshold: float = field(default=0.2, metadata={"help": "tau_0: the threshold at the first position."})
     switch_decay: float = field(default=0.1, metadata={"help": "lambda of the exp/linear schedule."})
     switch_decay_unit: str = field(
