@@ -81,7 +81,7 @@ def test_cli_bad_flags_fail_clearly(tmp_path, env):
     assert no_method.returncode == 2 and "invalid choice" in no_method.stderr
 
 
-def test_script_runs_a_gpu_recipe_on_local_models_and_data(tmp_path, llama_paths, monkeypatch):
+def test_script_runs_a_gpu_recipe_on_local_models_and_data(tmp_path, llama_paths, monkeypatch, capsys):
     """The path a user takes with their own models: a recipe naming model folders and a dataset folder (loaded by
     `datasets.load_dataset`), written for GPUs (bf16). Its `output_dir` is honoured and bf16 is turned off on CPU."""
     import json
@@ -103,8 +103,59 @@ def test_script_runs_a_gpu_recipe_on_local_models_and_data(tmp_path, llama_paths
         "per_device_train_batch_size": 4, "max_completion_length": 8, "report_to": "none",
     }))
     monkeypatch.chdir(tmp_path)
-    output_dir = main("gkd", ["--config", str(recipe), "--lmbda", "1.0"])
+    output_dir = main("gkd", ["--config", str(recipe), "--lmbda", "1.0", "--eval_strategy", "steps",
+                              "--eval_steps", "2"])
     assert output_dir == str(tmp_path / "from-recipe")
+    assert "Student ROUGE-L on 4 held-out prompts" in capsys.readouterr().out  # the test split's 4 rows, not 48
     card = ModelCard.load(tmp_path / "from-recipe" / "README.md")
     assert llama_paths["teacher"] in card.text and "| eval_rouge_l |" in card.text
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--not_a_flag", "1"], r"Some specified arguments are not used by the HfArgumentParser: \['--not_a_flag', '1'\]"),
+    (["--config", "no-such-recipe.yaml"], r"--config no-such-recipe.yaml: No such file or directory"),
+    (["--lmbda", "2"], r"lmbda must be in \[0, 1\], got 2.0"),
+    (["--output_dir", "a-file"], r"--output_dir a-file is a file; name a folder"),
+    (["--model_name_or_path", "./no-student", "--teacher_model_name_or_path", "./no-teacher", "--dataset_name", "x"],
+     r"--model_name_or_path ./no-student: no such folder"),
+])
+def test_cli_user_errors_are_one_line_with_exit_2(argv, message, tmp_path, monkeypatch, capsys):
+    from trl_kd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_:
+        main(["gkd", *argv])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "Warning" not in line and line.strip()
+             and not line.startswith("  ")]
+    assert exit_.value.code == 2
+    assert len(lines) == 1 and re.fullmatch(rf"trl-kd gkd: error: {message}.* \(see `trl-kd gkd --help`\)", lines[0])
+
+
+def test_cli_names_a_missing_teacher_folder(tmp_path, llama_paths, capsys):
+    from trl_kd.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["gkd", "--model_name_or_path", llama_paths["student"], "--teacher_model_name_or_path",
+              str(tmp_path / "no-teacher"), "--dataset_name", "x", "--output_dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert f"--teacher_model_name_or_path {tmp_path / 'no-teacher'}: no such folder" in capsys.readouterr().err
+
+
+def test_cli_a_bad_dataset_is_one_line(tmp_path, llama_paths, capsys):
+    """An error the trainer raises at construction (here: a row without a prompt) ends the command in one line."""
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": "count: from 0 to 3\n", "completion": "0 1 2 3"}] * 4 + [{"prompt": None, "completion": "0"}]
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    from trl_kd.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["gkd", "--model_name_or_path", llama_paths["student"], "--teacher_model_name_or_path",
+              llama_paths["teacher"], "--dataset_name", str(data), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert "trl-kd gkd: error: Row 4 of `train_dataset`: `prompt` must be a string" in err

@@ -94,3 +94,45 @@ def test_cli_env_and_bad_flags():
     assert env.returncode == 0 and "- trl:" in env.stdout and "- trl-kd:" in env.stdout
     bad = run_cli("plan", "--student", "x", "--teacher", "y", "--gpus", "two", "--gpu-memory", "16")
     assert bad.returncode == 2 and "invalid int value: 'two'" in bad.stderr
+
+
+def test_bad_sizes_are_refused_nan_included():
+    for kwargs, match in ((dict(gpu_memory_gib=float("nan")), "finite"), (dict(gpu_memory_gib=-5.0), "finite"),
+                          (dict(batch_size=0), "batch_size")):
+        with pytest.raises(ValueError, match=match):
+            plan(spec("s", 10), spec("t", 10), **{"num_gpus": 1, "gpu_memory_gib": 80, **kwargs})
+
+
+def test_one_gpu_is_not_called_ddp():
+    result = plan(spec("s", 10**8, layers=12, hidden=768), spec("t", 10**9, layers=24, hidden=2048), 1, 80)
+    assert result.recommended.placement.name == "Single GPU (one process)"
+    assert "DDP" not in result.table() and "multi-GPU" not in result.table()
+    two = plan(spec("s", 10**8, layers=12, hidden=768), spec("t", 10**9, layers=24, hidden=2048), 2, 80)
+    assert two.recommended.placement is PLACEMENTS[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gpus", "0", "--gpu-memory", "16"], "argument --gpus: must be a finite number > 0, got 0"),
+    (["--gpus", "2", "--gpu-memory", "-5"], "argument --gpu-memory: must be a finite number > 0, got -5"),
+    (["--gpus", "2", "--gpu-memory", "nan"], "argument --gpu-memory: must be a finite number > 0, got nan"),
+    (["--gpus", "2", "--gpu-memory", "16", "--batch-size", "0"],
+     "argument --batch-size: must be a finite number > 0, got 0"),
+])
+def test_cli_plan_refuses_bad_sizes_in_one_line(argv, message, tiny_paths, capsys):
+    from trl_kd.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--student", tiny_paths["student"], "--teacher", tiny_paths["teacher"], *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip().splitlines() == [f"trl-kd plan: error: {message} (see `trl-kd "
+                                                                  "plan --help`)"]
+
+
+def test_cli_plan_names_a_missing_folder(tiny_paths, capsys):
+    from trl_kd.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--student", "./no-such-student", "--teacher", tiny_paths["teacher"], "--gpus", "1",
+              "--gpu-memory", "8"])
+    assert exit_.value.code == 2
+    assert "--student ./no-such-student: no such folder" in capsys.readouterr().err

@@ -8,8 +8,25 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import platform
 import sys
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make `parser.error` print only `prog: error: message` and exit 2: TrlParser's usage runs to hundreds of
+    lines, which buries the one that says what is wrong."""
+    def error(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message} (see `{parser.prog} --help`)\n")
+
+    parser.error = error
+    return parser
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a Hub id (`org/name`): it starts with `.`, `/` or `~`, or has more than one `/`."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def _env(_: argparse.Namespace) -> None:
@@ -24,12 +41,32 @@ def _env(_: argparse.Namespace) -> None:
     print(f"- GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 
 
+def _positive(kind: type):
+    """An argparse type: a finite number > 0 (`int` or `float`)."""
+    def parse(text: str):
+        value = kind(text)  # a ValueError reads "invalid int value: 'two'"
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _plan(args: argparse.Namespace) -> None:
     from .planner import ModelSpec, plan
 
     kwargs = {"trust_remote_code": args.trust_remote_code}
-    student = ModelSpec.from_pretrained(args.student, **kwargs)
-    teacher = ModelSpec.from_pretrained(args.teacher, **kwargs)
+    models = {}
+    for flag, name in (("--student", args.student), ("--teacher", args.teacher)):
+        if looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
+            args.parser.error(f"{flag} {name}: no such folder (a Hub id looks like 'Qwen/Qwen2.5-0.5B-Instruct')")
+        try:
+            models[flag] = ModelSpec.from_pretrained(name, **kwargs)
+        except (OSError, ValueError) as error:  # no such folder or Hub id, no config.json, not a causal LM, ...
+            message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            args.parser.error(f"{flag} {name}: cannot read its config ({message})")
+    student, teacher = models["--student"], models["--teacher"]
     result = plan(
         student, teacher, num_gpus=args.gpus, gpu_memory_gib=args.gpu_memory, dtype=args.dtype,
         batch_size=args.batch_size, prompt_length=args.prompt_length, completion_length=args.completion_length,
@@ -43,34 +80,35 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = one_line_errors(argparse.ArgumentParser(
         prog="trl-kd", description="trl-kd: knowledge distillation on TRL.",
         epilog="Distillation: trl-kd {gkd,skd,switch,promptkd} [--config recipe.yaml] <flags>; "
         "add --help after the method for its flags.",
-    )
+    ))
     commands = parser.add_subparsers(dest="command", required=True)
     for method in ("gkd", "skd", "switch", "promptkd"):  # listed for --help; dispatched in `main`
         commands.add_parser(method, help=f"run a {method} distillation (see `trl-kd {method} --help`)")
 
-    env = commands.add_parser("env", help="print the versions to paste in a bug report")
+    env = one_line_errors(commands.add_parser("env", help="print the versions to paste in a bug report"))
     env.set_defaults(func=_env)
 
-    p = commands.add_parser(
+    p = one_line_errors(commands.add_parser(
         "plan", help="estimate per-GPU memory of each placement (DDP, ZeRO-2, ZeRO-3, offload) and recommend one"
-    )
+    ))
     p.add_argument("--student", required=True, help="Hub id or local folder of the student (only config.json is read)")
     p.add_argument("--teacher", required=True, help="Hub id or local folder of the teacher")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
-    p.add_argument("--gpu-memory", type=float, required=True, help="memory of one GPU in GiB, e.g. 80")
+    p.add_argument("--gpus", type=_positive(int), required=True, help="number of GPUs")
+    p.add_argument("--gpu-memory", type=_positive(float), required=True, help="memory of one GPU in GiB, e.g. 80")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--batch-size", type=int, default=4, help="per-GPU micro-batch (per_device_train_batch_size)")
-    p.add_argument("--prompt-length", type=int, default=512)
-    p.add_argument("--completion-length", type=int, default=512, help="max_completion_length")
+    p.add_argument("--batch-size", type=_positive(int), default=4,
+                   help="per-GPU micro-batch (per_device_train_batch_size)")
+    p.add_argument("--prompt-length", type=_positive(int), default=512)
+    p.add_argument("--completion-length", type=_positive(int), default=512, help="max_completion_length")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--lora", action="store_true", help="the student trains LoRA adapters only")
     p.add_argument("--no-gather-for-generation", action="store_true", help="ds3_gather_for_generation=False")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.set_defaults(func=_plan)
+    p.set_defaults(func=_plan, parser=p)
     return parser
 
 

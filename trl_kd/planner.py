@@ -9,6 +9,7 @@ config before launching, not to replace a measurement: it ignores fragmentation 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -178,8 +179,11 @@ def plan(
             while sampling, so the sampling peak holds both full models; off, only the largest layer.
         headroom: the fraction of GPU memory a placement may use to count as fitting.
     """
-    if num_gpus < 1 or gpu_memory_gib <= 0:
-        raise ValueError("num_gpus must be >= 1 and gpu_memory_gib > 0.")
+    if num_gpus < 1 or not (math.isfinite(gpu_memory_gib) and gpu_memory_gib > 0):
+        raise ValueError(f"num_gpus must be >= 1 and gpu_memory_gib a finite number > 0, got {num_gpus} and "
+                         f"{gpu_memory_gib}.")
+    if min(batch_size, prompt_length, completion_length) < 1:
+        raise ValueError("batch_size, prompt_length and completion_length must be >= 1.")
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}.")
     b = _DTYPE_BYTES[dtype]
@@ -202,6 +206,8 @@ def plan(
 
     estimates = []
     for p in PLACEMENTS:
+        if n == 1 and p.student_stage == 0:  # one process: nothing to replicate
+            p = Placement("Single GPU (one process)", "python examples/<method>.py, no accelerate config", 0, False)
         shard_student = n if p.student_stage == 3 else 1
         shard_states = n if p.student_stage >= 2 else 1
         shard_teacher = n if p.teacher_sharded else 1

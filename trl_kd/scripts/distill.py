@@ -13,6 +13,7 @@ embedded default (`trl_kd.scripts.default`).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -21,6 +22,7 @@ from datasets import load_dataset
 from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
+from ..cli import looks_local, one_line_errors
 from ..evaluation import GenerationEvalCallback
 from ..kd import KDConfig, KDTrainer
 from ..promptkd import PromptKDConfig, PromptKDTrainer
@@ -42,12 +44,38 @@ def _explicit_flags(argv: list[str]) -> set[str]:
     return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
-def _recipe_keys(argv: list[str]) -> set[str]:
+def _recipe_keys(argv: list[str], parser) -> set[str]:
     """The fields a `--config` recipe sets."""
     if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
         return set()
-    with open(argv[argv.index("--config") + 1]) as f:
-        return set(yaml.safe_load(f) or {})
+    path = argv[argv.index("--config") + 1]
+    try:
+        with open(path) as f:
+            recipe = yaml.safe_load(f) or {}
+    except OSError as error:
+        parser.error(f"--config {path}: {error.strerror or error}")
+    except yaml.YAMLError as error:
+        parser.error(f"--config {path} is not valid YAML: {_first_line(error)}")
+    if not isinstance(recipe, dict):
+        parser.error(f"--config {path} must hold a mapping of flags to values, got {type(recipe).__name__}")
+    return set(recipe)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _check_model_path(parser, flag: str, name: str | None) -> None:
+    if name and looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
+        parser.error(f"{flag} {name}: no such folder (a Hub id looks like 'Qwen/Qwen2.5-0.5B-Instruct')")
+
+
+def _parse(parser, argv: list[str]):
+    """TrlParser's parse, with the user's mistakes (an unknown flag, a value a config refuses) as one-line errors."""
+    try:
+        return parser.parse_args_and_config(args=argv)
+    except ValueError as error:
+        parser.error(_first_line(error))
 
 
 def _eval_split(dataset, tokenizer, limit: int):
@@ -73,16 +101,18 @@ def main(method: str, argv: list[str] | None = None) -> str:
         raise SystemExit(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     config_class, trainer_class = METHODS[method]
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser((ScriptArguments, config_class, ModelConfig), prog=f"trl-kd {method}")
+    parser = one_line_errors(TrlParser((ScriptArguments, config_class, ModelConfig), prog=f"trl-kd {method}"))
     explicit = _explicit_flags(argv)
-    configured = explicit | _recipe_keys(argv)
+    configured = explicit | _recipe_keys(argv, parser)
     extra = []
     if "output_dir" not in configured:
         extra += ["--output_dir", f"outputs/{method}-default"]
     if not torch.cuda.is_available() and "bf16" not in explicit:
         # TRL defaults to bf16 (and GPU recipes ask for it), which a CPU can't run
         extra += ["--bf16", "False", "--use_cpu", "True"]
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv + extra)
+    script_args, training_args, model_args = _parse(parser, argv + extra)
+    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
+        parser.error(f"--output_dir {training_args.output_dir} is a file; name a folder")
 
     embedded = model_args.model_name_or_path is None
     if embedded:
@@ -93,7 +123,7 @@ def main(method: str, argv: list[str] | None = None) -> str:
         for key, value in default.TRAINING_DEFAULTS.items():
             if key not in configured:
                 extra += [f"--{key}", str(value)]
-        script_args, training_args, model_args = parser.parse_args_and_config(args=argv + extra)
+        script_args, training_args, model_args = _parse(parser, argv + extra)
         teacher, student, tokenizer, train_dataset, eval_dataset = default.prepare_default()
         dataset_name = default.DATASET_NAME
     else:
@@ -101,6 +131,8 @@ def main(method: str, argv: list[str] | None = None) -> str:
             parser.error("--teacher_model_name_or_path is required with --model_name_or_path.")
         if not script_args.dataset_name:
             parser.error("--dataset_name is required with --model_name_or_path.")
+        _check_model_path(parser, "--model_name_or_path", model_args.model_name_or_path)
+        _check_model_path(parser, "--teacher_model_name_or_path", training_args.teacher_model_name_or_path)
         dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
         train_dataset = dataset[script_args.dataset_train_split]
         eval_dataset = dataset[script_args.dataset_test_split] if script_args.dataset_test_split in dataset else None
@@ -117,12 +149,16 @@ def main(method: str, argv: list[str] | None = None) -> str:
         student, teacher = model_args.model_name_or_path, training_args.teacher_model_name_or_path
         dataset_name = script_args.dataset_name
 
-    trainer = trainer_class(
-        model=student, teacher_model=teacher, args=training_args, train_dataset=train_dataset,
-        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None, processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-    )
+    try:
+        trainer = trainer_class(
+            model=student, teacher_model=teacher, args=training_args, train_dataset=train_dataset,
+            eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None, processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+        )
+    except (ValueError, OSError) as error:  # a bad model, dataset or setting: its message says what to fix
+        parser.error(_first_line(error))
     trainer.dataset_name = dataset_name
+    prompts = []
     if eval_dataset is not None:
         prompts, references = _eval_split(eval_dataset, tokenizer, EVAL_PROMPTS)
         if prompts:
@@ -138,8 +174,8 @@ def main(method: str, argv: list[str] | None = None) -> str:
         keys = ("eval_teacher_rouge_l", "eval_rouge_l_before", "eval_rouge_l")
         scores = {k: v for row in history for k, v in row.items() if k in keys}
         if len(scores) == 3:
-            print(f"Teacher ROUGE-L on {EVAL_PROMPTS} held-out prompts: {scores['eval_teacher_rouge_l']:.1f}.")
-            print(f"Student ROUGE-L on {EVAL_PROMPTS} held-out prompts: {scores['eval_rouge_l_before']:.1f} before, "
+            print(f"Teacher ROUGE-L on {len(prompts)} held-out prompts: {scores['eval_teacher_rouge_l']:.1f}.")
+            print(f"Student ROUGE-L on {len(prompts)} held-out prompts: {scores['eval_rouge_l_before']:.1f} before, "
                   f"{scores['eval_rouge_l']:.1f} after.")
         print(f"Saved the student, its tokenizer and the model card (README.md) to {training_args.output_dir}")
     return training_args.output_dir
