@@ -34,7 +34,9 @@ class Interval:
         return "better" if self.mean > 0 else "worse"
 
     def __str__(self) -> str:
-        return f"{self.mean:+.1f} [{self.low:+.1f}, {self.high:+.1f}]"
+        # one decimal for scores in points; three for differences under 1 (cross-entropy and KL, in nats)
+        digits = 1 if max(abs(self.mean), abs(self.low), abs(self.high)) >= 1 else 3
+        return f"{self.mean:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}]"
 
 
 def paired_bootstrap(

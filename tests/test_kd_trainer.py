@@ -420,3 +420,15 @@ def test_the_same_tokenizer_saved_with_the_teacher_passes(tmp_path, tokenizer, l
     trainer = KDTrainer(model=llama_paths["student"], teacher_model=llama_paths["teacher"], args=make_args(tmp_path),
                         train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer)
     assert trainer.args.check_teacher_tokenizer
+
+
+def test_a_teacher_folder_without_a_tokenizer_is_not_compared(tmp_path, tokenizer, caplog):
+    """`AutoTokenizer` would build an empty tokenizer from a Qwen2 config alone, and every teacher would fail."""
+    import logging
+
+    teacher_dir = tmp_path / "teacher"
+    build_model("qwen2", tokenizer, "teacher", seed=1, save_dir=teacher_dir)
+    with caplog.at_level(logging.WARNING, logger="trl_kd.kd.trainer"):
+        KDTrainer(model=build_model("qwen2", tokenizer, "student"), teacher_model=str(teacher_dir),
+                  args=make_args(tmp_path), train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer)
+    assert f"The teacher's folder {teacher_dir} holds no tokenizer" in caplog.text

@@ -58,6 +58,7 @@ def test_worse_and_reproducible():
     first, second = paired_bootstrap(worse, base, seed=3), paired_bootstrap(worse, base, seed=3)
     assert first == second and first.verdict() == "worse" and first.high < 0
     assert str(Interval(1.0, -0.5, 2.5)) == "+1.0 [-0.5, +2.5]"
+    assert str(Interval(-0.17, -0.19, -0.152)) == "-0.170 [-0.190, -0.152]"  # nats: small differences keep digits
 
 
 def test_shapes_must_match():

@@ -281,6 +281,13 @@ class KDTrainer(DistillationTrainer):
     def _check_teacher_tokenizer(self, teacher_tokenizer: PreTrainedTokenizerBase | None, source: str | None) -> None:
         """Refuse a teacher whose tokenizer disagrees with the student's (see `KDConfig.check_teacher_tokenizer`);
         the teacher's tokenizer is `teacher_tokenizer`, else the one saved with the teacher, if it can be loaded."""
+        tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+        if teacher_tokenizer is None and source and os.path.isdir(source):
+            if not any(os.path.exists(os.path.join(source, name)) for name in tokenizer_files):
+                # `AutoTokenizer` would build an empty tokenizer from the model config alone
+                logger.warning("The teacher's folder %s holds no tokenizer, so it was not compared with the "
+                               "student's; pass `teacher_processing_class` to compare them.", source)
+                return
         if teacher_tokenizer is None and source:
             from transformers import AutoTokenizer
 
