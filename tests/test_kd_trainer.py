@@ -432,3 +432,14 @@ def test_a_teacher_folder_without_a_tokenizer_is_not_compared(tmp_path, tokenize
         KDTrainer(model=build_model("qwen2", tokenizer, "student"), teacher_model=str(teacher_dir),
                   args=make_args(tmp_path), train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer)
     assert f"The teacher's folder {teacher_dir} holds no tokenizer" in caplog.text
+
+
+def test_a_missing_model_folder_is_named(tmp_path, tokenizer):
+    """The Hub client would say "Repo id must be in the form 'repo_name'" about a local path that does not exist."""
+    missing = str(tmp_path / "no-teacher")
+    with pytest.raises(ValueError, match=rf"`teacher_model` '{re.escape(missing)}' is no folder"):
+        KDTrainer(model=build_model("qwen2", tokenizer, "student"), teacher_model=missing, args=make_args(tmp_path),
+                  train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"`model` './no-student' is no folder"):
+        KDTrainer(model="./no-student", teacher_model=build_model("qwen2", tokenizer, "teacher"),
+                  args=make_args(tmp_path), train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer)

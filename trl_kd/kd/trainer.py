@@ -19,6 +19,7 @@ from trl.models import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, pad
 
 from ..checkpoints import load_method_state, resolve_checkpoint, save_method_state
+from ..cli import looks_local
 from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset, tokenizer_mismatch
 from ..guards import NonFiniteError, check_grad_norm, finite_flags, sampling_from
 from ..losses import LMHead, chunked_kd_loss
@@ -126,6 +127,10 @@ class KDTrainer(DistillationTrainer):
         if teacher_model is None:
             raise ValueError("No teacher: pass `teacher_model` or set `teacher_model_name_or_path` in the config.")
         teacher_source = teacher_model if isinstance(teacher_model, str) else teacher_model.config._name_or_path
+        for argument, name in (("model", model), ("teacher_model", teacher_model)):
+            if isinstance(name, str) and looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
+                raise ValueError(f"`{argument}` {name!r} is no folder (and not a Hub id like "
+                                 "'Qwen/Qwen2.5-7B-Instruct'): check the path.")
         train_dataset = prepare_dataset(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: prepare_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
