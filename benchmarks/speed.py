@@ -377,19 +377,10 @@ def bench_guards(steps: int = 20, batch: int = 4, completion: int = 32) -> str:
 
     from transformers.trainer_callback import PrinterCallback
 
+    import trl_kd
     import trl_kd.kd.trainer
     import trl_kd.promptkd.trainer
     import trl_kd.sampler
-    from trl_kd import (
-        KDConfig,
-        KDTrainer,
-        PromptKDConfig,
-        PromptKDTrainer,
-        SpeculativeKDConfig,
-        SpeculativeKDTrainer,
-        SwitchConfig,
-        SwitchTrainer,
-    )
     from trl_kd.testing import make_dataset
 
     spent = defaultdict(float)
@@ -415,14 +406,14 @@ def bench_guards(steps: int = 20, batch: int = 4, completion: int = 32) -> str:
     dataset = make_dataset("conversational_prompt_completion", 256)
     common = _bench_args(steps, batch, completion, temperature=1.0, gradient_checkpointing=False)
     cases = [
-        ("KDTrainer lmbda=1 (on-policy, JSD)", KDTrainer, KDConfig, {"lmbda": 1.0}),
-        ("SpeculativeKDTrainer, K=25 (paper defaults)", SpeculativeKDTrainer, SpeculativeKDConfig, {}),
-        ("SwitchTrainer, calibrated to 50% teacher tokens", SwitchTrainer, SwitchConfig,
-         {"target_teacher_fraction": 0.5}),
-        ("PromptKDTrainer (defaults)", PromptKDTrainer, PromptKDConfig, {}),
+        ("KDTrainer lmbda=1 (on-policy, JSD)", trl_kd.KDTrainer, {"lmbda": 1.0}),
+        ("SpeculativeKDTrainer, K=25 (paper defaults)", trl_kd.SpeculativeKDTrainer, {}),
+        ("SwitchTrainer, calibrated to 50% teacher tokens", trl_kd.SwitchTrainer, {"target_teacher_fraction": 0.5}),
+        ("PromptKDTrainer (defaults)", trl_kd.PromptKDTrainer, {}),
     ]
     rows = []
-    for label, trainer_cls, config_cls, extra in cases:
+    for label, trainer_cls, extra in cases:
+        config_cls = trainer_cls.config_class
         trainer = trainer_cls(
             model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher), args=config_cls(**common, **extra),
             train_dataset=dataset, processing_class=tokenizer,
