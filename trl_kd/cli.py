@@ -24,9 +24,16 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def looks_local(name: str) -> bool:
-    """A path rather than a Hub id (`org/name`): it starts with `.`, `/` or `~`, or has more than one `/`."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+def missing_folder(name: str) -> bool:
+    """`name` is meant as a local path (it starts with `.`, `/` or `~`, or has more than one `/`, unlike a Hub id
+    `org/name`) and no such folder exists."""
+    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    return local and not os.path.isdir(os.path.expanduser(name))
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _env(_: argparse.Namespace) -> None:
@@ -59,13 +66,12 @@ def _plan(args: argparse.Namespace) -> None:
     kwargs = {"trust_remote_code": args.trust_remote_code}
     models = {}
     for flag, name in (("--student", args.student), ("--teacher", args.teacher)):
-        if looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
+        if missing_folder(name):
             args.parser.error(f"{flag} {name}: no such folder (a Hub id looks like 'Qwen/Qwen2.5-0.5B-Instruct')")
         try:
             models[flag] = ModelSpec.from_pretrained(name, **kwargs)
         except (OSError, ValueError) as error:  # no such folder or Hub id, no config.json, not a causal LM, ...
-            message = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            args.parser.error(f"{flag} {name}: cannot read its config ({message})")
+            args.parser.error(f"{flag} {name}: cannot read its config ({first_line(error)})")
     student, teacher = models["--student"], models["--teacher"]
     result = plan(
         student, teacher, num_gpus=args.gpus, gpu_memory_gib=args.gpu_memory, dtype=args.dtype,

@@ -93,8 +93,9 @@ def check_rows(dataset: Dataset | IterableDataset, name: str = "train_dataset", 
 
         return dataset.map(check, with_indices=True)
     columns = [c for c in ("prompt", "completion", "messages") if c in dataset.column_names]
+    selected = dataset.select_columns(columns)
     for start in range(0, len(dataset), batch_size):
-        batch = dataset.select_columns(columns)[start : start + batch_size]
+        batch = selected[start : start + batch_size]
         for offset, values in enumerate(zip(*(batch[c] for c in columns))):
             if (problem := row_problem(dict(zip(columns, values)), kind)) is not None:
                 _raise_for_row(start + offset, name, problem)

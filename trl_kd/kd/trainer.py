@@ -19,7 +19,7 @@ from trl.models import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, pad
 
 from ..checkpoints import load_method_state, resolve_checkpoint, save_method_state
-from ..cli import looks_local
+from ..cli import missing_folder
 from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset, tokenizer_mismatch
 from ..guards import NonFiniteError, check_grad_norm, finite_flags, sampling_from
 from ..losses import LMHead, chunked_kd_loss
@@ -128,7 +128,7 @@ class KDTrainer(DistillationTrainer):
             raise ValueError("No teacher: pass `teacher_model` or set `teacher_model_name_or_path` in the config.")
         teacher_source = teacher_model if isinstance(teacher_model, str) else teacher_model.config._name_or_path
         for argument, name in (("model", model), ("teacher_model", teacher_model)):
-            if isinstance(name, str) and looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
+            if isinstance(name, str) and missing_folder(name):
                 raise ValueError(f"`{argument}` {name!r} is no folder (and not a Hub id like "
                                  "'Qwen/Qwen2.5-7B-Instruct'): check the path.")
         train_dataset = prepare_dataset(train_dataset, "train_dataset")
@@ -662,12 +662,17 @@ class KDTrainer(DistillationTrainer):
 
     def _raise_non_finite_loss(self):
         # every process sees the same gathered kd_loss, so all of them get here together
-        student_ok, teacher_ok = True, True
-        if self._hidden_finite is not None:
-            student_ok, teacher_ok = self.accelerator.gather(self._hidden_finite[None]).min(0).values.tolist()
-        source = "teacher" if not teacher_ok else "student" if not student_ok else "loss"
+        source = self._non_finite_source(self._hidden_finite)
         what = {"teacher": "teacher hidden states", "student": "student hidden states", "loss": "distillation loss"}
         raise NonFiniteError(source, what[source], self.state.global_step + 1)
+
+    def _non_finite_source(self, flags: torch.Tensor | None) -> str:
+        """From `finite_flags(student_hidden, teacher_hidden)`: `"teacher"` or `"student"` if that model's hidden
+        states were not finite on some process, else `"loss"`. A collective: every process must call it."""
+        if flags is None:
+            return "loss"
+        student_ok, teacher_ok = self.accelerator.gather(flags[None]).min(0).values.tolist()
+        return "teacher" if not teacher_ok else "student" if not student_ok else "loss"
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)

@@ -219,10 +219,9 @@ class PromptKDTrainer(KDTrainer):
         sums = torch.stack([to_student[1], to_teacher[1], to_student[3].to(to_student[1])])
         sums = self.accelerator.reduce(sums.detach().float(), "sum")
         if not sums.isfinite().all():  # reduced, so every process decides alike
-            finite = finite_flags(student_hidden, teacher_hidden, prompted)
-            student_ok, teacher_ok, prompted_ok = self.accelerator.gather(finite[None]).min(0).values.tolist()
-            teacher_ok = teacher_ok and prompted_ok
-            source = "teacher" if not teacher_ok else "student" if not student_ok else "loss"
+            # the teacher's side is both the plain and the prompted teacher
+            teacher_side = torch.cat([teacher_hidden.flatten(), prompted.flatten().to(teacher_hidden)])
+            source = self._non_finite_source(finite_flags(student_hidden, teacher_side))
             raise NonFiniteError(source, "prompt loss (PromptKD's prompt step)", self.state.global_step + 1)
         if self.prompt_learning_rate > 0:
             (to_student[0] + weight * to_teacher[0]).backward()

@@ -22,7 +22,7 @@ from datasets import load_dataset
 from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from ..cli import looks_local, one_line_errors
+from ..cli import first_line, missing_folder, one_line_errors
 from ..evaluation import GenerationEvalCallback
 from ..kd import KDConfig, KDTrainer
 from ..promptkd import PromptKDConfig, PromptKDTrainer
@@ -55,18 +55,14 @@ def _recipe_keys(argv: list[str], parser) -> set[str]:
     except OSError as error:
         parser.error(f"--config {path}: {error.strerror or error}")
     except yaml.YAMLError as error:
-        parser.error(f"--config {path} is not valid YAML: {_first_line(error)}")
+        parser.error(f"--config {path} is not valid YAML: {first_line(error)}")
     if not isinstance(recipe, dict):
         parser.error(f"--config {path} must hold a mapping of flags to values, got {type(recipe).__name__}")
     return set(recipe)
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def _check_model_path(parser, flag: str, name: str | None) -> None:
-    if name and looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
+    if name and missing_folder(name):
         parser.error(f"{flag} {name}: no such folder (a Hub id looks like 'Qwen/Qwen2.5-0.5B-Instruct')")
 
 
@@ -75,7 +71,7 @@ def _parse(parser, argv: list[str]):
     try:
         return parser.parse_args_and_config(args=argv)
     except ValueError as error:
-        parser.error(_first_line(error))
+        parser.error(first_line(error))
 
 
 def _eval_split(dataset, tokenizer, limit: int):
@@ -156,7 +152,7 @@ def main(method: str, argv: list[str] | None = None) -> str:
             peft_config=get_peft_config(model_args),
         )
     except (ValueError, OSError) as error:  # a bad model, dataset or setting: its message says what to fix
-        parser.error(_first_line(error))
+        parser.error(first_line(error))
     trainer.dataset_name = dataset_name
     prompts = []
     if eval_dataset is not None:
