@@ -50,16 +50,8 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
-from trl_kd import (  # noqa: E402
-    KDConfig,
-    KDTrainer,
-    PromptKDConfig,
-    PromptKDTrainer,
-    SpeculativeKDConfig,
-    SpeculativeKDTrainer,
-    SwitchConfig,
-    SwitchTrainer,
-)
+from trl_kd import PromptKDTrainer, get_method  # noqa: E402
+from trl_kd._compat import checkpointing_field  # noqa: E402
 from trl_kd.scripts.default import cache_base  # noqa: E402
 from trl_kd.testing import CHAT_TEMPLATE, EOS, PAD, build_tokenizer, make_task  # noqa: E402
 
@@ -71,26 +63,36 @@ from quality_stats import mean_and_interval, paired_bootstrap  # noqa: E402
 RECIPE_VERSION = "v2"
 BATCH = 8
 
+def method(name: str, overrides: dict) -> tuple:
+    """`(trainer, config, overrides)` of a method registered with `trl_kd.register_method`."""
+    registered = get_method(name)
+    return registered.trainer, registered.config, overrides
+
+
 # name -> (trainer, config, overrides); None = plain SFT on the references
 METHODS: dict[str, tuple | None] = {
     "SFT on references": None,
-    "Supervised KD (lmbda 0, FKL)": (KDTrainer, KDConfig, {"lmbda": 0.0, "beta": 0.0}),
-    "SeqKD (teacher samples, FKL)": (KDTrainer, KDConfig, {"lmbda": 0.0, "seq_kd": True, "beta": 0.0}),
-    "GKD on-policy (lmbda 1, JSD 0.5)": (KDTrainer, KDConfig, {"lmbda": 1.0, "beta": 0.5}),
-    "GKD mixed (lmbda 0.5, JSD 0.1)": (KDTrainer, KDConfig, {"lmbda": 0.5, "beta": 0.1}),
-    "On-policy reverse KL (lmbda 1, beta 1)": (KDTrainer, KDConfig, {"lmbda": 1.0, "beta": 1.0}),
-    "SKD (K=25, FKL)": (SpeculativeKDTrainer, SpeculativeKDConfig, {}),
-    "SWITCH (target 50% teacher tokens, held)": (SwitchTrainer, SwitchConfig, {"target_teacher_fraction": 0.5}),
-    "PromptKD (paper init text)": (PromptKDTrainer, PromptKDConfig, {}),
-    "PromptKD (in-distribution init)": (PromptKDTrainer, PromptKDConfig, {"prompt_init_text": None}),
+    "Supervised KD (lmbda 0, FKL)": method("gkd", {"lmbda": 0.0, "beta": 0.0}),
+    "SeqKD (teacher samples, FKL)": method("gkd", {"lmbda": 0.0, "seq_kd": True, "beta": 0.0}),
+    "GKD on-policy (lmbda 1, JSD 0.5)": method("gkd", {"lmbda": 1.0, "beta": 0.5}),
+    "GKD mixed (lmbda 0.5, JSD 0.1)": method("gkd", {"lmbda": 0.5, "beta": 0.1}),
+    "On-policy reverse KL (lmbda 1, beta 1)": method("gkd", {"lmbda": 1.0, "beta": 1.0}),
+    "SKD (K=25, FKL)": method("skd", {}),
+    "SWITCH (target 50% teacher tokens, held)": method("switch", {"target_teacher_fraction": 0.5}),
+    "PromptKD (paper init text)": method("promptkd", {}),
+    "PromptKD (in-distribution init)": method("promptkd", {"prompt_init_text": None}),
 }
 # run only when named with --methods, to diagnose a result (e.g. SKD when the teacher accepts every student token)
 DIAGNOSTIC_METHODS: dict[str, tuple] = {
-    "On-policy FKL (lmbda 1, beta 0)": (KDTrainer, KDConfig, {"lmbda": 1.0, "beta": 0.0}),
-    "SKD (K=3, FKL)": (SpeculativeKDTrainer, SpeculativeKDConfig, {"acceptance_top_k": 3}),
+    "On-policy FKL (lmbda 1, beta 0)": method("gkd", {"lmbda": 1.0, "beta": 0.0}),
+    "SKD (K=3, FKL)": method("skd", {"acceptance_top_k": 3}),
     # SKD drafts at the paper's temperature 0.5 / top-p 0.5: on open-ended text, is that what hurts?
-    "SKD (K=25, FKL, drafts at temperature 1)": (SpeculativeKDTrainer, SpeculativeKDConfig,
-                                                 {"temperature": 1.0, "top_p": 1.0}),
+    "SKD (K=25, FKL, drafts at temperature 1)": method("skd", {"temperature": 1.0, "top_p": 1.0}),
+    # SWITCH's exp schedule hands the late tokens (the end of the answer) to the teacher: is that why its students
+    # stop less often on long answers?
+    "SWITCH (constant threshold, target 50%, held)": method(
+        "switch", {"target_teacher_fraction": 0.5, "switch_schedule": "constant"}
+    ),
 }
 ALL_METHODS = {**METHODS, **DIAGNOSTIC_METHODS}
 SFT_BASELINE, GKD_BASELINE = "SFT on references", "GKD on-policy (lmbda 1, JSD 0.5)"
@@ -141,6 +143,8 @@ class Setting:
     # the claims judged again on this metric (e.g. the quality of the student's own samples, which is what the
     # on-policy methods claim to improve, beside the primary metric's cross-entropy on reference text)
     generation_metric: str | None = None
+    # the methods a plain run trains here (None: all of METHODS)
+    methods: tuple[str, ...] | None = None
 
 
 def _letters(rng: random.Random, n: int) -> list[str]:
@@ -172,6 +176,10 @@ def make_long(rng):
     return f"{task}: {' '.join(items)}", " ".join(answer), None
 
 
+# `long` is for SWITCH's length claim: its baselines and the other method whose teacher writes tokens of the
+# response. Its runs cost 4-8x those of `exact`; the other claims are judged in the three other settings.
+LONG_METHODS = ("SFT on references", "Supervised KD (lmbda 0, FKL)", GKD_BASELINE,
+                "SWITCH (target 50% teacher tokens, held)", "SKD (K=25, FKL)")
 GENERATION = {"rouge_l": True, "exact_match": True, "stop_rate": True, "rouge_l_sampled": True}
 SETTINGS = {
     "exact": Setting("exact", "exact answers, 2-6 items", make_exact, 18, "rouge_l", GENERATION,
@@ -181,7 +189,8 @@ SETTINGS = {
                                   "stop_rate": True}, student_steps=150, steps=400),
     "long": Setting("long", "copy/reverse/sort 64-72 letters (answers of 64+ tokens)", make_long, 80, "rouge_l",
                     GENERATION, teacher_steps=2500, student_steps=200, steps=300, student_size=(64, 2, 128),
-                    teacher_size=(96, 3, 192), capacity_steps=3000, capacity_batch=32, batch=32, schedule="linear"),
+                    teacher_size=(96, 3, 192), capacity_steps=3000, capacity_batch=32, batch=32, schedule="linear",
+                    methods=LONG_METHODS),
     "text": Setting("text", "continuing real text (the next 64 tokens of a held-out passage)", None, 64, "ce",
                     {"ce": False, "fkl": False, "rkl": False, "teacher_nll": False, "distinct_2": True},
                     teacher_steps=2000, student_steps=150, steps=300, student_size=(64, 2, 192),
@@ -379,13 +388,14 @@ def text_metrics(student, teacher, tokenizer, examples: list[Example], seed: int
             cont = tokenizer(continuation, add_special_tokens=False)["input_ids"][:64] or [tokenizer.eos_token_id]
             ids = torch.tensor([prompt + cont])
             targets = ids[0, len(prompt) :]
-            log_p = teacher(ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+            # from the end: a prompt-tuned teacher (PromptKD's, through PEFT) returns logits for its virtual tokens too
+            log_p = teacher(ids).logits[0, -len(targets) - 1 : -1].float().log_softmax(-1)
             if kind == "sample":
                 out["teacher_nll"].append(-log_p.gather(-1, targets[:, None]).mean().item())
                 bigrams = list(zip(cont, cont[1:]))
                 out["distinct_2"].append(len(set(bigrams)) / max(len(bigrams), 1))
                 continue
-            log_q = student(ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+            log_q = student(ids).logits[0, -len(targets) - 1 : -1].float().log_softmax(-1)
             out["ce"].append(-log_q.gather(-1, targets[:, None]).mean().item())
             out["fkl"].append((log_p.exp() * (log_p - log_q)).sum(-1).mean().item())
             out["rkl"].append((log_q.exp() * (log_q - log_p)).sum(-1).mean().item())
@@ -468,7 +478,7 @@ def train_one(task: Task, method: str, lr: float, seed: int, steps: int, example
             "max_steps": steps, "learning_rate": lr, "lr_scheduler_type": setting.schedule, "warmup_steps": 0,
             "max_completion_length": setting.max_new_tokens, "report_to": "none", "bf16": False,
             "use_cpu": not torch.cuda.is_available(), "save_strategy": "no", "logging_steps": max(1, steps // 10),
-            "disable_tqdm": True, "gradient_checkpointing": False, "seed": seed, **overrides,
+            "disable_tqdm": True, checkpointing_field(): False, "seed": seed, **overrides,
         })
         trainer = trainer_class(model=student, teacher_model=copy.deepcopy(task.teacher), args=args,
                                 train_dataset=rows, processing_class=tokenizer)
@@ -548,7 +558,7 @@ def run_setting(setting: Setting, args, log=print) -> None:
     root, better = args.records, setting.higher_is_better[setting.primary]
     check_records_match(task, root)
     steps = args.steps or setting.steps
-    methods = [m for m in ALL_METHODS if slug(m) in args.methods] if args.methods else list(METHODS)
+    methods = [m for m in ALL_METHODS if slug(m) in args.methods] if args.methods else list(setting.methods or METHODS)
     # references: the teacher, the base student, and the base student after a long SFT (its capacity)
     for name, make in (("Teacher", lambda: task.teacher), ("Student before distillation", lambda: task.student)):
         run_once(record_path(root, setting.name, name, 0, 0.0, "reference"),
@@ -797,6 +807,8 @@ def main() -> None:
     parser.add_argument("--capacity-steps", type=int, default=None, help="default: per setting; 0 skips it")
     parser.add_argument("--student-steps", type=int, default=None,
                         help="SFT steps of the base student (default: per setting), e.g. to test a stronger start")
+    parser.add_argument("--schedule", choices=("constant", "linear"), default=None,
+                        help="learning-rate schedule of every method's runs (default: per setting)")
     parser.add_argument("--text-file", default=None, help="a plain-text corpus for the text setting")
     parser.add_argument("--records", default="benchmarks/records/quality")
     parser.add_argument("--plots", default="docs/img")
@@ -821,6 +833,7 @@ def main() -> None:
         setting = copy.copy(SETTINGS[name])
         setting.text_file = args.text_file if name == "text" else None
         setting.student_steps = args.student_steps or setting.student_steps
+        setting.schedule = args.schedule or setting.schedule
         if args.quick:
             setting.teacher_steps, setting.student_steps = min(setting.teacher_steps, 300), 30
         if not args.report:

@@ -405,15 +405,15 @@ def bench_guards(steps: int = 20, batch: int = 4, completion: int = 32) -> str:
     tokenizer, student, teacher = _tiny_pair("random")
     dataset = make_dataset("conversational_prompt_completion", 256)
     common = _bench_args(steps, batch, completion, temperature=1.0, gradient_checkpointing=False)
-    cases = [
-        ("KDTrainer lmbda=1 (on-policy, JSD)", trl_kd.KDTrainer, {"lmbda": 1.0}),
-        ("SpeculativeKDTrainer, K=25 (paper defaults)", trl_kd.SpeculativeKDTrainer, {}),
-        ("SwitchTrainer, calibrated to 50% teacher tokens", trl_kd.SwitchTrainer, {"target_teacher_fraction": 0.5}),
-        ("PromptKDTrainer (defaults)", trl_kd.PromptKDTrainer, {}),
-    ]
+    # every registered method at its defaults, except where a default would not exercise its machinery
+    extras = {"gkd": ({"lmbda": 1.0}, "on-policy, JSD"), "switch": ({"target_teacher_fraction": 0.5},
+                                                                   "calibrated to 50% teacher tokens")}
+    cases = []
+    for method in trl_kd.METHODS.values():
+        extra, note = extras.get(method.name, ({}, "defaults"))
+        cases.append((f"{method.trainer.__name__} ({note})", method.trainer, method.config, extra))
     rows = []
-    for label, trainer_cls, extra in cases:
-        config_cls = trainer_cls.config_class
+    for label, trainer_cls, config_cls, extra in cases:
         trainer = trainer_cls(
             model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher), args=config_cls(**common, **extra),
             train_dataset=dataset, processing_class=tokenizer,

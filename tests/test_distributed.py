@@ -87,7 +87,7 @@ def single_process_losses(tmp_path_factory, models):
     losses = {}
     for case in run_trainers.PARITY_CASES:
         if case in run_trainers.DEEPSPEED_ONLY:  # where the teacher lives must not change the loss
-            losses[case] = losses["kd"]
+            losses[case] = losses["gkd"]
             continue
         trainer = run_trainers.build_trainer(case, str(tmp_path_factory.mktemp(case)), 4, models, steps=1)
         trainer.train()
@@ -117,7 +117,7 @@ def test_models_are_partitioned_where_they_should_be(launched):
 
     for case, ranks in results.items():
         teacher_sharded = {
-            "kd_teacher_sharded": True, "skd_teacher_offloaded": True, "kd_teacher_replicated": False,
+            "gkd_teacher_sharded": True, "skd_teacher_offloaded": True, "gkd_teacher_replicated": False,
             "switch_teacher_replicated": False,
         }
         for r in ranks:
@@ -130,7 +130,7 @@ def test_loss_equals_the_single_process_loss(launched, single_process_losses):
     _, _, results = launched
     for case, expected in single_process_losses.items():
         for r in results.get(case, []):
-            # kd_loss: the token-mean divergence; loss: the trained objective (per-sequence mean for kd_sequences)
+            # kd_loss: the token-mean divergence; loss: the trained objective (per-sequence mean for gkd_sequences)
             assert r["kd_loss"][0] == pytest.approx(expected["kd_loss"], rel=1e-4), case
             assert r["loss"][0] == pytest.approx(expected["loss"], rel=1e-4), case
 
@@ -166,8 +166,8 @@ def test_planner_matches_the_measured_partitioning(launched, models):
     student = ModelSpec.from_pretrained(os.path.join(models, "student"))
     teacher = ModelSpec.from_pretrained(os.path.join(models, "teacher"))
     estimates = {e.placement: e.parts_gib for e in plan(student, teacher, 2, 80, dtype="fp32").estimates}
-    ran = {"ddp": [("kd", PLACEMENTS[0])], "zero2": [("kd", PLACEMENTS[1]), ("kd_teacher_sharded", PLACEMENTS[2])],
-           "zero3": [("kd", PLACEMENTS[3])]}[stage]
+    ran = {"ddp": [("gkd", PLACEMENTS[0])], "zero2": [("gkd", PLACEMENTS[1]), ("gkd_teacher_sharded", PLACEMENTS[2])],
+           "zero3": [("gkd", PLACEMENTS[3])]}[stage]
     for case, placement in ran:
         for r in results[case]:
             fp32_bytes = 4

@@ -46,6 +46,7 @@ from trl_kd import (
     testing,
 )
 from trl_kd.cli import main as trl_kd_main
+from trl_kd.registry import METHODS
 from trl_kd.scripts import distill
 from trl_kd.testing import make_dataset
 
@@ -209,7 +210,7 @@ def test_python_examples_run(page, sandbox):
 
 def _run_trl_kd(argv: list[str], sandbox: DocsSandbox, tmp_path: Path) -> None:
     trl_kd_main(sandbox.command(argv))
-    if argv[0] in distill.METHODS:
+    if argv[0] in METHODS:
         output_dir = _output_dir(argv) or f"outputs/{argv[0]}-default"
         assert (tmp_path / output_dir / "README.md").exists(), f"no model card in {output_dir}"
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from trl_kd.scripts import METHODS
+from trl_kd import METHODS
 
 
 ROOT = Path(__file__).resolve().parents[1]
-CARD_NAMES = {"gkd": "KD", "skd": "Speculative KD", "switch": "SWITCH", "promptkd": "PromptKD"}
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +27,9 @@ def run(command, cwd, env, timeout=600):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["switch", "skd", "promptkd", "gkd"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_example_runs_with_no_arguments(method, tmp_path, env):
-    script = str(ROOT / "examples" / f"{method}.py")
+    script = str(ROOT / METHODS[method].example)
     if method == "switch":  # the README's command
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", script]
     else:
@@ -47,7 +46,7 @@ def test_example_runs_with_no_arguments(method, tmp_path, env):
     assert (output_dir / "model.safetensors").exists() and (output_dir / "tokenizer.json").exists()
     card = ModelCard.load(output_dir / "README.md")
     assert {"trl-kd", "distillation"} <= set(card.data.tags)
-    assert f"**Method**: {CARD_NAMES[method]}" in card.text
+    assert f"**Method**: {METHODS[method].title}" in card.text
     assert "default-v1/teacher" in card.text  # the teacher's path
     assert "| eval_rouge_l |" in card.text and "| eval_rouge_l_before |" in card.text
     if method == "promptkd":
@@ -58,7 +57,7 @@ def test_example_runs_with_no_arguments(method, tmp_path, env):
 def test_recipes_parse(method):
     from trl import ModelConfig, ScriptArguments, TrlParser
 
-    config_class = METHODS[method][0]
+    config_class = METHODS[method].config
     parser = TrlParser((ScriptArguments, config_class, ModelConfig))
     script_args, args, model_args = parser.parse_args_and_config(
         args=["--config", str(ROOT / "examples" / "recipes" / f"{method}.yaml"), "--bf16", "False"]

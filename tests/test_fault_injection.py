@@ -368,3 +368,41 @@ def test_inf_is_kept_where_it_means_never():
     assert config.switch_threshold == config.max_grad_norm == float("inf")
     with pytest.raises(ValueError, match="switch_threshold must be a finite number, got nan"):
         SwitchConfig(output_dir="/tmp/x", report_to="none", use_cpu=True, bf16=False, switch_threshold=float("nan"))
+
+
+# --------------------------------------------------------------------------------------- fallbacks are not silent
+class MergingTokenizer:
+    """Characters as ids, except that "ab" is one token: a completion starting with "b" after a prompt ending in "a"
+    changes the prompt's last token."""
+
+    def __call__(self, text, add_special_tokens=True):
+        ids, i = [], 0
+        while i < len(text):
+            if text.startswith("ab", i):
+                ids.append(1000)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return {"input_ids": ids}
+
+
+def test_a_completion_tokenized_alone_is_logged_once(caplog):
+    from trl_kd.data import completion_token_ids, warn_once
+
+    warn_once.cache_clear()
+    tokenizer = MergingTokenizer()
+    with caplog.at_level(logging.WARNING, logger="trl_kd.data"):
+        for _ in range(3):
+            ids = completion_token_ids(tokenizer, "xa", tokenizer("xa")["input_ids"], "bc", [0], None)
+    assert ids == [ord("b"), ord("c"), 0]
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "tokenized alone" in caplog.records[0].getMessage()
+
+
+def test_prompts_unchecked_for_want_of_a_context_length_are_logged(tmp_path, tokenizer, caplog, monkeypatch):
+    trainer = make_trainer(tmp_path, tokenizer)
+    monkeypatch.setattr(trainer, "position_limits", dict)
+    with caplog.at_level(logging.WARNING, logger="trl_kd.kd.trainer"):
+        trainer._check_prompt_lengths(make_dataset("prompt_only", 4), "train_dataset")
+    assert "were not checked" in caplog.text and "max_prompt_length" in caplog.text

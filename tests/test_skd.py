@@ -9,7 +9,6 @@ from trl_kd.testing import build_model, make_dataset
 
 from helpers import (
     assert_changed,
-    assert_lora_student_trains,
     logged,
     make_args,
     make_trainer,
@@ -250,25 +249,3 @@ def test_lmbda_mixes_dataset_completions(tmp_path, tokenizer):
     trainer.train()
     fractions = logged(trainer, "on_policy_fraction")
     assert 0.0 < sum(fractions) / len(fractions) < 1.0
-
-
-def test_lora_student_trains(tmp_path, tokenizer):
-    args = make_args(tmp_path, SpeculativeKDConfig, max_completion_length=12)
-    assert_lora_student_trains(SpeculativeKDTrainer, tokenizer, args, make_dataset("prompt_only", 16))
-
-
-def test_wrong_config_class_is_refused(tmp_path, tokenizer):
-    from trl_kd import KDConfig
-
-    with pytest.raises(TypeError, match="SpeculativeKDConfig"):
-        SpeculativeKDTrainer(
-            model=build_model("qwen2", tokenizer, "student"), teacher_model=build_model("qwen2", tokenizer, "teacher"),
-            args=make_args(tmp_path, KDConfig), train_dataset=make_dataset("prompt_only", 4), processing_class=tokenizer,
-        )
-
-
-def test_model_card_cites_the_paper(tmp_path, tokenizer):
-    trainer = skd_trainer(tmp_path, tokenizer)
-    trainer.create_model_card(model_name="tiny-skd")
-    card = (tmp_path / "out" / "README.md").read_text()
-    assert "2410.11325" in card and "Speculative Knowledge Distillation" in card

@@ -283,10 +283,3 @@ def test_resume_restores_the_calibrated_threshold_exactly(tmp_path, tokenizer):
 def test_bad_config_values_are_refused(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         make_args(tmp_path, SwitchConfig, **overrides)
-
-
-def test_model_card_cites_the_paper(tmp_path, tokenizer):
-    trainer = switch_trainer(tmp_path, tokenizer)
-    trainer.create_model_card(model_name="tiny-switch")
-    card = (tmp_path / "out" / "README.md").read_text()
-    assert "2410.19503" in card and "SWITCH" in card

@@ -7,6 +7,7 @@
 from .kd import KDConfig, KDTrainer, Rollout
 from .losses import LMHead, chunked_kd_loss, divergence
 from .promptkd import PromptKDConfig, PromptKDTrainer
+from .registry import METHODS, Method, get_method, register_method
 from .skd import SpeculativeKDConfig, SpeculativeKDTrainer
 from .switch import SwitchConfig, SwitchTrainer
 
@@ -17,6 +18,8 @@ __all__ = [
     "KDConfig",
     "KDTrainer",
     "LMHead",
+    "METHODS",
+    "Method",
     "PromptKDConfig",
     "PromptKDTrainer",
     "Rollout",
@@ -26,5 +29,7 @@ __all__ = [
     "SwitchTrainer",
     "chunked_kd_loss",
     "divergence",
+    "get_method",
+    "register_method",
     "__version__",
 ]

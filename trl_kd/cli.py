@@ -1,6 +1,7 @@
 """The `trl-kd` command, mirroring `trl sft`:
 
-    trl-kd switch|skd|promptkd|gkd [--config recipe.yaml] <flags>   run a distillation (no flags: embedded default)
+    trl-kd switch|skd|promptkd|gkd [--config recipe.yaml] <flags>   run a distillation (no flags: embedded default);
+                                                                    the methods are those of `trl_kd.registry`
     trl-kd plan --student ... --teacher ... --gpus N --gpu-memory GiB   per-GPU memory of each placement
     trl-kd env                                                      versions for bug reports
 """
@@ -86,14 +87,18 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import METHODS  # the registry, filled by importing the package's trainers
+
     parser = one_line_errors(argparse.ArgumentParser(
         prog="trl-kd", description="trl-kd: knowledge distillation on TRL.",
-        epilog="Distillation: trl-kd {gkd,skd,switch,promptkd} [--config recipe.yaml] <flags>; "
+        epilog=f"Distillation: trl-kd {{{','.join(METHODS)}}} [--config recipe.yaml] <flags>; "
         "add --help after the method for its flags.",
     ))
     commands = parser.add_subparsers(dest="command", required=True)
-    for method in ("gkd", "skd", "switch", "promptkd"):  # listed for --help; dispatched in `main`
-        commands.add_parser(method, help=f"run a {method} distillation (see `trl-kd {method} --help`)")
+    for method in METHODS.values():  # listed for --help; dispatched in `main`
+        paper = f", arXiv {method.paper}" if method.paper else ""
+        commands.add_parser(method.name, aliases=list(method.aliases),
+                            help=f"run a {method.title} distillation{paper} (see `trl-kd {method.name} --help`)")
 
     env = one_line_errors(commands.add_parser("env", help="print the versions to paste in a bug report"))
     env.set_defaults(func=_env)
@@ -120,9 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .scripts import METHODS
+    from .registry import method_names
 
-    if argv and argv[0] in METHODS:  # everything after the method goes to its TrlParser
+    if argv and argv[0] in method_names(aliases=True):  # everything after the method goes to its TrlParser
         from .scripts import main as distill
 
         distill(argv[0], argv[1:])

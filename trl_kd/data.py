@@ -7,11 +7,22 @@ trainer is built, not at the first step.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
+
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message: str) -> None:
+    """Log `message` as a warning the first time only (a fallback taken on every row would flood the log)."""
+    logger.warning(message)
 
 
 def _first_row(dataset: Dataset | IterableDataset) -> dict[str, Any] | None:
@@ -184,6 +195,12 @@ def completion_token_ids(
     if full[: len(prompt_ids)] == prompt_ids:
         ids = full[len(prompt_ids) :]
     else:  # the template or the tokenizer merges across the boundary: fall back to the completion alone
+        warn_once(
+            "A dataset completion could not be tokenized together with its prompt (the prompt's tokens change when "
+            "the completion follows: the tokenizer merges across the boundary, or the chat template renders the "
+            "prompt otherwise), so such completions are tokenized alone. End prompts on a token boundary (e.g. a "
+            "space or newline) to train on the tokens the model sees at inference."
+        )
         text = completion[-1]["content"] if isinstance(completion, list) else completion
         ids = tokenizer(text=text, add_special_tokens=False)["input_ids"]
     for i, token in enumerate(ids):

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
-from trl.kernels.chunked_logprob import _use_triton
+
+from ._compat import trl_triton_available
 
 
 LossType = Literal["jsd", "skew_fkl", "skew_rkl", "tvd"]
@@ -205,7 +206,7 @@ def chunked_token_divergence(
     partitioned = student_head.is_partitioned or teacher_head.is_partitioned
     # TRL's kernel gathers partitioned heads only when ZeRO-3 is on globally (not for a teacher sharded on its own
     # beside a ZeRO-2 student), and only whole heads
-    use_trl_kernel = loss_type == "jsd" and _use_triton(student_hidden.device) and (
+    use_trl_kernel = loss_type == "jsd" and trl_triton_available(student_hidden.device) and (
         not partitioned or (heads_fit and is_deepspeed_zero3_enabled())
     )
     if use_trl_kernel:

@@ -8,6 +8,8 @@ the training tokens, the final evaluation metrics, the framework versions and th
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import shlex
 import statistics
 import sys
@@ -96,3 +98,32 @@ def distillation_section(trainer: KDTrainer, dataset_name: str | None = None) ->
     lines += ["Launch command:", "", "```bash", shlex.join([sys.executable.split('/')[-1], *sys.argv]), "```", ""]
     lines += trainer.model_card_sections()
     return "\n".join(lines)
+
+
+def student_base(name_or_path: str | None) -> tuple[str | None, str]:
+    """`(hub_id, label)` of the student's base model: a Hub id is both; a local folder has no Hub id and is named
+    by its folder's name; an in-memory model without a name is `(None, "")`."""
+    if not name_or_path:
+        return None, ""
+    if os.path.isdir(name_or_path):
+        return None, os.path.basename(os.path.normpath(name_or_path))
+    return name_or_path, name_or_path
+
+
+def arrange_card(text: str, base: tuple[str | None, str], model_id: str, section: str) -> str:
+    """TRL's generated card, corrected for a distilled student: the real base instead of "[None](...None)" (a local
+    base is named, not linked), a quick start that loads `model_id` (this model's repo id or folder) instead of
+    `"None"`, and the Distillation `section` placed before the citations."""
+    hub_id, label = base
+    if hub_id:
+        base_text = f"[{hub_id}](https://huggingface.co/{hub_id})"
+    else:
+        base_text = f"`{label}`" if label else "a model built in memory"
+    text = re.sub(r"This model is a fine-tuned version of \[[^\]]*\]\([^)]*\)",
+                  lambda _: f"This model is a fine-tuned version of {base_text}", text, count=1)
+    text = re.sub(r'pipeline\("text-generation", model="[^"]*"',
+                  lambda _: f'pipeline("text-generation", model="{model_id}"', text, count=1)
+    citations = text.find("\n## Citations")
+    if citations == -1:
+        return text.rstrip("\n") + "\n" + section
+    return text[:citations].rstrip("\n") + "\n" + section.rstrip("\n") + "\n\n" + text[citations + 1 :]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from ._compat import cache_argument
 from .guards import check_sampling_probs
 from .losses import divergence
 
@@ -284,7 +285,8 @@ def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int, device) ->
 
 def _forward(model, input_ids, slot_mask, positions, cache) -> torch.Tensor:
     out = model(
-        input_ids=input_ids, attention_mask=slot_mask, position_ids=positions, past_key_values=cache, use_cache=True
+        input_ids=input_ids, attention_mask=slot_mask, position_ids=positions, use_cache=True,
+        **{cache_argument(model): cache},
     )
     return out.logits.float()
 

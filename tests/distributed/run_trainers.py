@@ -18,16 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from trl_kd import (  # noqa: E402
-    KDConfig,
-    KDTrainer,
-    PromptKDConfig,
-    PromptKDTrainer,
-    SpeculativeKDConfig,
-    SpeculativeKDTrainer,
-    SwitchConfig,
-    SwitchTrainer,
-)
+from trl_kd import METHODS, KDConfig, KDTrainer  # noqa: E402
+from trl_kd._compat import checkpointing_field  # noqa: E402
 from trl_kd.sampler import Rule  # noqa: E402
 from trl_kd.testing import build_model, build_tokenizer, make_dataset  # noqa: E402
 
@@ -52,27 +44,36 @@ class RankDependentTrainer(KDTrainer):
         return out
 
 
-# name -> (trainer class, config class, config overrides). The "parity" cases are deterministic (dataset
-# completions, or a teacher that writes every token greedily), so their losses can be compared with one process.
-CASES = {
-    "kd": (KDTrainer, KDConfig, {"lmbda": 0.0}),
-    # per-sequence normalisation: its loss must not depend on the process count either
-    "kd_sequences": (KDTrainer, KDConfig, {"lmbda": 0.0, "loss_normalization": "sequences"}),
-    "skd": (SpeculativeKDTrainer, SpeculativeKDConfig, {"acceptance_top_k": 0, "teacher_top_p": 1e-6}),
-    "switch": (SwitchTrainer, SwitchConfig, {"switch_threshold": 0.0, "teacher_greedy": True}),
+def _classes(method: str) -> tuple[type, type]:
+    return METHODS[method].trainer, METHODS[method].config
+
+
+# One deterministic case per registered method (dataset completions, or a teacher that writes every token
+# greedily), so its losses can be compared with one process; a method registered without one fails
+# `test_every_registered_method_has_a_distributed_case`.
+METHOD_CASES = {
+    "gkd": {"lmbda": 0.0},
+    "skd": {"acceptance_top_k": 0, "teacher_top_p": 1e-6},
+    "switch": {"switch_threshold": 0.0, "teacher_greedy": True},
     # dataset completions; the first logged loss is computed after one prompt step, so it checks the prompt's
     # gradient averaging across processes too
-    "promptkd": (PromptKDTrainer, PromptKDConfig, {"lmbda": 0.0}),
+    "promptkd": {"lmbda": 0.0},
+}
+# name -> (trainer class, config class, config overrides)
+CASES = {
+    **{method: (*_classes(method), overrides) for method, overrides in METHOD_CASES.items()},
+    # per-sequence normalisation: its loss must not depend on the process count either
+    "gkd_sequences": (*_classes("gkd"), {"lmbda": 0.0, "loss_normalization": "sequences"}),
     # teacher placement independent of the student's stage (DeepSpeed launches only)
-    "kd_teacher_sharded": (KDTrainer, KDConfig, {"lmbda": 0.0, "teacher_zero_stage": 3}),
-    "kd_teacher_replicated": (KDTrainer, KDConfig, {"lmbda": 0.0, "teacher_zero_stage": 0}),
-    "skd_teacher_offloaded": (SpeculativeKDTrainer, SpeculativeKDConfig, {"teacher_zero_stage": 3, "teacher_offload": True}),
-    "switch_teacher_replicated": (SwitchTrainer, SwitchConfig, {"teacher_zero_stage": 0, "switch_threshold": 0.005}),
-    "skd_sampled": (SpeculativeKDTrainer, SpeculativeKDConfig, {"acceptance_top_k": 150, "temperature": 1.0}),
+    "gkd_teacher_sharded": (*_classes("gkd"), {"lmbda": 0.0, "teacher_zero_stage": 3}),
+    "gkd_teacher_replicated": (*_classes("gkd"), {"lmbda": 0.0, "teacher_zero_stage": 0}),
+    "skd_teacher_offloaded": (*_classes("skd"), {"teacher_zero_stage": 3, "teacher_offload": True}),
+    "switch_teacher_replicated": (*_classes("switch"), {"teacher_zero_stage": 0, "switch_threshold": 0.005}),
+    "skd_sampled": (*_classes("skd"), {"acceptance_top_k": 150, "temperature": 1.0}),
     "uneven": (RankDependentTrainer, KDConfig, {"lmbda": 1.0}),
 }
-PARITY_CASES = ("kd", "kd_sequences", "skd", "switch", "promptkd", "kd_teacher_sharded", "kd_teacher_replicated")
-DEEPSPEED_ONLY = ("kd_teacher_sharded", "kd_teacher_replicated", "skd_teacher_offloaded", "switch_teacher_replicated")
+PARITY_CASES = (*METHOD_CASES, "gkd_sequences", "gkd_teacher_sharded", "gkd_teacher_replicated")
+DEEPSPEED_ONLY = ("gkd_teacher_sharded", "gkd_teacher_replicated", "skd_teacher_offloaded", "switch_teacher_replicated")
 
 
 def save_models(directory: str) -> None:
@@ -89,7 +90,7 @@ def build_trainer(name: str, output_dir: str, per_device_batch: int, models: str
     args = config_cls(
         output_dir=output_dir, per_device_train_batch_size=per_device_batch, max_steps=steps,
         max_completion_length=10, learning_rate=0.05, report_to="none", bf16=False, logging_steps=1,
-        save_strategy="no", seed=3, disable_tqdm=True, gradient_checkpointing=False,
+        save_strategy="no", seed=3, disable_tqdm=True, **{checkpointing_field(): False},
         use_cpu=not torch.cuda.is_available(), **overrides,
     )
     return trainer_cls(

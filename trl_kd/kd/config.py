@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
+from .._compat import checkpointing_field
 from ..guards import check_finite_fields
 from ..losses import LOSS_TYPES
 
@@ -81,6 +82,12 @@ class KDConfig(DistillationConfig):
     # float fields where +inf means something ("never clip"); every other float must be finite
     _INF_ALLOWED = ("max_grad_norm",)
 
+    # TRL's default (on) is set on the field transformers >= 5.24 reads, `activation_checkpointing`, so a default
+    # config prints no deprecation warning; passing the old name still works (with transformers' warning)
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers >= 5.24); default on."},
+    )
     lmbda: float = field(
         default=0.5,
         metadata={"help": "Probability that a row is trained on a student sample instead of its dataset completion."},
@@ -91,7 +98,10 @@ class KDConfig(DistillationConfig):
     )
     loss_type: str = field(
         default="jsd",
-        metadata={"help": "Divergence: 'jsd' (uses beta), 'skew_fkl', 'skew_rkl' (use skew_alpha) or 'tvd'."},
+        metadata={
+            "help": "Divergence: 'jsd' (uses beta), 'skew_fkl', 'skew_rkl' (use skew_alpha) or 'tvd'.",
+            "choices": list(LOSS_TYPES),
+        },
     )
     beta: float = field(
         default=0.5,
@@ -136,6 +146,9 @@ class KDConfig(DistillationConfig):
     def __post_init__(self):
         # first: NaN slips through comparisons such as `loss_temperature <= 0`
         check_finite_fields(self, self._INF_ALLOWED)
+        checkpointing = checkpointing_field()
+        if self.gradient_checkpointing is None and getattr(self, checkpointing) is None:
+            setattr(self, checkpointing, True)
         super().__post_init__()
         if not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"lmbda must be in [0, 1], got {self.lmbda}.")

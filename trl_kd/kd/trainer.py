@@ -18,12 +18,14 @@ from trl import DistillationTrainer
 from trl.models import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, pad
 
+from .._compat import zero3_init_disabled
 from ..checkpoints import load_method_state, resolve_checkpoint, save_method_state
 from ..cli import missing_folder
 from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset, tokenizer_mismatch
 from ..guards import NonFiniteError, check_grad_norm, finite_flags, sampling_from
 from ..losses import LMHead, chunked_kd_loss
-from ..model_card import distillation_section
+from ..model_card import arrange_card, distillation_section, student_base
+from ..registry import register_method
 from ..sampler import Rule, SamplingParams, StopStrings, block_verify_sample
 from .config import KDConfig
 
@@ -94,7 +96,7 @@ class KDTrainer(DistillationTrainer):
     """
 
     _tag_names = ["trl", "trl-kd", "distillation", "gkd"]
-    _name = "KD"
+    _name = "GKD"
     config_class = KDConfig
     position_buckets: int = 0
     """Log `teacher_token_fraction/bucket_<b>_of_<n>` over this many equal parts of each response (0 = off)."""
@@ -223,14 +225,8 @@ class KDTrainer(DistillationTrainer):
         kwargs.setdefault("trust_remote_code", args.trust_remote_code)
         if args.teacher_zero_stage == 0 and is_deepspeed_zero3_enabled():
             # a replicated teacher must not be created partitioned by ZeRO-3's `zero.Init`
-            from transformers.integrations import deepspeed as hf_deepspeed
-
-            hf_config = hf_deepspeed._hf_deepspeed_config_weak_ref()
-            hf_deepspeed.unset_hf_deepspeed_config()
-            try:
+            with zero3_init_disabled():
                 return create_model_from_path(name_or_path, **kwargs)
-            finally:
-                hf_deepspeed.set_hf_deepspeed_config(hf_config)
         return create_model_from_path(name_or_path, **kwargs)
 
     def _prepare_teacher_deepspeed(self, teacher_model: PreTrainedModel) -> torch.nn.Module:
@@ -347,6 +343,10 @@ class KDTrainer(DistillationTrainer):
         limit = self.args.max_prompt_length
         if limit is None:
             if not limits:
+                logger.warning(
+                    "Neither model's config names a context length (`max_position_embeddings` or `n_positions`), so "
+                    "the prompts of %s were not checked against one; set `max_prompt_length` to check them.", name
+                )
                 return dataset
             limit = min(limits.values()) - completion
         return check_prompt_lengths(dataset, lambda prompts: self._tokenize_prompts(prompts)[0], limit, name)
@@ -682,13 +682,19 @@ class KDTrainer(DistillationTrainer):
 
     # ----------------------------------------------------------------------------------------------- model card
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card plus a "Distillation" section: method, teacher and revision, dataset, hyperparameters,
+        """TRL's model card, with the student's real base and a quick start that loads this model, plus a
+        "Distillation" section before the citations: method, teacher and revision, dataset, hyperparameters,
         teacher-token fraction and acceptance, final evaluation, versions and the launch command."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         path = os.path.join(self.args.output_dir, "README.md")
         if self.is_world_process_zero() and os.path.exists(path):
-            with open(path, "a") as f:
-                f.write(distillation_section(self, dataset_name or self.dataset_name))
+            base = student_base(self.accelerator.unwrap_model(self.model).config._name_or_path)
+            model_id = self.hub_model_id or self.args.hub_model_id or self.args.output_dir
+            section = distillation_section(self, dataset_name or self.dataset_name)
+            with open(path) as f:
+                text = f.read()
+            with open(path, "w") as f:
+                f.write(arrange_card(text, base, model_id, section))
 
     def model_card_sections(self) -> list[str]:
         """Extra markdown lines a method adds to its model card (e.g. PromptKD's teacher prompt)."""
@@ -735,3 +741,7 @@ class KDTrainer(DistillationTrainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["prompt", "completion"]
+
+
+# the base method: GKD (on-policy when lmbda=1); `kd` is its older name
+register_method("gkd", KDTrainer, KDConfig, example="examples/gkd.py", aliases=("kd",))

@@ -1,6 +1,7 @@
 """The distillation script behind `examples/*.py` and the `trl-kd <method>` command."""
 
-from .distill import METHODS, main
+from ..registry import METHODS
+from .distill import main
 
 
 __all__ = ["METHODS", "main"]

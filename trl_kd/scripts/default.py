@@ -15,6 +15,7 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from .._compat import checkpointing_field
 from ..testing import build_model, build_tokenizer, make_dataset, sft_on_task
 
 
@@ -37,7 +38,7 @@ TRAINING_DEFAULTS = dict(
     save_strategy="no",
     report_to="none",
     bf16=False,
-    gradient_checkpointing=False,
+    **{checkpointing_field(): False},
 )
 
 

@@ -24,19 +24,10 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from ..cli import first_line, missing_folder, one_line_errors
 from ..evaluation import GenerationEvalCallback
-from ..kd import KDConfig, KDTrainer
-from ..promptkd import PromptKDConfig, PromptKDTrainer
-from ..skd import SpeculativeKDConfig, SpeculativeKDTrainer
-from ..switch import SwitchConfig, SwitchTrainer
+from ..registry import UnknownMethodError, get_method
 from . import default
 
 
-METHODS = {
-    "gkd": (KDConfig, KDTrainer),
-    "skd": (SpeculativeKDConfig, SpeculativeKDTrainer),
-    "switch": (SwitchConfig, SwitchTrainer),
-    "promptkd": (PromptKDConfig, PromptKDTrainer),
-}
 EVAL_PROMPTS = 48
 
 
@@ -92,10 +83,13 @@ def _eval_split(dataset, tokenizer, limit: int):
 
 
 def main(method: str, argv: list[str] | None = None) -> str:
-    """Run a distillation with `method` in {gkd, skd, switch, promptkd}; returns the output folder."""
-    if method not in METHODS:
-        raise SystemExit(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    config_class, trainer_class = METHODS[method]
+    """Run a distillation with a registered method (`trl_kd.registry`: gkd, skd, switch, promptkd, or an alias such
+    as `kd`); returns the output folder."""
+    try:
+        spec = get_method(method)
+    except UnknownMethodError as error:
+        raise SystemExit(str(error)) from None
+    method, config_class, trainer_class = spec.name, spec.config, spec.trainer
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = one_line_errors(TrlParser((ScriptArguments, config_class, ModelConfig), prog=f"trl-kd {method}"))
     explicit = _explicit_flags(argv)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import textwrap
 
 from ..kd.trainer import KDTrainer, Rollout
+from ..registry import register_method
 from ..sampler import SamplingParams, TopKRule
 from .config import SpeculativeKDConfig
 
@@ -78,3 +79,6 @@ class SpeculativeKDTrainer(KDTrainer):
             test=self.args.acceptance_test, student_params=self.student_sampling_params,
         )
         return self.teacher_in_the_loop_rollout(prompt_ids, rule, self.args.num_draft_tokens)
+
+
+register_method("skd", SpeculativeKDTrainer, SpeculativeKDConfig, example="examples/skd.py")
