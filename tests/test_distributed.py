@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 
 pytest.importorskip("deepspeed", reason="the multi-process tests need DeepSpeed: pip install -e '.[test]'")
@@ -18,36 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 import run_trainers  # noqa: E402
 
+from helpers import cpu_config  # noqa: E402
+
 
 pytestmark = pytest.mark.slow
 LAUNCH_TIMEOUT = 900  # seconds; a deadlock fails the test instead of hanging CI
-
-
-def cpu_config(stage: str, tmp_path: Path) -> Path:
-    """The shipped accelerate config for `stage`, adapted to this CPU: 2 processes, fp32 and, for ZeRO-3, a
-    persistence threshold of 0 so that even tiny tensors are really partitioned."""
-    config = yaml.safe_load((ROOT / "examples" / "accelerate_configs" / f"{stage}.yaml").read_text())
-    config.update(num_processes=2, mixed_precision="no", use_cpu=True)
-    ds = config["deepspeed_config"]
-    if ds["zero_stage"] == 3:
-        ds_json = {
-            "zero_optimization": {
-                "stage": 3,
-                "stage3_param_persistence_threshold": 0,
-                "stage3_gather_16bit_weights_on_model_save": ds.get("zero3_save_16bit_model", False),
-            },
-            "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto",
-            "bf16": {"enabled": False},
-            "fp16": {"enabled": False},
-        }
-        (tmp_path / "ds.json").write_text(json.dumps(ds_json))
-        config["deepspeed_config"] = {"deepspeed_config_file": str(tmp_path / "ds.json"), "zero3_init_flag": True}
-        config.pop("mixed_precision")  # set in the DeepSpeed file
-    path = tmp_path / f"{stage}_cpu.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -158,3 +158,45 @@ def test_cli_a_bad_dataset_is_one_line(tmp_path, llama_paths, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err
     assert "trl-kd gkd: error: Row 4 of `train_dataset`: `prompt` must be a string" in err
+
+
+@pytest.mark.slow
+def test_cli_launches_through_accelerate_on_two_processes(tmp_path, llama_paths, env):
+    """`trl-kd <method> --accelerate_config ... --num_processes 2` runs the distillation under `accelerate launch`
+    (here the shipped ZeRO-2 config, adapted to this CPU as the distributed tests adapt it)."""
+    import json
+
+    from helpers import cpu_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    from trl_kd.testing import make_dataset
+
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_dataset("prompt_completion", 16)))
+    command = [
+        sys.executable, "-m", "trl_kd.cli", "gkd", "--accelerate_config", str(cpu_config("zero2", tmp_path)),
+        "--num_processes", "2", "--model_name_or_path", llama_paths["student"], "--teacher_model_name_or_path",
+        llama_paths["teacher"], "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps",
+        "2", "--per_device_train_batch_size", "2", "--max_completion_length", "8", "--report_to", "none",
+    ]
+    out = run(command, tmp_path, {**env, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "accelerate.commands.launch --config_file" in out.stdout and "--num_processes 2" in out.stdout
+    assert "(trained on 2 processes)" in out.stdout
+    assert ModelCard.load(tmp_path / "out" / "README.md").text.count("## Distillation") == 1
+
+
+def test_accelerate_configs_ship_with_the_package_and_resolve_by_name():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from trl_kd.cli import accelerate_config_path, launch_command
+
+    for name in ("ddp", "zero2", "zero3", "zero3_offload"):
+        path = accelerate_config_path(name)
+        assert Path(path).parent.name == "accelerate_configs" and load_config_from_file(path)
+    command = launch_command("switch", ["--accelerate_config=zero3", "--num_processes", "8", "--max_steps", "3"])
+    assert command[1:] == ["-m", "accelerate.commands.launch", "--config_file", accelerate_config_path("zero3"),
+                           "--num_processes", "8", "-m", "trl_kd.cli", "switch", "--max_steps", "3"]
+    assert launch_command("switch", ["--max_steps", "3"]) is None
+    with pytest.raises(ValueError, match="not one of the shipped configs"):
+        accelerate_config_path("zero4")

@@ -2,6 +2,7 @@
 
     trl-kd switch|skd|promptkd|gkd [--config recipe.yaml] <flags>   run a distillation (no flags: embedded default);
                                                                     the methods are those of `trl_kd.registry`
+    trl-kd switch --accelerate_config zero3 --num_processes 8 ...   the same through `accelerate launch`
     trl-kd plan --student ... --teacher ... --gpus N --gpu-memory GiB   per-GPU memory of each placement
     trl-kd env                                                      versions for bug reports
 """
@@ -12,7 +13,10 @@ import argparse
 import math
 import os
 import platform
+import shlex
+import subprocess
 import sys
+from pathlib import Path
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -35,6 +39,45 @@ def missing_folder(name: str) -> bool:
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type's name when the message is empty)."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+ACCELERATE_CONFIGS = Path(__file__).parent / "accelerate_configs"
+# `accelerate launch` flags `trl-kd <method> --accelerate_config ...` passes on to the launcher
+LAUNCH_FLAGS = ("--num_processes", "--num_machines", "--machine_rank", "--main_process_ip", "--main_process_port")
+
+
+def accelerate_config_path(name: str) -> str:
+    """The accelerate config `--accelerate_config` names: one shipped with trl-kd (`ddp`, `zero2`, `zero3`,
+    `zero3_offload`; package data in `trl_kd/accelerate_configs/`), else a file's path."""
+    shipped = ACCELERATE_CONFIGS / f"{name}.yaml"
+    if shipped.is_file():
+        return str(shipped)
+    if os.path.isfile(name):
+        return name
+    names = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")))
+    raise ValueError(f"--accelerate_config {name}: no such file, and not one of the shipped configs ({names})")
+
+
+def launch_command(method: str, argv: list[str]) -> list[str] | None:
+    """The `accelerate launch` command that runs `trl-kd <method> <argv>` when `argv` has `--accelerate_config`
+    (as `trl sft --accelerate_config zero3` does); `None` without it. The launcher's flags (`LAUNCH_FLAGS`) go to
+    `accelerate launch`, everything else to the method."""
+    if not any(a == "--accelerate_config" or a.startswith("--accelerate_config=") for a in argv):
+        return None
+    launcher, rest, i = [], [], 0
+    while i < len(argv):
+        flag, has_value, value = argv[i].partition("=")
+        if flag == "--accelerate_config" or flag in LAUNCH_FLAGS:
+            if not has_value:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{flag} needs a value")
+                value, i = argv[i + 1], i + 1
+            launcher += ["--config_file", accelerate_config_path(value)] if flag == "--accelerate_config" else [
+                flag, value]
+        else:
+            rest.append(argv[i])
+        i += 1
+    return [sys.executable, "-m", "accelerate.commands.launch", *launcher, "-m", "trl_kd.cli", method, *rest]
 
 
 def _env(_: argparse.Namespace) -> None:
@@ -128,6 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     from .registry import method_names
 
     if argv and argv[0] in method_names(aliases=True):  # everything after the method goes to its TrlParser
+        try:
+            command = launch_command(argv[0], argv[1:])
+        except ValueError as error:
+            one_line_errors(argparse.ArgumentParser(prog=f"trl-kd {argv[0]}")).error(str(error))
+        if command is not None:
+            print(f"Launching: {shlex.join(command)}", flush=True)
+            raise SystemExit(subprocess.call(command))
         from .scripts import main as distill
 
         distill(argv[0], argv[1:])

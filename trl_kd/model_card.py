@@ -111,7 +111,7 @@ def student_base(name_or_path: str | None) -> tuple[str | None, str]:
 
 
 def arrange_card(text: str, base: tuple[str | None, str], model_id: str, section: str) -> str:
-    """TRL's generated card, corrected for a distilled student: the real base instead of "[None](...None)" (a local
+    """TRL's generated card, corrected for a distilled student: the real base instead of a link to `None` (a local
     base is named, not linked), a quick start that loads `model_id` (this model's repo id or folder) instead of
     `"None"`, and the Distillation `section` placed before the citations."""
     hub_id, label = base

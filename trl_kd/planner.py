@@ -68,7 +68,7 @@ class Placement:
 
     Attributes:
         name: shown in the plan's table.
-        config: the accelerate config (or config + trl-kd fields) that runs it.
+        config: the `trl-kd <method>` flags that run it (a shipped accelerate config, and trl-kd fields).
         student_stage: the student's ZeRO stage; 0 is DDP.
         teacher_sharded: the teacher is partitioned across GPUs (ZeRO-3) instead of replicated.
         offload: parameters and optimizer states live in CPU memory between uses.
@@ -82,11 +82,11 @@ class Placement:
 
 
 PLACEMENTS = (
-    Placement("DDP (everything replicated)", "multi-GPU DDP", 0, False),
-    Placement("ZeRO-2", "examples/accelerate_configs/zero2.yaml", 2, False),
-    Placement("ZeRO-2 + sharded teacher", "zero2.yaml with teacher_zero_stage=3", 2, True),
-    Placement("ZeRO-3", "examples/accelerate_configs/zero3.yaml", 3, True),
-    Placement("ZeRO-3 + CPU offload", "examples/accelerate_configs/zero3_offload.yaml", 3, True, offload=True),
+    Placement("DDP (everything replicated)", "--accelerate_config ddp", 0, False),
+    Placement("ZeRO-2", "--accelerate_config zero2", 2, False),
+    Placement("ZeRO-2 + sharded teacher", "--accelerate_config zero2 --teacher_zero_stage 3", 2, True),
+    Placement("ZeRO-3", "--accelerate_config zero3", 3, True),
+    Placement("ZeRO-3 + CPU offload", "--accelerate_config zero3_offload", 3, True, offload=True),
 )
 
 

@@ -53,6 +53,8 @@ class UnknownMethodError(KeyError):
 
 
 METHODS: dict[str, Method] = {}
+"""The registered methods by name, in registration order: `gkd`, `promptkd`, `skd`, `switch` once `trl_kd` is
+imported."""
 _ALIASES: dict[str, str] = {}
 
 

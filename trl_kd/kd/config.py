@@ -76,6 +76,10 @@ class KDConfig(DistillationConfig):
             special token of the student's must have the same id, or the trainer refuses the pair, since the teacher's
             distributions would be over other tokens. `False` skips it, for tokenizers that differ on purpose but
             assign the same ids.
+        gradient_checkpointing (bool | None):
+            The deprecated alias (transformers >= 5.24) of `activation_checkpointing`. TRL's default, on, is set on
+            `activation_checkpointing` when neither is given, so a default config raises no deprecation warning;
+            passing this name still works, with transformers' warning.
     """
 
     _VALID_DICT_FIELDS = DistillationConfig._VALID_DICT_FIELDS

@@ -171,7 +171,7 @@ class KDTrainer(DistillationTrainer):
         elif args.teacher_zero_stage is not None or args.teacher_offload:
             raise ValueError(
                 "`teacher_zero_stage` and `teacher_offload` place the teacher with DeepSpeed: launch with a DeepSpeed "
-                "config (e.g. `accelerate launch --config_file examples/accelerate_configs/zero2.yaml ...`) or unset "
+                "config (e.g. `accelerate launch --config_file trl_kd/accelerate_configs/zero2.yaml ...`) or unset "
                 "them."
             )
         else:

@@ -167,5 +167,7 @@ def main(method: str, argv: list[str] | None = None) -> str:
             print(f"Teacher ROUGE-L on {len(prompts)} held-out prompts: {scores['eval_teacher_rouge_l']:.1f}.")
             print(f"Student ROUGE-L on {len(prompts)} held-out prompts: {scores['eval_rouge_l_before']:.1f} before, "
                   f"{scores['eval_rouge_l']:.1f} after.")
-        print(f"Saved the student, its tokenizer and the model card (README.md) to {training_args.output_dir}")
+        processes = trainer.accelerator.num_processes
+        print(f"Saved the student, its tokenizer and the model card (README.md) to {training_args.output_dir} "
+              f"(trained on {processes} process{'es' if processes > 1 else ''})")
     return training_args.output_dir
