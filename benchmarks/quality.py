@@ -63,6 +63,7 @@ from quality_stats import mean_and_interval, paired_bootstrap  # noqa: E402
 RECIPE_VERSION = "v2"
 BATCH = 8
 
+
 def method(name: str, overrides: dict) -> tuple:
     """`(trainer, config, overrides)` of a method registered with `trl_kd.register_method`."""
     registered = get_method(name)
@@ -100,16 +101,31 @@ SFT_BASELINE, GKD_BASELINE = "SFT on references", "GKD on-policy (lmbda 1, JSD 0
 CLAIMS = [
     ("SKD beats supervised KD (SKD paper)", "SKD (K=25, FKL)", "Supervised KD (lmbda 0, FKL)"),
     ("SKD beats on-policy KD (SKD paper)", "SKD (K=25, FKL)", GKD_BASELINE),
-    ("PromptKD beats on-policy reverse KL (PromptKD paper)", "PromptKD (paper init text)",
-     "On-policy reverse KL (lmbda 1, beta 1)"),
-    ("... with an in-distribution prompt init", "PromptKD (in-distribution init)",
-     "On-policy reverse KL (lmbda 1, beta 1)"),
+    (
+        "PromptKD beats on-policy reverse KL (PromptKD paper)",
+        "PromptKD (paper init text)",
+        "On-policy reverse KL (lmbda 1, beta 1)",
+    ),
+    (
+        "... with an in-distribution prompt init",
+        "PromptKD (in-distribution init)",
+        "On-policy reverse KL (lmbda 1, beta 1)",
+    ),
     ("On-policy GKD beats supervised KD (GKD paper)", GKD_BASELINE, "Supervised KD (lmbda 0, FKL)"),
-    ("SWITCH beats on-policy GKD (SWITCH paper; its length claim needs the long setting)",
-     "SWITCH (target 50% teacher tokens, held)", GKD_BASELINE),
+    (
+        "SWITCH beats on-policy GKD (SWITCH paper; its length claim needs the long setting)",
+        "SWITCH (target 50% teacher tokens, held)",
+        GKD_BASELINE,
+    ),
 ]
-QUICK_METHODS = ("SFT on references", "Supervised KD (lmbda 0, FKL)", GKD_BASELINE, "SKD (K=25, FKL)",
-                 "SWITCH (target 50% teacher tokens, held)", "PromptKD (paper init text)")
+QUICK_METHODS = (
+    "SFT on references",
+    "Supervised KD (lmbda 0, FKL)",
+    GKD_BASELINE,
+    "SKD (K=25, FKL)",
+    "SWITCH (target 50% teacher tokens, held)",
+    "PromptKD (paper init text)",
+)
 
 
 # ------------------------------------------------------------------------------------------------------ the settings
@@ -178,23 +194,68 @@ def make_long(rng):
 
 # `long` is for SWITCH's length claim: its baselines and the other method whose teacher writes tokens of the
 # response. Its runs cost 4-8x those of `exact`; the other claims are judged in the three other settings.
-LONG_METHODS = ("SFT on references", "Supervised KD (lmbda 0, FKL)", GKD_BASELINE,
-                "SWITCH (target 50% teacher tokens, held)", "SKD (K=25, FKL)")
+LONG_METHODS = (
+    "SFT on references",
+    "Supervised KD (lmbda 0, FKL)",
+    GKD_BASELINE,
+    "SWITCH (target 50% teacher tokens, held)",
+    "SKD (K=25, FKL)",
+)
 GENERATION = {"rouge_l": True, "exact_match": True, "stop_rate": True, "rouge_l_sampled": True}
 SETTINGS = {
-    "exact": Setting("exact", "exact answers, 2-6 items", make_exact, 18, "rouge_l", GENERATION,
-                     student_steps=300, steps=400, capacity_steps=4000),
-    "multi": Setting("multi", "pick two of 3-6 items: several correct answers, noisy references", make_multi, 8,
-                     "validity", {"validity": True, "validity_sampled": True, "distinct_answers": True,
-                                  "stop_rate": True}, student_steps=150, steps=400),
-    "long": Setting("long", "copy/reverse/sort 64-72 letters (answers of 64+ tokens)", make_long, 80, "rouge_l",
-                    GENERATION, teacher_steps=2500, student_steps=200, steps=300, student_size=(64, 2, 128),
-                    teacher_size=(96, 3, 192), capacity_steps=3000, capacity_batch=32, batch=32, schedule="linear",
-                    methods=LONG_METHODS),
-    "text": Setting("text", "continuing real text (the next 64 tokens of a held-out passage)", None, 64, "ce",
-                    {"ce": False, "fkl": False, "rkl": False, "teacher_nll": False, "distinct_2": True},
-                    teacher_steps=2000, student_steps=150, steps=300, student_size=(64, 2, 192),
-                    teacher_size=(128, 4, 384), generation_metric="teacher_nll"),
+    "exact": Setting(
+        "exact",
+        "exact answers, 2-6 items",
+        make_exact,
+        18,
+        "rouge_l",
+        GENERATION,
+        student_steps=300,
+        steps=400,
+        capacity_steps=4000,
+    ),
+    "multi": Setting(
+        "multi",
+        "pick two of 3-6 items: several correct answers, noisy references",
+        make_multi,
+        8,
+        "validity",
+        {"validity": True, "validity_sampled": True, "distinct_answers": True, "stop_rate": True},
+        student_steps=150,
+        steps=400,
+    ),
+    "long": Setting(
+        "long",
+        "copy/reverse/sort 64-72 letters (answers of 64+ tokens)",
+        make_long,
+        80,
+        "rouge_l",
+        GENERATION,
+        teacher_steps=2500,
+        student_steps=200,
+        steps=300,
+        student_size=(64, 2, 128),
+        teacher_size=(96, 3, 192),
+        capacity_steps=3000,
+        capacity_batch=32,
+        batch=32,
+        schedule="linear",
+        methods=LONG_METHODS,
+    ),
+    "text": Setting(
+        "text",
+        "continuing real text (the next 64 tokens of a held-out passage)",
+        None,
+        64,
+        "ce",
+        {"ce": False, "fkl": False, "rkl": False, "teacher_nll": False, "distinct_2": True},
+        teacher_steps=2000,
+        student_steps=150,
+        steps=300,
+        student_size=(64, 2, 192),
+        teacher_size=(128, 4, 384),
+        generation_metric="teacher_nll",
+    ),
 }
 
 
@@ -222,8 +283,12 @@ def text_tokenizer(text: str, path: Path) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[PAD, EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=[PAD, EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(text.splitlines(), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, padding_side="left")
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -234,10 +299,19 @@ def text_tokenizer(text: str, path: Path) -> PreTrainedTokenizerFast:
 def llama(tokenizer, size: tuple[int, int, int], seed: int, context: int = 320):
     hidden, layers, inter = size
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=inter,
-                         max_position_embeddings=context, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=inter,
+        max_position_embeddings=context,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -283,8 +357,9 @@ class Task:
         out = []
         for _ in range(n):
             question, answer, valid = self.setting.make(rng)
-            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                                        add_generation_prompt=True)
+            prompt = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            )
             out.append(Example(prompt, answer, valid))
         return out
 
@@ -296,8 +371,10 @@ class Task:
         model = llama(self.tokenizer, size, seed)
         sft(model, self.tokenizer, self.examples(steps * 32, seed=100 + seed), steps, batch=32, lr=3e-3, seed=seed)
         model.save_pretrained(path)
-        self.log(f"[{self.setting.name}] {role}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-                 f"{steps} SFT steps in {time.perf_counter() - start:.0f}s (cached in {path})")
+        self.log(
+            f"[{self.setting.name}] {role}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"{steps} SFT steps in {time.perf_counter() - start:.0f}s (cached in {path})"
+        )
         return model.eval()
 
     def train_rows(self, n: int, seed: int) -> Dataset:
@@ -314,8 +391,17 @@ def fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def sft(model, tokenizer, examples: list[Example], steps: int, batch: int, lr: float, seed: int,
-        callback: Callable[[int], None] | None = None, schedule: str = "linear") -> None:
+def sft(
+    model,
+    tokenizer,
+    examples: list[Example],
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    callback: Callable[[int], None] | None = None,
+    schedule: str = "linear",
+) -> None:
     """Supervised fine-tuning on prompt + reference (loss on the reference and EOS), in place."""
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -359,8 +445,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, sample: 
         sampling = {"do_sample": False}
         if sample:
             sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **sampling)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
         for row in out[:, batch["input_ids"].shape[1] :].tolist():
             ended = tokenizer.eos_token_id in row
             row = row[: row.index(tokenizer.eos_token_id)] if ended else row
@@ -450,8 +541,16 @@ class CurveCallback(TrainerCallback):
         self.record_at(state.global_step)
 
 
-def train_one(task: Task, method: str, lr: float, seed: int, steps: int, examples: list[Example],
-              curve_examples: list[Example], phase: str) -> dict:
+def train_one(
+    task: Task,
+    method: str,
+    lr: float,
+    seed: int,
+    steps: int,
+    examples: list[Example],
+    curve_examples: list[Example],
+    phase: str,
+) -> dict:
     """Train a copy of the base student with ``method`` and return its record (scores on ``examples``)."""
     setting, tokenizer = task.setting, task.tokenizer
     student = copy.deepcopy(task.student)
@@ -469,19 +568,46 @@ def train_one(task: Task, method: str, lr: float, seed: int, steps: int, example
     rows = task.train_rows(steps * setting.batch, seed=21 + seed)
     if spec is None:
         examples_train = [Example(r["prompt"], r["completion"]) for r in rows]
-        sft(student, tokenizer, examples_train, steps, setting.batch, lr, seed, callback=record_at,
-            schedule=setting.schedule)
+        sft(
+            student,
+            tokenizer,
+            examples_train,
+            steps,
+            setting.batch,
+            lr,
+            seed,
+            callback=record_at,
+            schedule=setting.schedule,
+        )
     else:
         trainer_class, config_class, overrides = spec
-        args = config_class(**{
-            "output_dir": str(cache_root() / "runs"), "per_device_train_batch_size": setting.batch,
-            "max_steps": steps, "learning_rate": lr, "lr_scheduler_type": setting.schedule, "warmup_steps": 0,
-            "max_completion_length": setting.max_new_tokens, "report_to": "none", "bf16": False,
-            "use_cpu": not torch.cuda.is_available(), "save_strategy": "no", "logging_steps": max(1, steps // 10),
-            "disable_tqdm": True, checkpointing_field(): False, "seed": seed, **overrides,
-        })
-        trainer = trainer_class(model=student, teacher_model=copy.deepcopy(task.teacher), args=args,
-                                train_dataset=rows, processing_class=tokenizer)
+        args = config_class(
+            **{
+                "output_dir": str(cache_root() / "runs"),
+                "per_device_train_batch_size": setting.batch,
+                "max_steps": steps,
+                "learning_rate": lr,
+                "lr_scheduler_type": setting.schedule,
+                "warmup_steps": 0,
+                "max_completion_length": setting.max_new_tokens,
+                "report_to": "none",
+                "bf16": False,
+                "use_cpu": not torch.cuda.is_available(),
+                "save_strategy": "no",
+                "logging_steps": max(1, steps // 10),
+                "disable_tqdm": True,
+                checkpointing_field(): False,
+                "seed": seed,
+                **overrides,
+            }
+        )
+        trainer = trainer_class(
+            model=student,
+            teacher_model=copy.deepcopy(task.teacher),
+            args=args,
+            train_dataset=rows,
+            processing_class=tokenizer,
+        )
         trainer.remove_callback(PrinterCallback)
         model = trainer.accelerator.unwrap_model(trainer.model)
 
@@ -503,10 +629,21 @@ def train_one(task: Task, method: str, lr: float, seed: int, steps: int, example
     wall = time.perf_counter() - begin
     scores = evaluate(task, student.eval(), examples, seed)
     return {
-        "setting": setting.name, "method": method, "phase": phase, "seed": seed, "lr": lr, "steps": steps,
-        "batch": setting.batch, "schedule": setting.schedule, "metrics": summary(scores), "per_prompt": scores,
-        "curve": curve, "wall_time": wall,
-        "teacher_token_fraction": teacher_fraction if spec is not None else [], **provenance(task), **extra,
+        "setting": setting.name,
+        "method": method,
+        "phase": phase,
+        "seed": seed,
+        "lr": lr,
+        "steps": steps,
+        "batch": setting.batch,
+        "schedule": setting.schedule,
+        "metrics": summary(scores),
+        "per_prompt": scores,
+        "curve": curve,
+        "wall_time": wall,
+        "teacher_token_fraction": teacher_fraction if spec is not None else [],
+        **provenance(task),
+        **extra,
     }
 
 
@@ -523,9 +660,19 @@ def prompted_teacher_scores(task: Task, trainer: PromptKDTrainer, examples: list
 
 def reference_record(task: Task, name: str, model, examples, seeds: int) -> dict:
     per_seed = [evaluate(task, model, examples, seed) for seed in range(seeds)]
-    return {"setting": task.setting.name, "method": name, "phase": "reference", "seed": -1, "lr": 0.0, "steps": 0,
-            "metrics": summary(per_seed[0]), "per_prompt_by_seed": per_seed, "curve": [], "wall_time": 0.0,
-            **provenance(task)}
+    return {
+        "setting": task.setting.name,
+        "method": name,
+        "phase": "reference",
+        "seed": -1,
+        "lr": 0.0,
+        "steps": 0,
+        "metrics": summary(per_seed[0]),
+        "per_prompt_by_seed": per_seed,
+        "curve": [],
+        "wall_time": 0.0,
+        **provenance(task),
+    }
 
 
 def provenance(task: Task) -> dict:
@@ -561,22 +708,33 @@ def run_setting(setting: Setting, args, log=print) -> None:
     methods = [m for m in ALL_METHODS if slug(m) in args.methods] if args.methods else list(setting.methods or METHODS)
     # references: the teacher, the base student, and the base student after a long SFT (its capacity)
     for name, make in (("Teacher", lambda: task.teacher), ("Student before distillation", lambda: task.student)):
-        run_once(record_path(root, setting.name, name, 0, 0.0, "reference"),
-                 lambda make=make, name=name: reference_record(task, name, make(), task.test, args.seeds))
+        run_once(
+            record_path(root, setting.name, name, 0, 0.0, "reference"),
+            lambda make=make, name=name: reference_record(task, name, make(), task.test, args.seeds),
+        )
 
     capacity_steps = setting.capacity_steps if args.capacity_steps is None else args.capacity_steps
     capacity_batch = setting.capacity_batch
 
     def capacity():
         model = copy.deepcopy(task.student)
-        sft(model, task.tokenizer, task.examples(capacity_steps * capacity_batch, seed=77), capacity_steps,
-            capacity_batch, 3e-3, seed=0)
+        sft(
+            model,
+            task.tokenizer,
+            task.examples(capacity_steps * capacity_batch, seed=77),
+            capacity_steps,
+            capacity_batch,
+            3e-3,
+            seed=0,
+        )
         name = f"Student capacity ({capacity_steps} SFT steps of batch {capacity_batch})"
         return reference_record(task, name, model, task.test, 1)
 
     if capacity_steps:
-        run_once(record_path(root, setting.name, f"capacity-{capacity_steps}x{capacity_batch}", 0, 0.0, "reference"),
-                 capacity)
+        run_once(
+            record_path(root, setting.name, f"capacity-{capacity_steps}x{capacity_batch}", 0, 0.0, "reference"),
+            capacity,
+        )
     for method in methods:
         scored = []  # (validation score, lr) of each grid point; no search with a single rate
         for lr in args.lr_grid if len(args.lr_grid) > 1 else []:
@@ -598,12 +756,16 @@ def run_setting(setting: Setting, args, log=print) -> None:
                 ),
             )
             if computed:
-                log(f"[{setting.name}] {method} seed {seed} (lr {best_lr:g}): {setting.primary} "
-                    f"{record['metrics'][setting.primary]:.2f} in {record['wall_time']:.0f}s")
+                log(
+                    f"[{setting.name}] {method} seed {seed} (lr {best_lr:g}): {setting.primary} "
+                    f"{record['metrics'][setting.primary]:.2f} in {record['wall_time']:.0f}s"
+                )
         if ALL_METHODS[method] is not None and ALL_METHODS[method][0] is PromptKDTrainer:
             # one more seed-0 run that also scores the prompted teacher the student learns from
-            run_once(record_path(root, setting.name, method, 0, best_lr, "diagnostic", steps),
-                     lambda method=method: train_one(task, method, best_lr, 0, steps, task.test, [], "diagnostic"))
+            run_once(
+                record_path(root, setting.name, method, 0, best_lr, "diagnostic", steps),
+                lambda method=method: train_one(task, method, best_lr, 0, steps, task.test, [], "diagnostic"),
+            )
 
 
 # ------------------------------------------------------------------------------------------------------- reporting
@@ -653,8 +815,9 @@ def report(setting: Setting, root: str, plots: str | None) -> list[str]:
     header = "| method | lr | seeds | " + " | ".join(metrics) + " | wall s/run |"
     lines += [header, "|" + " --- |" * (len(metrics) + 4)]
     for name, r in refs.items():
-        cells = [f"{mean_and_interval(_per_prompt_matrix([r], k)).mean:.2f}" if k in r["metrics"] else "–"
-                 for k in metrics]
+        cells = [
+            f"{mean_and_interval(_per_prompt_matrix([r], k)).mean:.2f}" if k in r["metrics"] else "–" for k in metrics
+        ]
         seeds = len(r.get("per_prompt_by_seed", []))
         lines.append(f"| {name} | – | {seeds} | " + " | ".join(cells) + " | – |")
     for method, runs in final.items():
@@ -667,17 +830,28 @@ def report(setting: Setting, root: str, plots: str | None) -> list[str]:
     if grid:
         rates = sorted({lr for by_key in grid.values() for _, lr in by_key})
         some_run = next(iter(next(iter(grid.values())).values()))[0]
-        lines += ["", f"Learning-rate grid ({setting.primary} on {len(some_run['per_prompt'][setting.primary])} "
-                  "validation prompts, seed 0):", "", "| method | " + " | ".join(f"{lr:g}" for lr in rates) + " |",
-                  "|" + " --- |" * (len(rates) + 1)]
+        lines += [
+            "",
+            f"Learning-rate grid ({setting.primary} on {len(some_run['per_prompt'][setting.primary])} "
+            "validation prompts, seed 0):",
+            "",
+            "| method | " + " | ".join(f"{lr:g}" for lr in rates) + " |",
+            "|" + " --- |" * (len(rates) + 1),
+        ]
         for method in METHODS:
             if method in grid:
                 by_lr = {lr: runs[0]["metrics"][setting.primary] for (_, lr), runs in grid[method].items()}
-                lines.append(f"| {method} | " + " | ".join(f"{by_lr[lr]:.2f}" if lr in by_lr else "–"
-                                                            for lr in rates) + " |")
-    lines += ["", f"Differences in {setting.primary} (paired bootstrap over prompts and seeds, 95%; "
-              f"{'higher' if setting.higher_is_better[setting.primary] else 'lower'} is better):", "",
-              "| method | vs student before | vs SFT on references | vs GKD on-policy |", "| --- | --- | --- | --- |"]
+                lines.append(
+                    f"| {method} | " + " | ".join(f"{by_lr[lr]:.2f}" if lr in by_lr else "–" for lr in rates) + " |"
+                )
+    lines += [
+        "",
+        f"Differences in {setting.primary} (paired bootstrap over prompts and seeds, 95%; "
+        f"{'higher' if setting.higher_is_better[setting.primary] else 'lower'} is better):",
+        "",
+        "| method | vs student before | vs SFT on references | vs GKD on-policy |",
+        "| --- | --- | --- | --- |",
+    ]
     before = refs.get("Student before distillation")
     for method, runs in final.items():
         scores = _per_prompt_matrix(runs, setting.primary)
@@ -690,15 +864,25 @@ def report(setting: Setting, root: str, plots: str | None) -> list[str]:
             n = min(len(base), len(scores))
             cells.append(str(paired_bootstrap(scores[:n], base[:n])))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", f"The papers' claims on this setting, in {setting.primary} (the difference is signed so that + "
-              "favours the claim; confirmed or refuted only when the interval excludes 0):", "",
-              "| claim | difference | verdict |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        f"The papers' claims on this setting, in {setting.primary} (the difference is signed so that + "
+        "favours the claim; confirmed or refuted only when the interval excludes 0):",
+        "",
+        "| claim | difference | verdict |",
+        "| --- | --- | --- |",
+    ]
     lines += claim_rows(setting, final, setting.primary)
     if setting.generation_metric:
-        lines += ["", f"The same claims judged on {setting.generation_metric} (the student's own samples; "
-                  f"{'higher' if setting.higher_is_better[setting.generation_metric] else 'lower'} is better; the "
-                  "difference is signed so that + favours the claim):", "",
-                  "| claim | difference | verdict |", "| --- | --- | --- |"]
+        lines += [
+            "",
+            f"The same claims judged on {setting.generation_metric} (the student's own samples; "
+            f"{'higher' if setting.higher_is_better[setting.generation_metric] else 'lower'} is better; the "
+            "difference is signed so that + favours the claim):",
+            "",
+            "| claim | difference | verdict |",
+            "| --- | --- | --- |",
+        ]
         lines += claim_rows(setting, final, setting.generation_metric)
     lines += length_buckets(setting, final)
     lines += prompted_teacher_table(setting, records, refs.get("Teacher"))
@@ -730,12 +914,19 @@ def prompted_teacher_table(setting: Setting, records: list[dict], teacher: dict 
     if not runs or teacher is None:
         return []
     k = setting.primary
-    lines = ["", f"PromptKD's prompted teacher ({k} on the test prompts, seed 0; the plain teacher: "
-             f"{teacher['metrics'][k]:.2f}):", "", "| method | lr | initial prompt | learned prompt | student after |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "",
+        f"PromptKD's prompted teacher ({k} on the test prompts, seed 0; the plain teacher: "
+        f"{teacher['metrics'][k]:.2f}):",
+        "",
+        "| method | lr | initial prompt | learned prompt | student after |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in sorted(runs, key=lambda r: r["method"]):
-        lines.append(f"| {r['method']} | {r['lr']:g} | {r['prompted_teacher_before'][k]:.2f} | "
-                     f"{r['prompted_teacher_after'][k]:.2f} | {r['metrics'][k]:.2f} |")
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {r['prompted_teacher_before'][k]:.2f} | "
+            f"{r['prompted_teacher_after'][k]:.2f} | {r['metrics'][k]:.2f} |"
+        )
     return lines
 
 
@@ -750,9 +941,14 @@ def length_buckets(setting: Setting, final: dict, buckets: int = 3) -> list[str]
     which = np.clip(np.searchsorted(edges, lengths, side="right") - 1, 0, buckets - 1)
     names = [f"{int(lengths[which == b].min())}-{int(lengths[which == b].max())} tokens" for b in range(buckets)]
     gkd = _per_prompt_matrix(final[GKD_BASELINE], setting.primary)
-    lines = ["", f"{setting.primary} by reference length (test prompts split at the length quantiles into {buckets} "
-             "buckets; the difference from GKD on-policy with its paired 95% interval):", "",
-             "| method | " + " | ".join(names) + " |", "|" + " --- |" * (buckets + 1)]
+    lines = [
+        "",
+        f"{setting.primary} by reference length (test prompts split at the length quantiles into {buckets} "
+        "buckets; the difference from GKD on-policy with its paired 95% interval):",
+        "",
+        "| method | " + " | ".join(names) + " |",
+        "|" + " --- |" * (buckets + 1),
+    ]
     for method, runs in final.items():
         scores = _per_prompt_matrix(runs, setting.primary)
         cells = []
@@ -783,8 +979,15 @@ def plot_curves(setting: Setting, final: dict, refs: dict, path: str) -> None:
     for name, r in refs.items():
         if setting.primary in r["metrics"]:
             ax.axhline(r["metrics"][setting.primary], linestyle="--", linewidth=0.8, color="gray")
-            ax.text(0.01, r["metrics"][setting.primary], name, fontsize=7, color="gray", va="bottom",
-                    transform=ax.get_yaxis_transform())
+            ax.text(
+                0.01,
+                r["metrics"][setting.primary],
+                name,
+                fontsize=7,
+                color="gray",
+                va="bottom",
+                transform=ax.get_yaxis_transform(),
+            )
     ax.set_xlabel("training step")
     ax.set_ylabel(f"{setting.primary} (validation prompts; band: min-max over seeds)")
     ax.set_title(f"Learning curves, {setting.name}: {setting.describe}")
@@ -797,18 +1000,29 @@ def plot_curves(setting: Setting, final: dict, refs: dict, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", default="exact,multi,long,text")
-    parser.add_argument("--methods", default=None,
-                        help="comma-separated method slugs, e.g. sft-on-references,skd-k-25-fkl (default: all)")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated method slugs, e.g. sft-on-references,skd-k-25-fkl (default: all)",
+    )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=256, help="held-out test prompts")
     parser.add_argument("--val-prompts", type=int, default=64, help="validation prompts (learning-rate grid)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: per setting)")
     parser.add_argument("--lr-grid", default="3e-4,1e-3,3e-3")
     parser.add_argument("--capacity-steps", type=int, default=None, help="default: per setting; 0 skips it")
-    parser.add_argument("--student-steps", type=int, default=None,
-                        help="SFT steps of the base student (default: per setting), e.g. to test a stronger start")
-    parser.add_argument("--schedule", choices=("constant", "linear"), default=None,
-                        help="learning-rate schedule of every method's runs (default: per setting)")
+    parser.add_argument(
+        "--student-steps",
+        type=int,
+        default=None,
+        help="SFT steps of the base student (default: per setting), e.g. to test a stronger start",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=("constant", "linear"),
+        default=None,
+        help="learning-rate schedule of every method's runs (default: per setting)",
+    )
     parser.add_argument("--text-file", default=None, help="a plain-text corpus for the text setting")
     parser.add_argument("--records", default="benchmarks/records/quality")
     parser.add_argument("--plots", default="docs/img")

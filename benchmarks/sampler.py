@@ -28,9 +28,18 @@ VOCAB = 1024
 
 def model(hidden: int, layers: int, seed: int, device: str) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
-                         num_key_value_heads=2, intermediate_size=hidden * 3, max_position_embeddings=1024,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=hidden * 3,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
     return Qwen2ForCausalLM(config).to(device).eval()
 
 
@@ -54,36 +63,56 @@ def main() -> None:
     student, teacher = model(256, 4, 0, device), model(512, 8, 1, device)
     torch.manual_seed(0)
     prompts = torch.randint(2, VOCAB, (args.batch, args.prompt_tokens)).tolist()
-    common = dict(max_new_tokens=args.new_tokens, eos_token_ids=[], pad_token_id=0,
-                  student_params=SamplingParams(temperature=0.5), teacher_params=SamplingParams(temperature=0.2))
+    common = dict(
+        max_new_tokens=args.new_tokens,
+        eos_token_ids=[],
+        pad_token_id=0,
+        student_params=SamplingParams(temperature=0.5),
+        teacher_params=SamplingParams(temperature=0.2),
+    )
     tokens = args.batch * args.new_tokens
 
     def floor():
         ids = torch.tensor(prompts, device=device)
         with torch.no_grad():
-            out = student.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.5,
-                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+            out = student.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=0.5,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                pad_token_id=0,
+            )
             teacher(out)
         return out
 
     timed(floor, device)  # warm-up
     floor_time, _ = timed(floor, device)
-    print(f"Device: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, batch {args.batch}, "
-          f"{args.new_tokens} new tokens, prompt {args.prompt_tokens}, vocab {VOCAB}, student 256x4, teacher 512x8.\n")
+    print(
+        f"Device: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, batch {args.batch}, "
+        f"{args.new_tokens} new tokens, prompt {args.prompt_tokens}, vocab {VOCAB}, student 256x4, teacher 512x8.\n"
+    )
     print(f"Floor (student generate + one teacher forward): {floor_time / tokens * 1e3:.2f} ms/token\n")
     print("| acceptance target | gamma | acceptance | ms/token | teacher fwd/token | vs reference | vs floor |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for label, k in [("high (K = 0.9 V)", int(0.9 * VOCAB)), ("low (K = 0.3 V)", int(0.3 * VOCAB))]:
         ref_time, ref = timed(lambda: reference_sample(student, teacher, prompts, TopKRule(k), **common), device)
         for gamma in (1, 2, 5, 8):
-            t, out = timed(lambda: block_verify_sample(student, teacher, prompts, TopKRule(k), num_draft_tokens=gamma,
-                                                       **common), device)
+            t, out = timed(
+                lambda: block_verify_sample(student, teacher, prompts, TopKRule(k), num_draft_tokens=gamma, **common),
+                device,
+            )
             c = out.counts
-            print(f"| {label} | {gamma} | {c['accepted'] / c['drafted']:.2f} | {t / tokens * 1e3:.2f} | "
-                  f"{c['teacher_forwards'] / tokens * args.batch:.2f} | {ref_time / t:.1f}x faster | "
-                  f"{t / floor_time:.2f}x |")
-        print(f"| {label} | reference | {ref.counts['accepted'] / ref.counts['drafted']:.2f} | "
-              f"{ref_time / tokens * 1e3:.2f} | 1.00 | — | {ref_time / floor_time:.2f}x |")
+            print(
+                f"| {label} | {gamma} | {c['accepted'] / c['drafted']:.2f} | {t / tokens * 1e3:.2f} | "
+                f"{c['teacher_forwards'] / tokens * args.batch:.2f} | {ref_time / t:.1f}x faster | "
+                f"{t / floor_time:.2f}x |"
+            )
+        print(
+            f"| {label} | reference | {ref.counts['accepted'] / ref.counts['drafted']:.2f} | "
+            f"{ref_time / tokens * 1e3:.2f} | 1.00 | — | {ref_time / floor_time:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

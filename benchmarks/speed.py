@@ -150,9 +150,18 @@ def _tiny_pair(pair: str, teacher_steps: int = 400, answer_items: tuple[int, int
 def _bench_args(steps: int, batch: int, completion: int, **extra) -> dict:
     """Training arguments every timed run shares: fp32, untracked, no checkpoints, a log row per step."""
     return dict(
-        output_dir="/tmp/trl-kd-bench", per_device_train_batch_size=batch, max_steps=steps,
-        max_completion_length=completion, report_to="none", bf16=False, logging_steps=1, save_strategy="no",
-        disable_tqdm=True, learning_rate=1e-5, use_cpu=not torch.cuda.is_available(), **extra,
+        output_dir="/tmp/trl-kd-bench",
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        max_completion_length=completion,
+        report_to="none",
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-5,
+        use_cpu=not torch.cuda.is_available(),
+        **extra,
     )
 
 
@@ -220,8 +229,12 @@ def bench_trainers(
     common = _bench_args(steps, batch, completion, temperature=1.0, beta=0.5, gradient_checkpointing=False)
     cases = [
         ("trl.DistillationTrainer (on-policy, JSD)", DistillationTrainer, DistillationConfig, {}),
-        ("trl.DistillationTrainer, student at SKD's temperature/top-p 0.5/0.5", DistillationTrainer,
-         DistillationConfig, {"temperature": 0.5, "top_p": 0.5}),
+        (
+            "trl.DistillationTrainer, student at SKD's temperature/top-p 0.5/0.5",
+            DistillationTrainer,
+            DistillationConfig,
+            {"temperature": 0.5, "top_p": 0.5},
+        ),
         ("trl.experimental.gkd.GKDTrainer lmbda=1 (full logits)", GKDTrainer, GKDConfig, {"lmbda": 1.0}),
         ("trl.experimental.gkd.GKDTrainer lmbda=0.5 (full logits)", GKDTrainer, GKDConfig, {"lmbda": 0.5}),
         ("KDTrainer lmbda=1 (on-policy, JSD)", KDTrainer, KDConfig, {"lmbda": 1.0}),
@@ -230,8 +243,12 @@ def bench_trainers(
         ("KDTrainer lmbda=0, seq_kd", KDTrainer, KDConfig, {"lmbda": 0.0, "seq_kd": True}),
         ("SpeculativeKDTrainer, K=25 (paper defaults)", SpeculativeKDTrainer, SpeculativeKDConfig, {"beta": 0.0}),
         ("SwitchTrainer, tau_0=inf (never switches)", SwitchTrainer, SwitchConfig, {"switch_threshold": float("inf")}),
-        ("SwitchTrainer, calibrated to 50% teacher tokens", SwitchTrainer, SwitchConfig,
-         {"target_teacher_fraction": 0.5}),
+        (
+            "SwitchTrainer, calibrated to 50% teacher tokens",
+            SwitchTrainer,
+            SwitchConfig,
+            {"target_teacher_fraction": 0.5},
+        ),
         ("KDTrainer lmbda=1, beta=1 (on-policy reverse KL)", KDTrainer, KDConfig, {"lmbda": 1.0, "beta": 1.0}),
         ("PromptKDTrainer (defaults)", PromptKDTrainer, PromptKDConfig, {"beta": 1.0}),
         # the reference again: the ratios use the mean of both runs, and their gap shows the machine's drift
@@ -241,10 +258,18 @@ def bench_trainers(
         # random models rank tokens almost at random: acceptance is about K / V, so K sets it
         at = next(i for i, case in enumerate(cases) if case[1] is SpeculativeKDTrainer)
         cases[at:at] = [
-            ("SpeculativeKDTrainer, K=V (every token accepted)", SpeculativeKDTrainer, SpeculativeKDConfig,
-             {"acceptance_top_k": len(tokenizer), "temperature": 1.0, "top_p": 1.0, "beta": 0.5}),
-            ("SpeculativeKDTrainer, K=0.85 V", SpeculativeKDTrainer, SpeculativeKDConfig,
-             {"acceptance_top_k": int(0.85 * len(tokenizer)), "temperature": 1.0, "top_p": 1.0, "beta": 0.5}),
+            (
+                "SpeculativeKDTrainer, K=V (every token accepted)",
+                SpeculativeKDTrainer,
+                SpeculativeKDConfig,
+                {"acceptance_top_k": len(tokenizer), "temperature": 1.0, "top_p": 1.0, "beta": 0.5},
+            ),
+            (
+                "SpeculativeKDTrainer, K=0.85 V",
+                SpeculativeKDTrainer,
+                SpeculativeKDConfig,
+                {"acceptance_top_k": int(0.85 * len(tokenizer)), "temperature": 1.0, "top_p": 1.0, "beta": 0.5},
+            ),
         ]
     if match:  # the reference runs, and the rows whose label contains one of `match`
         cases = [c for i, c in enumerate(cases) if i in (0, len(cases) - 1) or any(m in c[0] for m in match)]
@@ -254,8 +279,11 @@ def bench_trainers(
         if trainer_cls is GKDTrainer:
             config["max_new_tokens"] = config.pop("max_completion_length")
         trainer = trainer_cls(
-            model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher), args=config_cls(**config),
-            train_dataset=messages if trainer_cls is GKDTrainer else dataset, processing_class=tokenizer,
+            model=copy.deepcopy(student),
+            teacher_model=copy.deepcopy(teacher),
+            args=config_cls(**config),
+            train_dataset=messages if trainer_cls is GKDTrainer else dataset,
+            processing_class=tokenizer,
         )
         trainer.remove_callback(PrinterCallback)
         timer = _step_timer()
@@ -306,8 +334,12 @@ def bench_positions(
     common = _bench_args(steps, batch, completion, seed=0)
     cases = [
         ("SWITCH exp schedule, calibrated to 0.5", SwitchTrainer, SwitchConfig, {"target_teacher_fraction": 0.5}),
-        ("SWITCH constant threshold, calibrated to 0.5", SwitchTrainer, SwitchConfig,
-         {"target_teacher_fraction": 0.5, "switch_schedule": "constant"}),
+        (
+            "SWITCH constant threshold, calibrated to 0.5",
+            SwitchTrainer,
+            SwitchConfig,
+            {"target_teacher_fraction": 0.5, "switch_schedule": "constant"},
+        ),
         ("SKD, K=25 (paper defaults)", SpeculativeKDTrainer, SpeculativeKDConfig, {}),
     ]
     rows, curves = [], {}
@@ -315,8 +347,11 @@ def bench_positions(
         tokenizer, student, teacher = _tiny_pair(pair, teacher_steps=1500, answer_items=(10, 16))
         for label, trainer_cls, config_cls, extra in cases:
             trainer = trainer_cls(
-                model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher),
-                args=config_cls(**common, **extra), train_dataset=dataset, processing_class=tokenizer,
+                model=copy.deepcopy(student),
+                teacher_model=copy.deepcopy(teacher),
+                args=config_cls(**common, **extra),
+                train_dataset=dataset,
+                processing_class=tokenizer,
             )
             trainer.position_buckets = buckets
             trainer.remove_callback(PrinterCallback)
@@ -338,7 +373,8 @@ def bench_positions(
         f"Teacher-token fraction by eighth of the response: mean over a {steps}-step run (batch {batch}, up to "
         f"{completion} new tokens, answers of 10-16 letters), tiny Qwen2 pair, random-init and SFT-initialised.",
         "",
-        "| method | models | tau_0 | teacher tokens | " + " | ".join(f"{b + 1}/{buckets}" for b in range(buckets))
+        "| method | models | tau_0 | teacher tokens | "
+        + " | ".join(f"{b + 1}/{buckets}" for b in range(buckets))
         + " | mean length |",
         "| --- " * (buckets + 5) + "|",
     ]
@@ -397,17 +433,21 @@ def bench_guards(steps: int = 20, batch: int = 4, completion: int = 32) -> str:
 
         setattr(module, name, wrapper)
 
-    for module, names in ((trl_kd.sampler, ["check_sampling_probs"]),
-                          (trl_kd.kd.trainer, ["finite_flags", "check_grad_norm"]),
-                          (trl_kd.promptkd.trainer, ["finite_flags", "check_grad_norm"])):
+    for module, names in (
+        (trl_kd.sampler, ["check_sampling_probs"]),
+        (trl_kd.kd.trainer, ["finite_flags", "check_grad_norm"]),
+        (trl_kd.promptkd.trainer, ["finite_flags", "check_grad_norm"]),
+    ):
         for name in names:
             timed(module, name)
     tokenizer, student, teacher = _tiny_pair("random")
     dataset = make_dataset("conversational_prompt_completion", 256)
     common = _bench_args(steps, batch, completion, temperature=1.0, gradient_checkpointing=False)
     # every registered method at its defaults, except where a default would not exercise its machinery
-    extras = {"gkd": ({"lmbda": 1.0}, "on-policy, JSD"), "switch": ({"target_teacher_fraction": 0.5},
-                                                                   "calibrated to 50% teacher tokens")}
+    extras = {
+        "gkd": ({"lmbda": 1.0}, "on-policy, JSD"),
+        "switch": ({"target_teacher_fraction": 0.5}, "calibrated to 50% teacher tokens"),
+    }
     cases = []
     for method in trl_kd.METHODS.values():
         extra, note = extras.get(method.name, ({}, "defaults"))
@@ -415,8 +455,11 @@ def bench_guards(steps: int = 20, batch: int = 4, completion: int = 32) -> str:
     rows = []
     for label, trainer_cls, config_cls, extra in cases:
         trainer = trainer_cls(
-            model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher), args=config_cls(**common, **extra),
-            train_dataset=dataset, processing_class=tokenizer,
+            model=copy.deepcopy(student),
+            teacher_model=copy.deepcopy(teacher),
+            args=config_cls(**common, **extra),
+            train_dataset=dataset,
+            processing_class=tokenizer,
         )
         trainer.remove_callback(PrinterCallback)
         timer = _step_timer()
@@ -446,8 +489,10 @@ def main() -> None:
     if args.loss_case:
         print(json.dumps(_loss_case(*json.loads(args.loss_case))))
         return
-    print(f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}\n")
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}\n"
+    )
     if args.only in (None, "loss"):
         print(bench_loss() + "\n")
     plot = (lambda name: os.path.join(args.plot_dir, name)) if args.plot_dir else (lambda name: None)

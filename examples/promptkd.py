@@ -1,8 +1,8 @@
 """Distil with PromptKD (see docs/promptkd.md). With no arguments: the embedded default, on a laptop CPU.
 
-    accelerate launch examples/promptkd.py
-    accelerate launch examples/promptkd.py --config examples/recipes/promptkd.yaml
-    python examples/promptkd.py --help
+accelerate launch examples/promptkd.py
+accelerate launch examples/promptkd.py --config examples/recipes/promptkd.yaml
+python examples/promptkd.py --help
 """
 
 from trl_kd.scripts import main

@@ -1,8 +1,8 @@
 """Distil with Speculative KD (see docs/skd.md). With no arguments: the embedded default, on a laptop CPU.
 
-    accelerate launch examples/skd.py
-    accelerate launch examples/skd.py --config examples/recipes/skd.yaml
-    python examples/skd.py --help
+accelerate launch examples/skd.py
+accelerate launch examples/skd.py --config examples/recipes/skd.yaml
+python examples/skd.py --help
 """
 
 from trl_kd.scripts import main

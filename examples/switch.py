@@ -1,8 +1,8 @@
 """Distil with SWITCH (see docs/switch.md). With no arguments: the embedded default, on a laptop CPU.
 
-    accelerate launch examples/switch.py
-    accelerate launch examples/switch.py --config examples/recipes/switch.yaml
-    python examples/switch.py --help
+accelerate launch examples/switch.py
+accelerate launch examples/switch.py --config examples/recipes/switch.yaml
+python examples/switch.py --help
 """
 
 from trl_kd.scripts import main

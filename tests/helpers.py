@@ -29,15 +29,26 @@ def make_args(tmp_path, config_class=KDConfig, **overrides):
 
 
 def make_trainer(
-    tmp_path, tokenizer, dataset=None, arch="qwen2", teacher=None, trainer_class=KDTrainer, student=None,
-    teacher_processing_class=None, **overrides
+    tmp_path,
+    tokenizer,
+    dataset=None,
+    arch="qwen2",
+    teacher=None,
+    trainer_class=KDTrainer,
+    student=None,
+    teacher_processing_class=None,
+    **overrides,
 ):
     student = student if student is not None else build_model(arch, tokenizer, "student", seed=0)
     teacher = teacher if teacher is not None else build_model(arch, tokenizer, "teacher", seed=1)
     dataset = dataset if dataset is not None else make_dataset("prompt_completion", 16)
     return trainer_class(
-        model=student, teacher_model=teacher, args=make_args(tmp_path, trainer_class.config_class, **overrides),
-        train_dataset=dataset, processing_class=tokenizer, teacher_processing_class=teacher_processing_class,
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, trainer_class.config_class, **overrides),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        teacher_processing_class=teacher_processing_class,
     )
 
 

@@ -73,7 +73,8 @@ def test_a_training_step_raises_no_deprecation_warning_from_trl_kd(name, tmp_pat
         assert getattr(trainer.args, checkpointing_field()) is True and trainer.args.gradient_checkpointing is True
         trainer.train()
     deprecations = [
-        f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+        f"{w.filename}:{w.lineno}: {w.message}"
+        for w in caught
         if issubclass(w.category, (FutureWarning, DeprecationWarning)) and not TRL_INTERNAL.search(str(w.message))
     ]
     assert not deprecations, deprecations

@@ -35,8 +35,11 @@ def method_trainer(method, tmp_path, tokenizer, student=None, peft_config=None, 
     args = make_args(tmp_path, method.config, **{**CONTRACT_OVERRIDES.get(method.name, {}), **overrides})
     return method.trainer(
         model=student if student is not None else build_model("qwen2", tokenizer, "student", seed=0),
-        teacher_model=build_model("qwen2", tokenizer, "teacher", seed=1), args=args,
-        train_dataset=make_dataset("prompt_completion", 16), processing_class=tokenizer, peft_config=peft_config,
+        teacher_model=build_model("qwen2", tokenizer, "teacher", seed=1),
+        args=args,
+        train_dataset=make_dataset("prompt_completion", 16),
+        processing_class=tokenizer,
+        peft_config=peft_config,
     )
 
 
@@ -62,16 +65,21 @@ def check_wrong_config_class_is_refused(name, tmp_path, tokenizer):
     method = get_method(name)
     with pytest.raises(TypeError, match=method.trainer.config_class.__name__):
         method.trainer(
-            model=build_model("qwen2", tokenizer, "student"), teacher_model=build_model("qwen2", tokenizer, "teacher"),
+            model=build_model("qwen2", tokenizer, "student"),
+            teacher_model=build_model("qwen2", tokenizer, "teacher"),
             args=DistillationConfig(output_dir=str(tmp_path), bf16=False, report_to="none"),
-            train_dataset=make_dataset("prompt_only", 4), processing_class=tokenizer,
+            train_dataset=make_dataset("prompt_only", 4),
+            processing_class=tokenizer,
         )
 
 
 def check_bad_shared_values_are_refused(name, tmp_path):
     method = get_method(name)
-    for overrides, match in (({"lmbda": 2.0}, "lmbda"), ({"beta": float("nan")}, "beta"),
-                             ({"loss_type": "kl"}, "loss_type")):
+    for overrides, match in (
+        ({"lmbda": 2.0}, "lmbda"),
+        ({"beta": float("nan")}, "beta"),
+        ({"loss_type": "kl"}, "loss_type"),
+    ):
         with pytest.raises(ValueError, match=match):
             make_args(tmp_path, method.config, **overrides)
 
@@ -79,8 +87,9 @@ def check_bad_shared_values_are_refused(name, tmp_path):
 def check_lora_student_trains(name, tmp_path, tokenizer):
     from peft import LoraConfig
 
-    trainer = method_trainer(get_method(name), tmp_path, tokenizer,
-                             peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = method_trainer(
+        get_method(name), tmp_path, tokenizer, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
     lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora" not in n}
     trainer.train()
@@ -195,9 +204,27 @@ def test_a_method_is_one_register_call(toy, tmp_path, tokenizer, llama_paths, ca
     data.mkdir()
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_dataset("prompt_completion", 8)))
     output_dir = tmp_path / "toy-run"
-    main(["toy_kd", "--model_name_or_path", llama_paths["student"], "--teacher_model_name_or_path",
-          llama_paths["teacher"], "--dataset_name", str(data), "--output_dir", str(output_dir), "--max_steps", "1",
-          "--per_device_train_batch_size", "4", "--max_completion_length", "8", "--report_to", "none"])
+    main(
+        [
+            "toy_kd",
+            "--model_name_or_path",
+            llama_paths["student"],
+            "--teacher_model_name_or_path",
+            llama_paths["teacher"],
+            "--dataset_name",
+            str(data),
+            "--output_dir",
+            str(output_dir),
+            "--max_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_completion_length",
+            "8",
+            "--report_to",
+            "none",
+        ]
+    )
     assert "**Method**: Toy KD" in (output_dir / "README.md").read_text()
 
 
@@ -208,9 +235,15 @@ def test_every_registered_method_has_a_distributed_case():
     assert set(run_trainers.METHOD_CASES) == set(METHODS)
 
 
-@pytest.mark.parametrize("name,error", [
-    ("Toy", "lowercase"), ("plan", "commands"), ("gkd", "taken by KDTrainer"), ("kd", "taken by KDTrainer"),
-])
+@pytest.mark.parametrize(
+    "name,error",
+    [
+        ("Toy", "lowercase"),
+        ("plan", "commands"),
+        ("gkd", "taken by KDTrainer"),
+        ("kd", "taken by KDTrainer"),
+    ],
+)
 def test_bad_registrations_are_refused(name, error):
     with pytest.raises(ValueError, match=error):
         register_method(name, ToyTrainer, KDConfig)
@@ -231,8 +264,17 @@ def test_an_unknown_method_names_the_choices():
         get_method("distil")
 
 
-ENUM_FIELDS = ("loss_type", "loss_normalization", "acceptance_on", "acceptance_test", "draft_sampling",
-               "switch_schedule", "switch_decay_unit", "switch_divergence", "switch_mode")
+ENUM_FIELDS = (
+    "loss_type",
+    "loss_normalization",
+    "acceptance_on",
+    "acceptance_test",
+    "draft_sampling",
+    "switch_schedule",
+    "switch_decay_unit",
+    "switch_divergence",
+    "switch_mode",
+)
 
 
 @pytest.mark.parametrize("name", contract_cases())

@@ -34,7 +34,13 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module", params=["ddp", "zero2", "zero3"])
 def launched(request, tmp_path_factory, models):
     tmp_path = tmp_path_factory.mktemp(request.param)
-    script = [str(ROOT / "tests" / "distributed" / "run_trainers.py"), "--out", str(tmp_path / "out"), "--models", models]
+    script = [
+        str(ROOT / "tests" / "distributed" / "run_trainers.py"),
+        "--out",
+        str(tmp_path / "out"),
+        "--models",
+        models,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if request.param == "ddp":
         # `accelerate launch` runs MULTI_CPU as a single process; torchrun with ACCELERATE_USE_CPU is what works
@@ -91,7 +97,9 @@ def test_models_are_partitioned_where_they_should_be(launched):
 
     for case, ranks in results.items():
         teacher_sharded = {
-            "gkd_teacher_sharded": True, "skd_teacher_offloaded": True, "gkd_teacher_replicated": False,
+            "gkd_teacher_sharded": True,
+            "skd_teacher_offloaded": True,
+            "gkd_teacher_replicated": False,
             "switch_teacher_replicated": False,
         }
         for r in ranks:
@@ -140,10 +148,17 @@ def test_planner_matches_the_measured_partitioning(launched, models):
     student = ModelSpec.from_pretrained(os.path.join(models, "student"))
     teacher = ModelSpec.from_pretrained(os.path.join(models, "teacher"))
     estimates = {e.placement: e.parts_gib for e in plan(student, teacher, 2, 80, dtype="fp32").estimates}
-    ran = {"ddp": [("gkd", PLACEMENTS[0])], "zero2": [("gkd", PLACEMENTS[1]), ("gkd_teacher_sharded", PLACEMENTS[2])],
-           "zero3": [("gkd", PLACEMENTS[3])]}[stage]
+    ran = {
+        "ddp": [("gkd", PLACEMENTS[0])],
+        "zero2": [("gkd", PLACEMENTS[1]), ("gkd_teacher_sharded", PLACEMENTS[2])],
+        "zero3": [("gkd", PLACEMENTS[3])],
+    }[stage]
     for case, placement in ran:
         for r in results[case]:
             fp32_bytes = 4
-            assert estimates[placement]["teacher weights"] * GIB == pytest.approx(r["teacher_numel"][0] * fp32_bytes, rel=0.01)
-            assert estimates[placement]["student weights"] * GIB == pytest.approx(r["student_numel"][0] * fp32_bytes, rel=0.01)
+            assert estimates[placement]["teacher weights"] * GIB == pytest.approx(
+                r["teacher_numel"][0] * fp32_bytes, rel=0.01
+            )
+            assert estimates[placement]["student weights"] * GIB == pytest.approx(
+                r["student_numel"][0] * fp32_bytes, rel=0.01
+            )

@@ -41,6 +41,7 @@ from trl_kd import (
     evaluation,
     losses,
     model_card,
+    placement,
     planner,
     registry,
     sampler,
@@ -60,7 +61,7 @@ FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)
 STUDENT_IDS = ("Qwen/Qwen2.5-0.5B-Instruct", "google/gemma-2b-it", "openai-community/gpt2", "meta-llama/Llama-3.2-1B")
 TEACHER_IDS = ("Qwen/Qwen2.5-7B-Instruct", "google/gemma-7b-it", "openai-community/gpt2-xl", "meta-llama/Llama-3.1-8B")
 DATASET_IDS = ("trl-lib/tldr",)
-SETUP_PREFIXES = ("pip ", "python3 -m venv", "source ", "python -m pytest", "mkdocs ", "python benchmarks/")
+SETUP_PREFIXES = ("pip ", "python3 -m venv", "source ", "python -m pytest", "mkdocs ", "python benchmarks/", "ruff ")
 CONFIGS = (KDConfig, SpeculativeKDConfig, SwitchConfig, PromptKDConfig)
 
 
@@ -83,7 +84,7 @@ def shell_commands(page: Path) -> list[list[str]]:
             while words:
                 end = words.index("&&") if "&&" in words else len(words)
                 commands.append(words[:end])
-                words = words[end + 1:]
+                words = words[end + 1 :]
     return commands
 
 
@@ -99,7 +100,11 @@ def site(tmp_path_factory) -> Path:
     site_dir = tmp_path_factory.mktemp("site")
     out = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site_dir)],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        timeout=600,
     )
     assert out.returncode == 0, f"mkdocs build --strict failed:\n{out.stdout[-4000:]}{out.stderr[-6000:]}"
     return site_dir
@@ -123,7 +128,7 @@ def test_api_reference_has_every_public_name_and_config_field(site):
             else:  # a module-level value such as `trl_kd.METHODS`: its entry is in the module that defines it
                 candidates = {f"trl_kd.{name}", f"trl_kd.registry.{name}"}
             assert candidates & anchors, f"no API entry for {name}"
-    for module in (losses, sampler, planner, evaluation, model_card, testing, checkpoints, registry):
+    for module in (losses, sampler, planner, placement, evaluation, model_card, testing, checkpoints, registry):
         for name, obj in vars(module).items():
             if not name.startswith("_") and (inspect.isroutine(obj) or inspect.isclass(obj)):
                 if getattr(obj, "__module__", None) == module.__name__:

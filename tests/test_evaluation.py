@@ -38,7 +38,7 @@ def test_generation_metrics_against_a_naive_loop(tokenizer):
             sequence.append(int(s.argmax()))
             if sequence[-1] == tokenizer.eos_token_id:
                 break
-        predictions.append(tokenizer.decode(sequence[len(ids):], skip_special_tokens=True))
+        predictions.append(tokenizer.decode(sequence[len(ids) :], skip_special_tokens=True))
     assert metrics["rouge_l"] == pytest.approx(rouge_l(predictions, references))
     assert metrics["top1_agreement"] == pytest.approx(agree / total)
     assert metrics["exact_match"] == sum(p.strip() == r for p, r in zip(predictions, references)) / 3
@@ -47,13 +47,23 @@ def test_generation_metrics_against_a_naive_loop(tokenizer):
 def test_best_checkpoint_is_selected_by_rouge_l(tmp_path, tokenizer):
     eval_dataset = make_dataset("prompt_completion", 4, seed=3)
     trainer = KDTrainer(
-        model=build_model("qwen2", tokenizer, "student"), teacher_model=build_model("qwen2", tokenizer, "teacher", seed=1),
+        model=build_model("qwen2", tokenizer, "student"),
+        teacher_model=build_model("qwen2", tokenizer, "teacher", seed=1),
         args=make_args(
-            tmp_path, max_steps=3, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
-            load_best_model_at_end=True, metric_for_best_model="rouge_l", greater_is_better=True,
+            tmp_path,
+            max_steps=3,
+            eval_strategy="steps",
+            eval_steps=1,
+            save_strategy="steps",
+            save_steps=1,
+            load_best_model_at_end=True,
+            metric_for_best_model="rouge_l",
+            greater_is_better=True,
             per_device_eval_batch_size=4,
         ),
-        train_dataset=make_dataset("prompt_completion", 16), eval_dataset=eval_dataset, processing_class=tokenizer,
+        train_dataset=make_dataset("prompt_completion", 16),
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
     )
     prompts = [tokenizer(r["prompt"])["input_ids"] for r in eval_dataset]
     trainer.add_callback(GenerationEvalCallback(trainer, prompts, list(eval_dataset["completion"]), max_new_tokens=8))

@@ -96,14 +96,25 @@ def test_script_runs_a_gpu_recipe_on_local_models_and_data(tmp_path, llama_paths
         rows = make_dataset("prompt_completion", n, seed=n)
         (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model_name_or_path": llama_paths["student"], "teacher_model_name_or_path": llama_paths["teacher"],
-        "dataset_name": str(data), "output_dir": str(tmp_path / "from-recipe"), "bf16": True, "max_steps": 2,
-        "per_device_train_batch_size": 4, "max_completion_length": 8, "report_to": "none",
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": llama_paths["student"],
+                "teacher_model_name_or_path": llama_paths["teacher"],
+                "dataset_name": str(data),
+                "output_dir": str(tmp_path / "from-recipe"),
+                "bf16": True,
+                "max_steps": 2,
+                "per_device_train_batch_size": 4,
+                "max_completion_length": 8,
+                "report_to": "none",
+            }
+        )
+    )
     monkeypatch.chdir(tmp_path)
-    output_dir = main("gkd", ["--config", str(recipe), "--lmbda", "1.0", "--eval_strategy", "steps",
-                              "--eval_steps", "2"])
+    output_dir = main(
+        "gkd", ["--config", str(recipe), "--lmbda", "1.0", "--eval_strategy", "steps", "--eval_steps", "2"]
+    )
     assert output_dir == str(tmp_path / "from-recipe")
     assert "Student ROUGE-L on 4 held-out prompts" in capsys.readouterr().out  # the test split's 4 rows, not 48
     card = ModelCard.load(tmp_path / "from-recipe" / "README.md")
@@ -111,14 +122,29 @@ def test_script_runs_a_gpu_recipe_on_local_models_and_data(tmp_path, llama_paths
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--not_a_flag", "1"], r"Some specified arguments are not used by the HfArgumentParser: \['--not_a_flag', '1'\]"),
-    (["--config", "no-such-recipe.yaml"], r"--config no-such-recipe.yaml: No such file or directory"),
-    (["--lmbda", "2"], r"lmbda must be in \[0, 1\], got 2.0"),
-    (["--output_dir", "a-file"], r"--output_dir a-file is a file; name a folder"),
-    (["--model_name_or_path", "./no-student", "--teacher_model_name_or_path", "./no-teacher", "--dataset_name", "x"],
-     r"--model_name_or_path ./no-student: no such folder"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["--not_a_flag", "1"],
+            r"Some specified arguments are not used by the HfArgumentParser: \['--not_a_flag', '1'\]",
+        ),
+        (["--config", "no-such-recipe.yaml"], r"--config no-such-recipe.yaml: No such file or directory"),
+        (["--lmbda", "2"], r"lmbda must be in \[0, 1\], got 2.0"),
+        (["--output_dir", "a-file"], r"--output_dir a-file is a file; name a folder"),
+        (
+            [
+                "--model_name_or_path",
+                "./no-student",
+                "--teacher_model_name_or_path",
+                "./no-teacher",
+                "--dataset_name",
+                "x",
+            ],
+            r"--model_name_or_path ./no-student: no such folder",
+        ),
+    ],
+)
 def test_cli_user_errors_are_one_line_with_exit_2(argv, message, tmp_path, monkeypatch, capsys):
     from trl_kd.cli import main
 
@@ -126,8 +152,11 @@ def test_cli_user_errors_are_one_line_with_exit_2(argv, message, tmp_path, monke
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(SystemExit) as exit_:
         main(["gkd", *argv])
-    lines = [line for line in capsys.readouterr().err.splitlines() if "Warning" not in line and line.strip()
-             and not line.startswith("  ")]
+    lines = [
+        line
+        for line in capsys.readouterr().err.splitlines()
+        if "Warning" not in line and line.strip() and not line.startswith("  ")
+    ]
     assert exit_.value.code == 2
     assert len(lines) == 1 and re.fullmatch(rf"trl-kd gkd: error: {message}.* \(see `trl-kd gkd --help`\)", lines[0])
 
@@ -136,8 +165,19 @@ def test_cli_names_a_missing_teacher_folder(tmp_path, llama_paths, capsys):
     from trl_kd.cli import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["gkd", "--model_name_or_path", llama_paths["student"], "--teacher_model_name_or_path",
-              str(tmp_path / "no-teacher"), "--dataset_name", "x", "--output_dir", str(tmp_path / "out")])
+        main(
+            [
+                "gkd",
+                "--model_name_or_path",
+                llama_paths["student"],
+                "--teacher_model_name_or_path",
+                str(tmp_path / "no-teacher"),
+                "--dataset_name",
+                "x",
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
     assert exit_.value.code == 2
     assert f"--teacher_model_name_or_path {tmp_path / 'no-teacher'}: no such folder" in capsys.readouterr().err
 
@@ -153,8 +193,19 @@ def test_cli_a_bad_dataset_is_one_line(tmp_path, llama_paths, capsys):
     from trl_kd.cli import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["gkd", "--model_name_or_path", llama_paths["student"], "--teacher_model_name_or_path",
-              llama_paths["teacher"], "--dataset_name", str(data), "--output_dir", str(tmp_path / "out")])
+        main(
+            [
+                "gkd",
+                "--model_name_or_path",
+                llama_paths["student"],
+                "--teacher_model_name_or_path",
+                llama_paths["teacher"],
+                "--dataset_name",
+                str(data),
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err
     assert "trl-kd gkd: error: Row 4 of `train_dataset`: `prompt` must be a string" in err
@@ -174,10 +225,30 @@ def test_cli_launches_through_accelerate_on_two_processes(tmp_path, llama_paths,
 
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_dataset("prompt_completion", 16)))
     command = [
-        sys.executable, "-m", "trl_kd.cli", "gkd", "--accelerate_config", str(cpu_config("zero2", tmp_path)),
-        "--num_processes", "2", "--model_name_or_path", llama_paths["student"], "--teacher_model_name_or_path",
-        llama_paths["teacher"], "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps",
-        "2", "--per_device_train_batch_size", "2", "--max_completion_length", "8", "--report_to", "none",
+        sys.executable,
+        "-m",
+        "trl_kd.cli",
+        "gkd",
+        "--accelerate_config",
+        str(cpu_config("zero2", tmp_path)),
+        "--num_processes",
+        "2",
+        "--model_name_or_path",
+        llama_paths["student"],
+        "--teacher_model_name_or_path",
+        llama_paths["teacher"],
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_completion_length",
+        "8",
+        "--report_to",
+        "none",
     ]
     out = run(command, tmp_path, {**env, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -195,8 +266,19 @@ def test_accelerate_configs_ship_with_the_package_and_resolve_by_name():
         path = accelerate_config_path(name)
         assert Path(path).parent.name == "accelerate_configs" and load_config_from_file(path)
     command = launch_command("switch", ["--accelerate_config=zero3", "--num_processes", "8", "--max_steps", "3"])
-    assert command[1:] == ["-m", "accelerate.commands.launch", "--config_file", accelerate_config_path("zero3"),
-                           "--num_processes", "8", "-m", "trl_kd.cli", "switch", "--max_steps", "3"]
+    assert command[1:] == [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        accelerate_config_path("zero3"),
+        "--num_processes",
+        "8",
+        "-m",
+        "trl_kd.cli",
+        "switch",
+        "--max_steps",
+        "3",
+    ]
     assert launch_command("switch", ["--max_steps", "3"]) is None
     with pytest.raises(ValueError, match="not one of the shipped configs"):
         accelerate_config_path("zero4")

@@ -24,8 +24,13 @@ CHECKPOINTED = dict(max_steps=2, save_strategy="steps", save_steps=1)
 
 
 def promptkd(folder, tokenizer):
-    return make_trainer(folder, tokenizer, make_dataset("conversational_prompt_completion", 8),
-                        trainer_class=PromptKDTrainer, **CHECKPOINTED)
+    return make_trainer(
+        folder,
+        tokenizer,
+        make_dataset("conversational_prompt_completion", 8),
+        trainer_class=PromptKDTrainer,
+        **CHECKPOINTED,
+    )
 
 
 class Killed(RuntimeError):
@@ -59,10 +64,12 @@ STAGES = {  # the writers of a checkpoint, in the order they run
     "method state": kill_in_method_state_write,
     "model": lambda mp: mp.setattr(PromptKDTrainer, "save_model", killed_at_step_2(PromptKDTrainer.save_model)),
     "optimizer and scheduler": lambda mp: mp.setattr(
-        Trainer, "_save_optimizer_and_scheduler", killed_at_step_2(Trainer._save_optimizer_and_scheduler)),
+        Trainer, "_save_optimizer_and_scheduler", killed_at_step_2(Trainer._save_optimizer_and_scheduler)
+    ),
     "rng state": lambda mp: mp.setattr(Trainer, "_save_rng_state", killed_at_step_2(Trainer._save_rng_state)),
-    "trainer_state.json": lambda mp: mp.setattr(TrainerState, "save_to_json",
-                                                killed_at_step_2(TrainerState.save_to_json)),
+    "trainer_state.json": lambda mp: mp.setattr(
+        TrainerState, "save_to_json", killed_at_step_2(TrainerState.save_to_json)
+    ),
 }
 
 
@@ -74,8 +81,9 @@ def uninterrupted(tmp_path_factory, tokenizer):
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_a_kill_while_saving_resumes_from_the_last_complete_checkpoint(stage, tmp_path, tokenizer, uninterrupted,
-                                                                        monkeypatch, caplog):
+def test_a_kill_while_saving_resumes_from_the_last_complete_checkpoint(
+    stage, tmp_path, tokenizer, uninterrupted, monkeypatch, caplog
+):
     with monkeypatch.context() as patch:
         STAGES[stage](patch)
         with pytest.raises(Killed):
@@ -116,10 +124,12 @@ def test_a_method_without_state_needs_none(tmp_path, tokenizer):
     trainer.train()
     assert not trainer.has_method_state and not (tmp_path / "out" / "checkpoint-2" / METHOD_STATE_NAME).exists()
     assert resolve_checkpoint(True, str(tmp_path / "out"), needs_method_state=False) == str(
-        tmp_path / "out" / "checkpoint-2")
+        tmp_path / "out" / "checkpoint-2"
+    )
     os.unlink(tmp_path / "out" / "checkpoint-2" / TRAINER_STATE_NAME)
     assert resolve_checkpoint(True, str(tmp_path / "out"), needs_method_state=False) == str(
-        tmp_path / "out" / "checkpoint-1")
+        tmp_path / "out" / "checkpoint-1"
+    )
     with pytest.raises(ValueError, match="No complete checkpoint"):
         make_trainer(tmp_path / "empty", tokenizer).train(resume_from_checkpoint=True)
 
@@ -146,8 +156,14 @@ def test_a_planted_pickle_is_not_run(tmp_path, tokenizer):
 
 def test_a_truncated_method_state_names_the_file(tmp_path, tokenizer):
     def switch():
-        return make_trainer(tmp_path, tokenizer, make_dataset("conversational_prompt_only", 8),
-                            trainer_class=SwitchTrainer, max_completion_length=6, **CHECKPOINTED)
+        return make_trainer(
+            tmp_path,
+            tokenizer,
+            make_dataset("conversational_prompt_only", 8),
+            trainer_class=SwitchTrainer,
+            max_completion_length=6,
+            **CHECKPOINTED,
+        )
 
     switch().train()
     path = tmp_path / "out" / "checkpoint-1" / METHOD_STATE_NAME
@@ -194,8 +210,9 @@ class InjectAfterStep1(TrainerCallback):
 def nan_trainer(folder, tokenizer, method, **overrides):
     spec = dict(TRAINERS[method])
     fmt = "conversational_prompt_completion" if method == "promptkd" else "prompt_completion"
-    return make_trainer(folder, tokenizer, make_dataset(fmt, 8), max_completion_length=6,
-                        **CHECKPOINTED, **{**spec, **overrides})
+    return make_trainer(
+        folder, tokenizer, make_dataset(fmt, 8), max_completion_length=6, **CHECKPOINTED, **{**spec, **overrides}
+    )
 
 
 @pytest.mark.parametrize("source", list(INJECTIONS))
@@ -227,8 +244,14 @@ def test_a_nan_teacher_is_not_read_as_zero_divergence():
     """Forward KL (and skew FKL) used to return exactly 0 for a NaN teacher, so the run trained on nothing."""
     student = torch.randn(3, 11)
     teacher = torch.full((3, 11), float("nan"))
-    for loss_type, beta in (("jsd", 0.0), ("jsd", 0.5), ("jsd", 1.0), ("skew_fkl", 0.0), ("skew_rkl", 0.0),
-                            ("tvd", 0.0)):
+    for loss_type, beta in (
+        ("jsd", 0.0),
+        ("jsd", 0.5),
+        ("jsd", 1.0),
+        ("skew_fkl", 0.0),
+        ("skew_rkl", 0.0),
+        ("tvd", 0.0),
+    ):
         assert divergence(student, teacher, loss_type, beta=beta).isnan().all(), loss_type
     # and 0 * log 0 still counts as 0: a teacher with zero-probability tokens gives a finite forward KL
     peaked = torch.full((3, 11), float("-inf"))
@@ -236,8 +259,9 @@ def test_a_nan_teacher_is_not_read_as_zero_divergence():
     assert divergence(student, peaked, "jsd", beta=0.0).isfinite().all()
 
 
-@pytest.mark.parametrize("field", ["loss_temperature", "temperature", "beta", "learning_rate", "weight_decay",
-                                   "max_grad_norm"])
+@pytest.mark.parametrize(
+    "field", ["loss_temperature", "temperature", "beta", "learning_rate", "weight_decay", "max_grad_norm"]
+)
 def test_non_finite_config_values_are_refused(field, tmp_path):
     """Every float field must be finite; +inf only where it means something (never clip; SWITCH: never switch)."""
     with pytest.raises(ValueError, match=f"{field} must be a finite number, got nan"):
@@ -261,8 +285,13 @@ def test_a_non_finite_soft_prompt_gradient_stops_before_the_prompt_step(tmp_path
     callback.trainer = trainer
     trainer.add_callback(callback)
     prompt = {}
-    trainer.add_callback(type("Keep", (TrainerCallback,), {"on_step_end": lambda self, *a, **k: prompt.update(
-        value=trainer.soft_prompt.detach().clone())})())
+    trainer.add_callback(
+        type(
+            "Keep",
+            (TrainerCallback,),
+            {"on_step_end": lambda self, *a, **k: prompt.update(value=trainer.soft_prompt.detach().clone())},
+        )()
+    )
     with pytest.raises(NonFiniteError, match=r"soft-prompt gradient norm \(inf\) at optimizer step 2"):
         trainer.train()
     torch.testing.assert_close(trainer.soft_prompt.detach(), prompt["value"], atol=0, rtol=0)  # not stepped
@@ -278,16 +307,26 @@ def with_row(fmt, index, bad, n=8):
 USER_ONLY = [{"role": "user", "content": "count: from 0 to 4"}]
 BAD_ROWS = {  # (format, bad row 5, what the error says); each a row the old first-row check let through
     "messages ending with a user turn": (
-        "messages", {"messages": USER_ONLY + [{"role": "assistant", "content": "0 1"}] + USER_ONLY},
-        r"does not end with an assistant answer"),
-    "a single message": ("messages", {"messages": [{"role": "assistant", "content": "0 1"}]},
-                         r"does not end with an assistant answer after at least one other turn"),
+        "messages",
+        {"messages": USER_ONLY + [{"role": "assistant", "content": "0 1"}] + USER_ONLY},
+        r"does not end with an assistant answer",
+    ),
+    "a single message": (
+        "messages",
+        {"messages": [{"role": "assistant", "content": "0 1"}]},
+        r"does not end with an assistant answer after at least one other turn",
+    ),
     "a None prompt": ("prompt_completion", {"prompt": None, "completion": "0 1"}, r"`prompt` must be a string"),
-    "an empty conversation": ("conversational_prompt_completion",
-                              {"prompt": [], "completion": [{"role": "assistant", "content": "0 1"}]},
-                              r"`prompt` must be a non-empty list of messages"),
-    "a None message content": ("conversational_prompt_only", {"prompt": [{"role": "user", "content": None}]},
-                               r"message 0 of `prompt` has NoneType content"),
+    "an empty conversation": (
+        "conversational_prompt_completion",
+        {"prompt": [], "completion": [{"role": "assistant", "content": "0 1"}]},
+        r"`prompt` must be a non-empty list of messages",
+    ),
+    "a None message content": (
+        "conversational_prompt_only",
+        {"prompt": [{"role": "user", "content": None}]},
+        r"message 0 of `prompt` has NoneType content",
+    ),
 }
 
 
@@ -298,23 +337,37 @@ def test_a_bad_row_past_the_first_is_refused_at_construction(case, tmp_path, tok
     with pytest.raises(ValueError, match=rf"Row 5 of `train_dataset`: .*{message}"):
         make_trainer(tmp_path, tokenizer, dataset)
     with pytest.raises(ValueError, match=rf"Row 5 of `eval_dataset`: .*{message}"):
-        KDTrainer(model=build_model("qwen2", tokenizer, "student"), teacher_model=build_model("qwen2", tokenizer),
-                  args=make_args(tmp_path), train_dataset=make_dataset(fmt, 8), eval_dataset=dataset,
-                  processing_class=tokenizer)
+        KDTrainer(
+            model=build_model("qwen2", tokenizer, "student"),
+            teacher_model=build_model("qwen2", tokenizer),
+            args=make_args(tmp_path),
+            train_dataset=make_dataset(fmt, 8),
+            eval_dataset=dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_a_column_of_the_wrong_type_is_refused_at_construction(tmp_path, tokenizer):
     rows = [{"prompt": "count: from 0 to 3\n", "completion": 7} for _ in range(8)]
-    with pytest.raises(ValueError, match=r"Row 0 of `train_dataset`: `completion` must be a string, a list of "
-                                         r"messages or None, got int 7"):
+    with pytest.raises(
+        ValueError,
+        match=r"Row 0 of `train_dataset`: `completion` must be a string, a list of "
+        r"messages or None, got int 7",
+    ):
         make_trainer(tmp_path, tokenizer, Dataset.from_list(rows))
 
 
 STREAMED_BAD_ROWS = {  # mixed types cannot be stored in Arrow, but a stream can yield them
-    "an int completion": ("prompt_completion", {"prompt": "count: from 0 to 3\n", "completion": 3},
-                          r"`completion` must be a string, a list of messages or None, got int 3"),
-    "a text prompt among conversations": ("conversational_prompt_only", {"prompt": "count: from 0 to 3\n"},
-                                          r"`prompt` is text but the first row's is messages"),
+    "an int completion": (
+        "prompt_completion",
+        {"prompt": "count: from 0 to 3\n", "completion": 3},
+        r"`completion` must be a string, a list of messages or None, got int 3",
+    ),
+    "a text prompt among conversations": (
+        "conversational_prompt_only",
+        {"prompt": "count: from 0 to 3\n"},
+        r"`prompt` is text but the first row's is messages",
+    ),
     **{k: v for k, v in BAD_ROWS.items() if k != "an empty conversation"},
 }
 
@@ -341,10 +394,14 @@ def test_a_streamed_prompt_past_the_models_positions_is_refused(tmp_path, tokeni
     rows[5]["prompt"] = "count: " + " ".join(["a"] * 600) + "\n"
     student = build_model("llama", tokenizer, "student", seed=0, context_length=256)
     teacher = build_model("llama", tokenizer, "teacher", seed=1, context_length=256)
-    trainer = make_trainer(tmp_path, tokenizer, streamed(rows), student=student, teacher=teacher, max_steps=2,
-                           lmbda=0.0)
-    with pytest.raises(ValueError, match=r"Row 5 of `train_dataset` has a prompt of \d+ tokens, longer than the "
-                                         r"limit of 248"):
+    trainer = make_trainer(
+        tmp_path, tokenizer, streamed(rows), student=student, teacher=teacher, max_steps=2, lmbda=0.0
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"Row 5 of `train_dataset` has a prompt of \d+ tokens, longer than the "
+        r"limit of 248",
+    ):
         trainer.train()
 
 
@@ -363,8 +420,14 @@ def test_checking_100k_rows_is_cheap():
 def test_inf_is_kept_where_it_means_never():
     from trl_kd import SwitchConfig
 
-    config = SwitchConfig(output_dir="/tmp/x", report_to="none", use_cpu=True, bf16=False,
-                          switch_threshold=float("inf"), max_grad_norm=float("inf"))
+    config = SwitchConfig(
+        output_dir="/tmp/x",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        switch_threshold=float("inf"),
+        max_grad_norm=float("inf"),
+    )
     assert config.switch_threshold == config.max_grad_norm == float("inf")
     with pytest.raises(ValueError, match="switch_threshold must be a finite number, got nan"):
         SwitchConfig(output_dir="/tmp/x", report_to="none", use_cpu=True, bf16=False, switch_threshold=float("nan"))

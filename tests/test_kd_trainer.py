@@ -1,6 +1,5 @@
 """KDTrainer: mixing, formats, invariances, checks at construction, resume."""
 
-
 import re
 
 import pytest
@@ -64,9 +63,17 @@ def test_micro_batch_split_does_not_change_the_update(tmp_path, tokenizer, loss_
     results = []
     for per_device, accumulation in [(4, 1), (2, 2), (1, 4)]:
         trainer = make_trainer(
-            tmp_path, tokenizer, lmbda=0.0, loss_type=loss_type, loss_normalization=normalization, max_steps=1,
-            optim="sgd", learning_rate=1.0,
-            per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation, max_grad_norm=0.0,
+            tmp_path,
+            tokenizer,
+            lmbda=0.0,
+            loss_type=loss_type,
+            loss_normalization=normalization,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            per_device_train_batch_size=per_device,
+            gradient_accumulation_steps=accumulation,
+            max_grad_norm=0.0,
         )
         trainer.train()
         results.append((logged(trainer, "loss")[0], params(trainer.model)))
@@ -147,9 +154,11 @@ def test_teacher_model_init_kwargs_with_a_loaded_teacher_is_refused(tmp_path, to
 
 def test_teacher_model_init_kwargs_apply_to_a_teacher_loaded_by_path(tmp_path, tokenizer, llama_paths):
     trainer = KDTrainer(
-        model=llama_paths["student"], teacher_model=llama_paths["teacher"],
+        model=llama_paths["student"],
+        teacher_model=llama_paths["teacher"],
         args=make_args(tmp_path, teacher_model_init_kwargs={"dtype": "float16"}),
-        train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer,
+        train_dataset=make_dataset("prompt_only", 8),
+        processing_class=tokenizer,
     )
     assert trainer.accelerator.unwrap_model(trainer.teacher_model).dtype == torch.float16
 
@@ -197,8 +206,17 @@ def test_stop_strings_end_generated_completions_and_the_loss(tmp_path, tokenizer
 def test_on_policy_loss_matches_trl_distillation_trainer(tmp_path, tokenizer):
     """With lmbda=1 and TRL's JSD, KDTrainer computes the same loss as trl.DistillationTrainer on the same samples."""
     common = dict(
-        per_device_train_batch_size=4, max_steps=1, max_completion_length=8, report_to="none", bf16=False,
-        logging_steps=1, save_strategy="no", seed=3, beta=0.3, temperature=1.0, disable_tqdm=True,
+        per_device_train_batch_size=4,
+        max_steps=1,
+        max_completion_length=8,
+        report_to="none",
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        seed=3,
+        beta=0.3,
+        temperature=1.0,
+        disable_tqdm=True,
     )
     dataset = make_dataset("conversational_prompt_only", 8)
     losses = []
@@ -208,7 +226,8 @@ def test_on_policy_loss_matches_trl_distillation_trainer(tmp_path, tokenizer):
             model=build_model("qwen2", tokenizer, "student", seed=0),
             teacher_model=build_model("qwen2", tokenizer, "teacher", seed=1),
             args=config_cls(output_dir=str(tmp_path / config_cls.__name__), **common, **extra),
-            train_dataset=dataset, processing_class=tokenizer,
+            train_dataset=dataset,
+            processing_class=tokenizer,
         )
         trainer.train()
         losses.append((logged(trainer, "loss")[0], logged(trainer, "completions/mean_length")[0]))
@@ -306,8 +325,11 @@ def test_teacher_placement_without_deepspeed_is_refused(tmp_path, tokenizer):
 
 def test_teacher_loaded_from_a_path(tmp_path, tokenizer, llama_paths):
     trainer = KDTrainer(
-        model=llama_paths["student"], teacher_model=llama_paths["teacher"], args=make_args(tmp_path),
-        train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer,
+        model=llama_paths["student"],
+        teacher_model=llama_paths["teacher"],
+        args=make_args(tmp_path),
+        train_dataset=make_dataset("prompt_only", 8),
+        processing_class=tokenizer,
     )
     trainer.train()
     assert logged(trainer, "kd_loss")
@@ -355,8 +377,10 @@ def tokenizer_with_swapped_ids(tokenizer, first: str, second: str):
     for added in spec["added_tokens"]:
         added["id"] = {vocab[first]: vocab[second], vocab[second]: vocab[first]}.get(added["id"], added["id"])
     swapped = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token=tokenizer.pad_token,
-        eos_token=tokenizer.eos_token, padding_side="left",
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        pad_token=tokenizer.pad_token,
+        eos_token=tokenizer.eos_token,
+        padding_side="left",
     )
     swapped.chat_template = tokenizer.chat_template
     return swapped
@@ -369,16 +393,24 @@ def test_a_teacher_tokenizer_of_the_same_size_that_encodes_differently_is_refuse
     first, second = tokenizer.convert_ids_to_tokens([probe[0], probe[3]])
     other = tokenizer_with_swapped_ids(tokenizer, first, second)
     assert len(other) == len(tokenizer)
-    with pytest.raises(ValueError, match=r"teacher's tokenizer does not match the student's: a probe text .* first "
-                                         r"differing at token 0.*check_teacher_tokenizer=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"teacher's tokenizer does not match the student's: a probe text .* first "
+        r"differing at token 0.*check_teacher_tokenizer=False",
+    ):
         make_trainer(tmp_path, tokenizer, teacher_processing_class=other)
     # loaded from the teacher's folder, the error names it
     teacher_dir = tmp_path / "teacher"
     build_model("qwen2", tokenizer, "teacher", seed=1, save_dir=teacher_dir)
     other.save_pretrained(teacher_dir)
     with pytest.raises(ValueError, match=rf"teacher's tokenizer \({teacher_dir}\) does not match"):
-        KDTrainer(model=build_model("qwen2", tokenizer, "student"), teacher_model=str(teacher_dir),
-                  args=make_args(tmp_path), train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer)
+        KDTrainer(
+            model=build_model("qwen2", tokenizer, "student"),
+            teacher_model=str(teacher_dir),
+            args=make_args(tmp_path),
+            train_dataset=make_dataset("prompt_only", 8),
+            processing_class=tokenizer,
+        )
     # deliberately different tokenizers can be allowed
     make_trainer(tmp_path, tokenizer, teacher_processing_class=other, check_teacher_tokenizer=False).train()
 
@@ -387,17 +419,28 @@ def test_a_teacher_tokenizer_with_another_special_token_id_is_refused(tmp_path, 
     from trl_kd.data import TOKENIZER_PROBE
 
     probe = set(tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"])
-    unused = next(t for i, t in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
-                  if i not in probe and t not in tokenizer.all_special_tokens)
+    unused = next(
+        t
+        for i, t in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+        if i not in probe and t not in tokenizer.all_special_tokens
+    )
     other = tokenizer_with_swapped_ids(tokenizer, tokenizer.eos_token, unused)
-    with pytest.raises(ValueError, match=rf"special token '{re.escape(tokenizer.eos_token)}' is id "
-                                         rf"{tokenizer.eos_token_id} for the student and \d+ for the teacher"):
+    with pytest.raises(
+        ValueError,
+        match=rf"special token '{re.escape(tokenizer.eos_token)}' is id "
+        rf"{tokenizer.eos_token_id} for the student and \d+ for the teacher",
+    ):
         make_trainer(tmp_path, tokenizer, teacher_processing_class=other)
 
 
 def test_the_same_tokenizer_saved_with_the_teacher_passes(tmp_path, tokenizer, llama_paths):
-    trainer = KDTrainer(model=llama_paths["student"], teacher_model=llama_paths["teacher"], args=make_args(tmp_path),
-                        train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer)
+    trainer = KDTrainer(
+        model=llama_paths["student"],
+        teacher_model=llama_paths["teacher"],
+        args=make_args(tmp_path),
+        train_dataset=make_dataset("prompt_only", 8),
+        processing_class=tokenizer,
+    )
     assert trainer.args.check_teacher_tokenizer
 
 
@@ -408,8 +451,13 @@ def test_a_teacher_folder_without_a_tokenizer_is_not_compared(tmp_path, tokenize
     teacher_dir = tmp_path / "teacher"
     build_model("qwen2", tokenizer, "teacher", seed=1, save_dir=teacher_dir)
     with caplog.at_level(logging.WARNING, logger="trl_kd.kd.trainer"):
-        KDTrainer(model=build_model("qwen2", tokenizer, "student"), teacher_model=str(teacher_dir),
-                  args=make_args(tmp_path), train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer)
+        KDTrainer(
+            model=build_model("qwen2", tokenizer, "student"),
+            teacher_model=str(teacher_dir),
+            args=make_args(tmp_path),
+            train_dataset=make_dataset("prompt_only", 8),
+            processing_class=tokenizer,
+        )
     assert f"The teacher's folder {teacher_dir} holds no tokenizer" in caplog.text
 
 
@@ -417,8 +465,18 @@ def test_a_missing_model_folder_is_named(tmp_path, tokenizer):
     """The Hub client would say "Repo id must be in the form 'repo_name'" about a local path that does not exist."""
     missing = str(tmp_path / "no-teacher")
     with pytest.raises(ValueError, match=rf"`teacher_model` '{re.escape(missing)}' is no folder"):
-        KDTrainer(model=build_model("qwen2", tokenizer, "student"), teacher_model=missing, args=make_args(tmp_path),
-                  train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer)
+        KDTrainer(
+            model=build_model("qwen2", tokenizer, "student"),
+            teacher_model=missing,
+            args=make_args(tmp_path),
+            train_dataset=make_dataset("prompt_only", 8),
+            processing_class=tokenizer,
+        )
     with pytest.raises(ValueError, match=r"`model` './no-student' is no folder"):
-        KDTrainer(model="./no-student", teacher_model=build_model("qwen2", tokenizer, "teacher"),
-                  args=make_args(tmp_path), train_dataset=make_dataset("prompt_only", 8), processing_class=tokenizer)
+        KDTrainer(
+            model="./no-student",
+            teacher_model=build_model("qwen2", tokenizer, "teacher"),
+            args=make_args(tmp_path),
+            train_dataset=make_dataset("prompt_only", 8),
+            processing_class=tokenizer,
+        )

@@ -24,16 +24,17 @@ def spec(name, params, layers=32, hidden=4096, kv_heads=8, head_dim=128):
 
 def test_parts_match_a_hand_computation():
     student, teacher = spec("s", 10**9, layers=16, hidden=2048), spec("t", 7 * 10**9)
-    result = plan(student, teacher, num_gpus=8, gpu_memory_gib=80, batch_size=2, prompt_length=100,
-                  completion_length=156)
+    result = plan(
+        student, teacher, num_gpus=8, gpu_memory_gib=80, batch_size=2, prompt_length=100, completion_length=156
+    )
     by_name = {e.placement.name: e.parts_gib for e in result.estimates}
     ddp, zero2, zero2_t, zero3, offload = (by_name[p.name] for p in PLACEMENTS)
-    assert ddp["student weights"] == pytest.approx(2e9 / GIB)            # bf16
-    assert ddp["optimizer"] == pytest.approx(12e9 / GIB)                 # fp32 master + 2 moments
+    assert ddp["student weights"] == pytest.approx(2e9 / GIB)  # bf16
+    assert ddp["optimizer"] == pytest.approx(12e9 / GIB)  # fp32 master + 2 moments
     assert zero2["optimizer"] == pytest.approx(12e9 / 8 / GIB)
     assert zero2["student grads"] == pytest.approx(2e9 / 8 / GIB)
-    assert zero2["teacher weights"] == pytest.approx(14e9 / GIB)         # replicated beside ZeRO-2
-    assert zero2_t["teacher weights"] == pytest.approx(14e9 / 8 / GIB)   # teacher_zero_stage=3
+    assert zero2["teacher weights"] == pytest.approx(14e9 / GIB)  # replicated beside ZeRO-2
+    assert zero2_t["teacher weights"] == pytest.approx(14e9 / 8 / GIB)  # teacher_zero_stage=3
     assert zero3["student weights"] == pytest.approx(2e9 / 8 / GIB)
     assert offload["teacher weights"] == offload["optimizer"] == 0.0
     # K and V, per layer, per kv head, per head dim, per token, per sequence, 2 bytes
@@ -67,12 +68,30 @@ def test_bad_arguments_are_refused():
 
 def test_worked_example_in_the_docs():
     """docs/distributed.md: Llama-3.1-8B -> Llama-3.2-1B (published shapes) on 4 x 24 GiB."""
-    teacher = ModelSpec.from_config(LlamaConfig(
-        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False), "Llama-3.1-8B")
-    student = ModelSpec.from_config(LlamaConfig(
-        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True), "Llama-3.2-1B")
+    teacher = ModelSpec.from_config(
+        LlamaConfig(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=14336,
+            vocab_size=128256,
+            tie_word_embeddings=False,
+        ),
+        "Llama-3.1-8B",
+    )
+    student = ModelSpec.from_config(
+        LlamaConfig(
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=8192,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+        ),
+        "Llama-3.2-1B",
+    )
     assert round(teacher.num_params / 1e9, 2) == 8.03 and round(student.num_params / 1e9, 2) == 1.24
     result = plan(student, teacher, num_gpus=4, gpu_memory_gib=24)
     assert result.recommended.placement.name == "ZeRO-2 + sharded teacher"
@@ -83,8 +102,17 @@ def run_cli(*args):
 
 
 def test_cli_plan_on_local_models(tiny_paths):
-    out = run_cli("plan", "--student", tiny_paths["student"], "--teacher", tiny_paths["teacher"], "--gpus", "2",
-                  "--gpu-memory", "16")
+    out = run_cli(
+        "plan",
+        "--student",
+        tiny_paths["student"],
+        "--teacher",
+        tiny_paths["teacher"],
+        "--gpus",
+        "2",
+        "--gpu-memory",
+        "16",
+    )
     assert out.returncode == 0, out.stderr
     assert "| ZeRO-3 |" in out.stdout and "Recommended: DDP" in out.stdout
 
@@ -97,8 +125,11 @@ def test_cli_env_and_bad_flags():
 
 
 def test_bad_sizes_are_refused_nan_included():
-    for kwargs, match in ((dict(gpu_memory_gib=float("nan")), "finite"), (dict(gpu_memory_gib=-5.0), "finite"),
-                          (dict(batch_size=0), "batch_size")):
+    for kwargs, match in (
+        (dict(gpu_memory_gib=float("nan")), "finite"),
+        (dict(gpu_memory_gib=-5.0), "finite"),
+        (dict(batch_size=0), "batch_size"),
+    ):
         with pytest.raises(ValueError, match=match):
             plan(spec("s", 10), spec("t", 10), **{"num_gpus": 1, "gpu_memory_gib": 80, **kwargs})
 
@@ -111,28 +142,45 @@ def test_one_gpu_is_not_called_ddp():
     assert two.recommended.placement is PLACEMENTS[0]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--gpus", "0", "--gpu-memory", "16"], "argument --gpus: must be a finite number > 0, got 0"),
-    (["--gpus", "2", "--gpu-memory", "-5"], "argument --gpu-memory: must be a finite number > 0, got -5"),
-    (["--gpus", "2", "--gpu-memory", "nan"], "argument --gpu-memory: must be a finite number > 0, got nan"),
-    (["--gpus", "2", "--gpu-memory", "16", "--batch-size", "0"],
-     "argument --batch-size: must be a finite number > 0, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--gpus", "0", "--gpu-memory", "16"], "argument --gpus: must be a finite number > 0, got 0"),
+        (["--gpus", "2", "--gpu-memory", "-5"], "argument --gpu-memory: must be a finite number > 0, got -5"),
+        (["--gpus", "2", "--gpu-memory", "nan"], "argument --gpu-memory: must be a finite number > 0, got nan"),
+        (
+            ["--gpus", "2", "--gpu-memory", "16", "--batch-size", "0"],
+            "argument --batch-size: must be a finite number > 0, got 0",
+        ),
+    ],
+)
 def test_cli_plan_refuses_bad_sizes_in_one_line(argv, message, tiny_paths, capsys):
     from trl_kd.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["plan", "--student", tiny_paths["student"], "--teacher", tiny_paths["teacher"], *argv])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.strip().splitlines() == [f"trl-kd plan: error: {message} (see `trl-kd "
-                                                                  "plan --help`)"]
+    assert exit_.value.code == 2 and err.strip().splitlines() == [
+        f"trl-kd plan: error: {message} (see `trl-kd plan --help`)"
+    ]
 
 
 def test_cli_plan_names_a_missing_folder(tiny_paths, capsys):
     from trl_kd.cli import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["plan", "--student", "./no-such-student", "--teacher", tiny_paths["teacher"], "--gpus", "1",
-              "--gpu-memory", "8"])
+        main(
+            [
+                "plan",
+                "--student",
+                "./no-such-student",
+                "--teacher",
+                tiny_paths["teacher"],
+                "--gpus",
+                "1",
+                "--gpu-memory",
+                "8",
+            ]
+        )
     assert exit_.value.code == 2
     assert "--student ./no-such-student: no such folder" in capsys.readouterr().err

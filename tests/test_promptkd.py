@@ -15,15 +15,24 @@ from helpers import assert_changed, logged, make_args, make_trainer, params
 def promptkd_trainer(tmp_path, tokenizer, student=None, teacher=None, **overrides):
     overrides.setdefault("max_completion_length", 8)
     return make_trainer(
-        tmp_path, tokenizer, make_dataset("conversational_prompt_completion", 16), trainer_class=PromptKDTrainer,
-        student=student, teacher=teacher, **overrides,
+        tmp_path,
+        tokenizer,
+        make_dataset("conversational_prompt_completion", 16),
+        trainer_class=PromptKDTrainer,
+        student=student,
+        teacher=teacher,
+        **overrides,
     )
 
 
 def test_prompt_trains_and_the_teacher_does_not(tmp_path, tokenizer):
     trainer = promptkd_trainer(tmp_path, tokenizer, max_steps=3)
     teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
-    prompt, student_before, teacher_before = trainer.soft_prompt.detach().clone(), params(trainer.model), params(teacher)
+    prompt, student_before, teacher_before = (
+        trainer.soft_prompt.detach().clone(),
+        params(trainer.model),
+        params(teacher),
+    )
     trainer.train()
     assert not torch.equal(prompt, trainer.soft_prompt.detach())
     assert_changed(student_before, trainer.model)
@@ -93,9 +102,15 @@ def test_prompt_steps_once_per_optimizer_step_whatever_the_accumulation(tmp_path
     prompts, steps = [], []
     for per_device, accumulation in [(4, 1), (2, 2), (1, 4)]:
         trainer = promptkd_trainer(
-            tmp_path / f"{per_device}x{accumulation}", tokenizer, max_steps=1, learning_rate=0.0,
-            prompt_learning_rate=0.05, lr_scheduler_type="constant", warmup_steps=0,
-            per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
+            tmp_path / f"{per_device}x{accumulation}",
+            tokenizer,
+            max_steps=1,
+            learning_rate=0.0,
+            prompt_learning_rate=0.05,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            per_device_train_batch_size=per_device,
+            gradient_accumulation_steps=accumulation,
         )
         initial = trainer.soft_prompt.detach().clone()
         trainer.train()
@@ -182,7 +197,11 @@ def test_zero_prompt_learning_rate_is_on_policy_reverse_kl_against_the_prompted_
     """Reference: a plain KDTrainer (beta=1, lmbda=1) whose teacher is PEFT's prompt-tuned teacher loaded from the
     adapter PromptKD exports. Batch size 1, so no left padding (PEFT counts positions from the first slot)."""
     overrides = dict(
-        per_device_train_batch_size=1, max_steps=3, learning_rate=0.05, lr_scheduler_type="linear", warmup_steps=0,
+        per_device_train_batch_size=1,
+        max_steps=3,
+        learning_rate=0.05,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
         weight_decay=0.01,
     )
     promptkd = promptkd_trainer(tmp_path / "promptkd", tokenizer, prompt_learning_rate=0.0, **overrides)
@@ -200,8 +219,14 @@ def test_zero_prompt_learning_rate_is_on_policy_reverse_kl_against_the_prompted_
             return out.hidden_states[-1][:, -num_completion_tokens - 1 : -1]
 
     reference = make_trainer(
-        tmp_path / "reference", tokenizer, make_dataset("conversational_prompt_completion", 16),
-        trainer_class=PeftTeacherKD, max_completion_length=8, lmbda=1.0, beta=1.0, **overrides,
+        tmp_path / "reference",
+        tokenizer,
+        make_dataset("conversational_prompt_completion", 16),
+        trainer_class=PeftTeacherKD,
+        max_completion_length=8,
+        lmbda=1.0,
+        beta=1.0,
+        **overrides,
     )
     reference.train()
     for name, value in params(reference.model).items():
@@ -236,7 +261,10 @@ def test_resume_restores_prompt_and_optimizer_exactly(tmp_path, tokenizer):
     torch.testing.assert_close(resumed.soft_prompt.detach(), full.soft_prompt.detach(), atol=0, rtol=0)
     for name, value in params(full.model).items():
         torch.testing.assert_close(params(resumed.model)[name], value, atol=0, rtol=0)
-    assert resumed.prompt_optimizer.state_dict()["state"][0]["step"] == full.prompt_optimizer.state_dict()["state"][0]["step"]
+    assert (
+        resumed.prompt_optimizer.state_dict()["state"][0]["step"]
+        == full.prompt_optimizer.state_dict()["state"][0]["step"]
+    )
     assert logged(resumed, "prompt_loss")[-2:] == pytest.approx(logged(full, "prompt_loss")[-2:])
 
 
@@ -258,7 +286,11 @@ def test_bad_config_values_are_refused(tmp_path, overrides, match):
 
 def test_defaults_follow_the_official_code(tmp_path):
     args = PromptKDConfig(output_dir=str(tmp_path), bf16=False)
-    assert (args.num_prompt_tokens, args.prompt_init_text, args.prompt_weight_decay) == (7, "Suppose you are a student.", 0.01)
+    assert (args.num_prompt_tokens, args.prompt_init_text, args.prompt_weight_decay) == (
+        7,
+        "Suppose you are a student.",
+        0.01,
+    )
     assert (args.beta, args.lmbda, args.temperature, args.prompt_reg_coef) == (1.0, 1.0, 1.0, 1.0)
     assert (args.top_k, args.top_p, args.prompt_init_special_tokens) == (0, 1.0, True)
     # the official GPT-2 base scripts: 5e-5, 100 warm-up steps then constant, weight decay 0.01, clipping at 1.0

@@ -67,8 +67,9 @@ def test_shapes_must_match():
 
 
 def test_records_are_written_atomically_and_read_back(tmp_path):
-    path = record_path(tmp_path, "Exact answers", "SKD (K=25, FKL)", seed=2, learning_rate=3e-4, phase="final",
-                       steps=400)
+    path = record_path(
+        tmp_path, "Exact answers", "SKD (K=25, FKL)", seed=2, learning_rate=3e-4, phase="final", steps=400
+    )
     assert path.parts[-3:] == ("exact-answers", "skd-k-25-fkl", "final-steps400-lr0.0003-seed2.json")
     assert not is_finished(path)
     write_record(path, {"metrics": {"rouge_l": 41.5}, "seed": 2})
@@ -115,9 +116,12 @@ def test_a_failed_run_writes_nothing(tmp_path):
 
 def test_records_of_other_models_are_foreign():
     models = {"teacher": "aa", "student": "bb"}
-    records = [{"method": "SFT", "models": models}, {"method": "old, no fingerprint"},
-               {"method": "retrained teacher", "models": {"teacher": "cc", "student": "bb"}},
-               {"method": "retrained student", "models": {"teacher": "aa", "student": "dd"}}]
+    records = [
+        {"method": "SFT", "models": models},
+        {"method": "old, no fingerprint"},
+        {"method": "retrained teacher", "models": {"teacher": "cc", "student": "bb"}},
+        {"method": "retrained student", "models": {"teacher": "aa", "student": "dd"}},
+    ]
     assert [r["method"] for r in foreign_records(records, models)] == ["retrained teacher", "retrained student"]
 
 
@@ -129,12 +133,15 @@ def test_a_retrained_teacher_is_refused(tmp_path):
         setting = quality.SETTINGS["exact"]
         models = {"teacher": "new", "student": "same"}
 
-    write_record(record_path(tmp_path, "exact", "SFT on references", 0, 1e-3, "final", 400),
-                 {"method": "SFT on references", "phase": "final", "metrics": {}, "models": FakeTask.models})
+    write_record(
+        record_path(tmp_path, "exact", "SFT on references", 0, 1e-3, "final", 400),
+        {"method": "SFT on references", "phase": "final", "metrics": {}, "models": FakeTask.models},
+    )
     quality.check_records_match(FakeTask(), str(tmp_path))  # same models: no error
-    write_record(record_path(tmp_path, "exact", "Teacher", 0, 0.0, "reference"),
-                 {"method": "Teacher", "phase": "reference", "metrics": {},
-                  "models": {"teacher": "old", "student": "same"}})
+    write_record(
+        record_path(tmp_path, "exact", "Teacher", 0, 0.0, "reference"),
+        {"method": "Teacher", "phase": "reference", "metrics": {}, "models": {"teacher": "old", "student": "same"}},
+    )
     with pytest.raises(SystemExit, match="1 record.* another teacher or base student"):
         quality.check_records_match(FakeTask(), str(tmp_path))
 
@@ -146,9 +153,10 @@ def test_a_legacy_teacher_record_is_rescored(tmp_path, monkeypatch):
     class FakeTask:
         setting, models, teacher, test = quality.SETTINGS["exact"], {"teacher": "t", "student": "s"}, None, []
 
-    write_record(record_path(tmp_path, "exact", "Teacher", 0, 0.0, "reference"),
-                 {"method": "Teacher", "phase": "reference", "metrics": {},
-                  "per_prompt_by_seed": [{"rouge_l": [100.0, 50.0]}]})
+    write_record(
+        record_path(tmp_path, "exact", "Teacher", 0, 0.0, "reference"),
+        {"method": "Teacher", "phase": "reference", "metrics": {}, "per_prompt_by_seed": [{"rouge_l": [100.0, 50.0]}]},
+    )
     monkeypatch.setattr(quality, "evaluate", lambda *a, **k: {"rouge_l": [100.0, 50.0]})
     quality.check_records_match(FakeTask(), str(tmp_path))
     monkeypatch.setattr(quality, "evaluate", lambda *a, **k: {"rouge_l": [100.0, 49.0]})
@@ -166,18 +174,23 @@ def test_length_buckets_split_at_the_quantiles_and_pair_with_gkd():
     rng = np.random.default_rng(2)
 
     def runs(offset):
-        return [{"seed": seed, "per_prompt": {"rouge_l": list(base + offset), "reference_tokens": lengths}}
-                for seed, base in enumerate(rng.uniform(0, 50, size=(2, 6)))]
+        return [
+            {"seed": seed, "per_prompt": {"rouge_l": list(base + offset), "reference_tokens": lengths}}
+            for seed, base in enumerate(rng.uniform(0, 50, size=(2, 6)))
+        ]
 
     gkd = runs(0.0)
-    method = [{**r, "per_prompt": {**r["per_prompt"], "rouge_l": list(np.add(r["per_prompt"]["rouge_l"], gain))}}
-              for r in gkd]
+    method = [
+        {**r, "per_prompt": {**r["per_prompt"], "rouge_l": list(np.add(r["per_prompt"]["rouge_l"], gain))}}
+        for r in gkd
+    ]
     lines = quality.length_buckets(quality.SETTINGS["exact"], {quality.GKD_BASELINE: gkd, "SKD (K=25, FKL)": method})
     header = next(line for line in lines if line.startswith("| method |"))
     assert header == "| method | 2-2 tokens | 4-4 tokens | 6-6 tokens |"
     row = next(line for line in lines if line.startswith("| SKD"))
     assert "(+1.0 [+1.0, +1.0])" in row and "(+2.0 [+2.0, +2.0])" in row and "(+3.0 [+3.0, +3.0])" in row
     gkd_row = next(line for line in lines if line.startswith(f"| {quality.GKD_BASELINE}"))
-    expected = [np.mean([r["per_prompt"]["rouge_l"][i] for r in gkd for i in range(6) if lengths[i] == n])
-                for n in (2, 4, 6)]
+    expected = [
+        np.mean([r["per_prompt"]["rouge_l"][i] for r in gkd for i in range(6) if lengths[i] == n]) for n in (2, 4, 6)
+    ]
     assert gkd_row == f"| {quality.GKD_BASELINE} | " + " | ".join(f"{m:.1f}" for m in expected) + " |"

@@ -45,7 +45,9 @@ def prompts(tokenizer):
 
 
 def kwargs(tokenizer, **extra):
-    return dict(max_new_tokens=12, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, **extra)
+    return dict(
+        max_new_tokens=12, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, **extra
+    )
 
 
 @pytest.mark.parametrize("gamma", [1, 2, 5, 8])
@@ -70,12 +72,15 @@ def test_stop_strings_end_rows_as_a_post_hoc_cut_would(pair, tokenizer, gamma, r
     common = kwargs(tokenizer, student_params=GREEDY, teacher_params=GREEDY)
     free = reference_sample(student, teacher, prompts(tokenizer), RULES[rule](), **common)
     text = next(
-        tokenizer.decode(ids[i : i + 2]) for ids in free.completion_ids for i in range(3, len(ids) - 2)
+        tokenizer.decode(ids[i : i + 2])
+        for ids in free.completion_ids
+        for i in range(3, len(ids) - 2)
         if "\ufffd" not in tokenizer.decode(ids[i : i + 2])
     )
     stop = StopStrings(tokenizer, [text])
-    ours = block_verify_sample(student, teacher, prompts(tokenizer), RULES[rule](), num_draft_tokens=gamma, stop=stop,
-                               **common)
+    ours = block_verify_sample(
+        student, teacher, prompts(tokenizer), RULES[rule](), num_draft_tokens=gamma, stop=stop, **common
+    )
     ref = reference_sample(student, teacher, prompts(tokenizer), RULES[rule](), stop=stop, **common)
     cut = [stop.cut(ids) for ids in free.completion_ids]
     assert ours.completion_ids == ref.completion_ids == cut
@@ -96,7 +101,9 @@ def test_rules_make_a_difference(pair, tokenizer):
     """Guards the test above: the rules write different tokens on this pair, so equality is not vacuous."""
     student, teacher = pair
     common = kwargs(tokenizer, student_params=GREEDY, teacher_params=GREEDY)
-    outs = {name: reference_sample(student, teacher, prompts(tokenizer), make(), **common) for name, make in RULES.items()}
+    outs = {
+        name: reference_sample(student, teacher, prompts(tokenizer), make(), **common) for name, make in RULES.items()
+    }
     assert outs["on_policy"].completion_ids != outs["teacher_only"].completion_ids
     for name in ("threshold", "handoff", "adaptive"):
         mixed = [m for row in outs[name].teacher_mask for m in row]
@@ -112,14 +119,22 @@ def test_on_policy_and_teacher_only_equal_generate(pair, tokenizer):
     student, teacher = pair
     for model, rule, expect_teacher in [(student, OnPolicyRule(), False), (teacher, TeacherOnlyRule(), True)]:
         out = block_verify_sample(
-            student, teacher, prompts(tokenizer), rule, num_draft_tokens=4,
+            student,
+            teacher,
+            prompts(tokenizer),
+            rule,
+            num_draft_tokens=4,
             **kwargs(tokenizer, student_params=GREEDY, teacher_params=GREEDY),
         )
         for ids, completion, mask in zip(prompts(tokenizer), out.completion_ids, out.teacher_mask):
             generated = model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
-                max_new_tokens=12, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            )[0, len(ids):].tolist()
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=12,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, len(ids) :].tolist()
             assert completion == generated[: len(completion)]
             assert len(completion) == len(generated) or completion[-1] == tokenizer.eos_token_id
             assert all(m == expect_teacher for m in mask)
@@ -134,10 +149,20 @@ def chi2_quantile(df: int, p: float = 0.999) -> float:
 def tiny_vocab_pair(vocab=4):
     def make(seed, hidden):
         torch.manual_seed(seed)
-        config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
-                             num_key_value_heads=1, intermediate_size=32, initializer_range=0.5, pad_token_id=0,
-                             eos_token_id=vocab - 1, bos_token_id=None)
+        config = Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+            initializer_range=0.5,
+            pad_token_id=0,
+            eos_token_id=vocab - 1,
+            bos_token_id=None,
+        )
         return Qwen2ForCausalLM(config).eval()
+
     return make(0, 16), make(1, 32)
 
 
@@ -146,9 +171,17 @@ def test_sampled_sequences_have_the_reference_distribution(rule):
     """Two-sample chi-square test over all sequences of length <= 3 on a 4-token vocabulary: block-verify (gamma=3)
     and the reference must not differ at the 0.1% level (fixed seed, 6000 samples each)."""
     student, teacher = tiny_vocab_pair()
-    make_rule = {"top_k": lambda: TopKRule(k=2), "threshold": lambda: DivergenceThresholdRule(lambda t: 0.0805 + 0 * t)}[rule]
-    common = dict(max_new_tokens=3, eos_token_ids=[3], pad_token_id=0, student_params=SamplingParams(temperature=1.0),
-                  teacher_params=SamplingParams(temperature=1.0))
+    make_rule = {
+        "top_k": lambda: TopKRule(k=2),
+        "threshold": lambda: DivergenceThresholdRule(lambda t: 0.0805 + 0 * t),
+    }[rule]
+    common = dict(
+        max_new_tokens=3,
+        eos_token_ids=[3],
+        pad_token_id=0,
+        student_params=SamplingParams(temperature=1.0),
+        teacher_params=SamplingParams(temperature=1.0),
+    )
     torch.manual_seed(1234)
     batch = [[1, 2]] * 1000
     ours, ref, teacher_tokens, tokens = Counter(), Counter(), 0, 0

@@ -25,7 +25,10 @@ def skd_trainer(tmp_path, tokenizer, sharp=False, **overrides):
         overrides["student"] = build_model("qwen2", tokenizer, "student", seed=0, initializer_range=0.4)
         overrides["teacher"] = build_model("qwen2", tokenizer, "teacher", seed=1, initializer_range=0.4)
     return make_trainer(
-        tmp_path, tokenizer, make_dataset("conversational_prompt_only", 16), trainer_class=SpeculativeKDTrainer,
+        tmp_path,
+        tokenizer,
+        make_dataset("conversational_prompt_only", 16),
+        trainer_class=SpeculativeKDTrainer,
         **overrides,
     )
 
@@ -155,15 +158,29 @@ def test_official_reproduction_equals_an_independent_reimplementation(tmp_path, 
     must be identical; K=200 exceeds the nucleus, so most accepted tokens sit in `torch.topk`'s zero-probability
     padding, the official quirk."""
     trainer = skd_trainer(
-        tmp_path, tokenizer, sharp=True, acceptance_top_k=200, acceptance_on="warped", acceptance_test="fresh_sample",
-        draft_sampling="teacher", teacher_temperature=0.2, teacher_top_p=1e-6, max_completion_length=12,
+        tmp_path,
+        tokenizer,
+        sharp=True,
+        acceptance_top_k=200,
+        acceptance_on="warped",
+        acceptance_test="fresh_sample",
+        draft_sampling="teacher",
+        teacher_temperature=0.2,
+        teacher_top_p=1e-6,
+        max_completion_length=12,
     )
     prompt_ids = [tokenizer(t)["input_ids"] for t in ("reverse: a b c\n", "sort: d c b a\n", "copy: x y\n")]
     ours = rollout_with_seed(trainer, prompt_ids)
     student = trainer.accelerator.unwrap_model(trainer.model)
     teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
     completions, masks = official_skd_reference(
-        student, teacher, prompt_ids, 200, trainer.teacher_sampling_params, 12, tokenizer.eos_token_id,
+        student,
+        teacher,
+        prompt_ids,
+        200,
+        trainer.teacher_sampling_params,
+        12,
+        tokenizer.eos_token_id,
         trainer.kd_vocab_size,
     )
     assert ours.completion_ids == completions
@@ -197,8 +214,16 @@ def test_fresh_sample_acceptance_has_the_official_output_distribution():
     def counts(test):
         torch.manual_seed(99)
         rule = TopKRule(2, test=test, student_params=SamplingParams())
-        out = block_verify_sample(student, teacher, [prompt] * 6000, rule, max_new_tokens=1, eos_token_ids=[3],
-                                  pad_token_id=0, num_draft_tokens=1)
+        out = block_verify_sample(
+            student,
+            teacher,
+            [prompt] * 6000,
+            rule,
+            max_new_tokens=1,
+            eos_token_ids=[3],
+            pad_token_id=0,
+            num_draft_tokens=1,
+        )
         return torch.bincount(torch.tensor([c[0] for c in out.completion_ids]), minlength=4).double()
 
     def chi2(observed):
@@ -210,7 +235,8 @@ def test_fresh_sample_acceptance_has_the_official_output_distribution():
 
 
 @pytest.mark.parametrize(
-    "k,reference_rule,teacher_fraction", [(331, OnPolicyRule(), 0.0), (10_000, OnPolicyRule(), 0.0), (0, TeacherOnlyRule(), 1.0)]
+    "k,reference_rule,teacher_fraction",
+    [(331, OnPolicyRule(), 0.0), (10_000, OnPolicyRule(), 0.0), (0, TeacherOnlyRule(), 1.0)],
 )
 def test_extreme_k_is_on_policy_or_teacher_only(tmp_path, tokenizer, k, reference_rule, teacher_fraction):
     trainer = skd_trainer(tmp_path, tokenizer, acceptance_top_k=k, max_steps=2)
@@ -243,8 +269,12 @@ def test_training_changes_the_student_only_and_logs_skd_metrics(tmp_path, tokeni
 
 def test_lmbda_mixes_dataset_completions(tmp_path, tokenizer):
     trainer = make_trainer(
-        tmp_path, tokenizer, make_dataset("prompt_completion", 16), trainer_class=SpeculativeKDTrainer,
-        lmbda=0.5, max_steps=4,
+        tmp_path,
+        tokenizer,
+        make_dataset("prompt_completion", 16),
+        trainer_class=SpeculativeKDTrainer,
+        lmbda=0.5,
+        max_steps=4,
     )
     trainer.train()
     fractions = logged(trainer, "on_policy_fraction")

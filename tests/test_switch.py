@@ -23,8 +23,12 @@ def switch_trainer(tmp_path, tokenizer, n=16, sharp=False, **overrides):
             "teacher": build_model("qwen2", tokenizer, "teacher", seed=1, initializer_range=0.4),
         }
     return make_trainer(
-        tmp_path, tokenizer, make_dataset("conversational_prompt_only", n), trainer_class=SwitchTrainer,
-        **models, **overrides,
+        tmp_path,
+        tokenizer,
+        make_dataset("conversational_prompt_only", n),
+        trainer_class=SwitchTrainer,
+        **models,
+        **overrides,
     )
 
 
@@ -89,7 +93,9 @@ def test_schedules(tmp_path, tokenizer):
 @pytest.mark.parametrize(
     "threshold,reference_rule,teacher_fraction", [(math.inf, OnPolicyRule(), 0.0), (0.0, TeacherOnlyRule(), 1.0)]
 )
-def test_extreme_thresholds_are_on_policy_or_teacher_only(tmp_path, tokenizer, threshold, reference_rule, teacher_fraction):
+def test_extreme_thresholds_are_on_policy_or_teacher_only(
+    tmp_path, tokenizer, threshold, reference_rule, teacher_fraction
+):
     trainer = switch_trainer(tmp_path, tokenizer, switch_threshold=threshold)
     prompt_ids = [tokenizer(t)["input_ids"] for t in PROMPTS]
     switch = rollout_with_seed(trainer, prompt_ids)
@@ -115,7 +121,12 @@ def test_exp_schedule_gives_the_teacher_more_tokens_later_in_the_response(tmp_pa
     thirds = {}
     for schedule in ("exp", "constant"):
         trainer = switch_trainer(
-            tmp_path, tokenizer, sharp=True, switch_schedule=schedule, switch_threshold=0.66, switch_decay=0.005,
+            tmp_path,
+            tokenizer,
+            sharp=True,
+            switch_schedule=schedule,
+            switch_threshold=0.66,
+            switch_decay=0.005,
             max_completion_length=length,
         )
         teacher, total = fraction_by_position(trainer, prompt_ids, length)
@@ -132,8 +143,15 @@ def test_exp_schedule_gives_the_teacher_more_tokens_later_in_the_response(tmp_pa
 def test_every_schedule_and_divergence_mixes_sources(tmp_path, tokenizer, schedule, divergence):
     threshold = {"jsd": 0.6, "tvd": 0.93, "fkl": 6.0, "rkl": 7.0}[divergence]
     trainer = switch_trainer(
-        tmp_path, tokenizer, sharp=True, switch_schedule=schedule, switch_divergence=divergence, switch_threshold=threshold,
-        switch_decay=0.01, switch_adaptive_factor=1.0, max_completion_length=16,
+        tmp_path,
+        tokenizer,
+        sharp=True,
+        switch_schedule=schedule,
+        switch_divergence=divergence,
+        switch_threshold=threshold,
+        switch_decay=0.01,
+        switch_adaptive_factor=1.0,
+        max_completion_length=16,
     )
     out = rollout_with_seed(trainer, [tokenizer(t)["input_ids"] for t in PROMPTS] * 4)
     flags = [m for mask in out.teacher_mask for m in mask]
@@ -156,17 +174,30 @@ def test_teacher_greedy_writes_the_teachers_argmax(tmp_path, tokenizer):
     teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
     for ids, completion in zip(prompt_ids, out.completion_ids):
         generated = teacher.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
-            max_new_tokens=len(completion), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=len(completion),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
-        assert generated[0, len(ids):].tolist() == completion
+        assert generated[0, len(ids) :].tolist() == completion
 
 
 def test_calibration_meets_the_target_fraction(tmp_path, tokenizer):
     target = 0.5
     trainer = switch_trainer(
-        tmp_path, tokenizer, n=32, sharp=True, per_device_train_batch_size=32, max_completion_length=16, max_steps=1,
-        target_teacher_fraction=target, calibration_rounds=10, calibration_tolerance=0.03, learning_rate=0.0,
+        tmp_path,
+        tokenizer,
+        n=32,
+        sharp=True,
+        per_device_train_batch_size=32,
+        max_completion_length=16,
+        max_steps=1,
+        target_teacher_fraction=target,
+        calibration_rounds=10,
+        calibration_tolerance=0.03,
+        learning_rate=0.0,
     )
     trainer.train()
     assert trainer.calibrated and trainer.switch_scale != trainer.args.switch_threshold
@@ -192,8 +223,17 @@ def test_calibration_lowers_the_decay_when_the_target_needs_a_threshold_above_ln
     where JSD can never reach it). tau_0 stops at ln 2 and the decay is calibrated instead."""
     target = 0.2
     trainer = switch_trainer(
-        tmp_path, tokenizer, n=32, sharp=True, per_device_train_batch_size=32, max_completion_length=16, max_steps=1,
-        switch_decay=1.0, target_teacher_fraction=target, calibration_rounds=12, learning_rate=0.0,
+        tmp_path,
+        tokenizer,
+        n=32,
+        sharp=True,
+        per_device_train_batch_size=32,
+        max_completion_length=16,
+        max_steps=1,
+        switch_decay=1.0,
+        target_teacher_fraction=target,
+        calibration_rounds=12,
+        learning_rate=0.0,
     )
     prompt_ids = [tokenizer(t)["input_ids"] for t in PROMPTS] * 8
     at_cap = trainer._teacher_fraction(trainer._switch_rollout(prompt_ids, math.log(2)))
@@ -216,7 +256,11 @@ def test_controller_moves_the_threshold_by_gain_times_the_fraction_error(tmp_pat
     """After calibration, each training batch moves the control by gain x (measured fraction - target); with gain 0
     the calibrated schedule stays."""
     common = dict(
-        sharp=True, max_steps=5, target_teacher_fraction=0.4, calibration_rounds=4, max_completion_length=16,
+        sharp=True,
+        max_steps=5,
+        target_teacher_fraction=0.4,
+        calibration_rounds=4,
+        max_completion_length=16,
     )
     trainer = switch_trainer(tmp_path, tokenizer, switch_controller_gain=2.0, **common)
     trainer.train()
@@ -245,7 +289,11 @@ def test_training_changes_the_student_only(tmp_path, tokenizer):
 
 def test_resume_restores_the_calibrated_threshold_exactly(tmp_path, tokenizer):
     overrides = dict(
-        sharp=True, max_steps=3, save_strategy="steps", save_steps=1, target_teacher_fraction=0.4,
+        sharp=True,
+        max_steps=3,
+        save_strategy="steps",
+        save_steps=1,
+        target_teacher_fraction=0.4,
         calibration_rounds=3,
     )
     full = switch_trainer(tmp_path / "full", tokenizer, **overrides)

@@ -29,33 +29,77 @@ class Seam:
 
 
 SEAMS = (
-    Seam("trl.DistillationTrainer", "_generate_single_turn", ("prompt_ids", "images", "multimodal_fields"),
-         "called once per generation batch with the prompt ids; returns one completion id list per prompt. "
-         "Overridden: who writes each completion (KDTrainer.rollout)."),
-    Seam("trl.DistillationTrainer", "_generate_and_score_completions", ("inputs",),
-         "receives the batch rows (with `completion`) before `_generate_single_turn` runs and returns the padded "
-         "`prompt_ids/prompt_mask/completion_ids/completion_mask` dict the loss reads."),
-    Seam("trl.DistillationTrainer", "_compute_loss", ("unwrapped_student", "inputs", "num_items_in_batch"),
-         "the loss of one micro-batch, returning `(loss, entropy_sum, num_tokens)`; called inside "
-         "`_forward_redirection` so ZeRO-3 gathers apply. Overridden: KDTrainer.distillation_loss."),
-    Seam("trl.DistillationTrainer", "_tokenize_prompts", ("prompts",),
-         "tokenizes prompt rows (chat template applied) as TRL does for training; `[0]` is the list of id lists. "
-         "Used by the prompt-length check so it counts what training will see."),
-    Seam("transformers.Trainer", "_get_grad_norm", ("model", "grad_norm"),
-         "returns the gradient norm after clipping is computed; overridden to refuse a non-finite one."),
-    Seam("transformers.Trainer", "_save_checkpoint", ("model", "trial"),
-         "writes one checkpoint folder, `trainer_state.json` last; overridden to write the method state first."),
-    Seam("transformers.Trainer", "_load_optimizer_and_scheduler", ("checkpoint",),
-         "called on resume with the checkpoint folder; overridden to restore the method state."),
-    Seam("transformers.Trainer", "_get_output_dir", ("trial",),
-         "the run's output folder, where checkpoint folders are written."),
-    Seam("transformers.Trainer", "_set_signature_columns_if_needed", (),
-         "sets `self._signature_columns`, the dataset columns kept; overridden to keep `prompt` and `completion`."),
-    Seam("trl.kernels.chunked_logprob", "_use_triton", ("device",),
-         "whether TRL's fused chunked JSD kernel can run on `device` (Triton on CUDA)."),
-    Seam("transformers.integrations.deepspeed", "_hf_deepspeed_config_weak_ref", (),
-         "a module-level weak reference to the active `HfDeepSpeedConfig`, so ZeRO-3's `zero.Init` can be switched "
-         "off while a replicated teacher loads, and back on after."),
+    Seam(
+        "trl.DistillationTrainer",
+        "_generate_single_turn",
+        ("prompt_ids", "images", "multimodal_fields"),
+        "called once per generation batch with the prompt ids; returns one completion id list per prompt. "
+        "Overridden: who writes each completion (KDTrainer.rollout).",
+    ),
+    Seam(
+        "trl.DistillationTrainer",
+        "_generate_and_score_completions",
+        ("inputs",),
+        "receives the batch rows (with `completion`) before `_generate_single_turn` runs and returns the padded "
+        "`prompt_ids/prompt_mask/completion_ids/completion_mask` dict the loss reads.",
+    ),
+    Seam(
+        "trl.DistillationTrainer",
+        "_compute_loss",
+        ("unwrapped_student", "inputs", "num_items_in_batch"),
+        "the loss of one micro-batch, returning `(loss, entropy_sum, num_tokens)`; called inside "
+        "`_forward_redirection` so ZeRO-3 gathers apply. Overridden: KDTrainer.distillation_loss.",
+    ),
+    Seam(
+        "trl.DistillationTrainer",
+        "_tokenize_prompts",
+        ("prompts",),
+        "tokenizes prompt rows (chat template applied) as TRL does for training; `[0]` is the list of id lists. "
+        "Used by the prompt-length check so it counts what training will see.",
+    ),
+    Seam(
+        "transformers.Trainer",
+        "_get_grad_norm",
+        ("model", "grad_norm"),
+        "returns the gradient norm after clipping is computed; overridden to refuse a non-finite one.",
+    ),
+    Seam(
+        "transformers.Trainer",
+        "_save_checkpoint",
+        ("model", "trial"),
+        "writes one checkpoint folder, `trainer_state.json` last; overridden to write the method state first.",
+    ),
+    Seam(
+        "transformers.Trainer",
+        "_load_optimizer_and_scheduler",
+        ("checkpoint",),
+        "called on resume with the checkpoint folder; overridden to restore the method state.",
+    ),
+    Seam(
+        "transformers.Trainer",
+        "_get_output_dir",
+        ("trial",),
+        "the run's output folder, where checkpoint folders are written.",
+    ),
+    Seam(
+        "transformers.Trainer",
+        "_set_signature_columns_if_needed",
+        (),
+        "sets `self._signature_columns`, the dataset columns kept; overridden to keep `prompt` and `completion`.",
+    ),
+    Seam(
+        "trl.kernels.chunked_logprob",
+        "_use_triton",
+        ("device",),
+        "whether TRL's fused chunked JSD kernel can run on `device` (Triton on CUDA).",
+    ),
+    Seam(
+        "transformers.integrations.deepspeed",
+        "_hf_deepspeed_config_weak_ref",
+        (),
+        "a module-level weak reference to the active `HfDeepSpeedConfig`, so ZeRO-3's `zero.Init` can be switched "
+        "off while a replicated teacher loads, and back on after.",
+    ),
 )
 
 

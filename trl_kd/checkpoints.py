@@ -41,16 +41,20 @@ def load_method_state(folder: str) -> dict[str, Any]:
     """Read what `save_method_state` wrote, refusing anything that is not plain tensors, numbers and containers."""
     path = os.path.join(folder, METHOD_STATE_NAME)
     if not os.path.isfile(path):
-        raise ValueError(f"{path} is missing: this checkpoint has no trl-kd method state, so resuming from it would "
-                         "restart the method's own state. Resume from a complete checkpoint (resume_from_checkpoint="
-                         "True picks the newest one).")
+        raise ValueError(
+            f"{path} is missing: this checkpoint has no trl-kd method state, so resuming from it would "
+            "restart the method's own state. Resume from a complete checkpoint (resume_from_checkpoint="
+            "True picks the newest one)."
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, foreign, or a pickle of arbitrary objects
-        raise ValueError(f"{path} is not a readable trl-kd method state ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''}). trl-kd writes it atomically and loads "
-                         "only tensors, numbers and containers, so it was truncated or replaced. Resume from another "
-                         "checkpoint.") from error
+        raise ValueError(
+            f"{path} is not a readable trl-kd method state ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). trl-kd writes it atomically and loads "
+            "only tensors, numbers and containers, so it was truncated or replaced. Resume from another "
+            "checkpoint."
+        ) from error
 
 
 def incomplete_reason(folder: str, needs_method_state: bool) -> str | None:
@@ -62,8 +66,9 @@ def incomplete_reason(folder: str, needs_method_state: bool) -> str | None:
     return None
 
 
-def resolve_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str,
-                       needs_method_state: bool) -> str | None:
+def resolve_checkpoint(
+    resume_from_checkpoint: str | bool | None, output_dir: str, needs_method_state: bool
+) -> str | None:
     """The checkpoint to resume from: `True` picks the newest complete one under `output_dir`, skipping (with a
     warning) any that a killed run left incomplete; a path must be complete."""
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
@@ -71,8 +76,9 @@ def resolve_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: st
     if resume_from_checkpoint is True:
         prefix = f"{PREFIX_CHECKPOINT_DIR}-"
         names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-        steps = sorted((int(n[len(prefix):]) for n in names if n.startswith(prefix) and n[len(prefix):].isdigit()),
-                       reverse=True)
+        steps = sorted(
+            (int(n[len(prefix) :]) for n in names if n.startswith(prefix) and n[len(prefix) :].isdigit()), reverse=True
+        )
         for step in steps:
             folder = os.path.join(output_dir, f"{prefix}{step}")
             reason = incomplete_reason(folder, needs_method_state)
@@ -83,6 +89,8 @@ def resolve_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: st
     folder = str(resume_from_checkpoint)
     reason = incomplete_reason(folder, needs_method_state)
     if reason is not None and os.path.isdir(folder):
-        raise ValueError(f"Cannot resume from {folder}: {reason}. Resume from an earlier checkpoint, or pass "
-                         "resume_from_checkpoint=True to pick the newest complete one.")
+        raise ValueError(
+            f"Cannot resume from {folder}: {reason}. Resume from an earlier checkpoint, or pass "
+            "resume_from_checkpoint=True to pick the newest complete one."
+        )
     return folder

@@ -1,10 +1,10 @@
 """The `trl-kd` command, mirroring `trl sft`:
 
-    trl-kd switch|skd|promptkd|gkd [--config recipe.yaml] <flags>   run a distillation (no flags: embedded default);
-                                                                    the methods are those of `trl_kd.registry`
-    trl-kd switch --accelerate_config zero3 --num_processes 8 ...   the same through `accelerate launch`
-    trl-kd plan --student ... --teacher ... --gpus N --gpu-memory GiB   per-GPU memory of each placement
-    trl-kd env                                                      versions for bug reports
+trl-kd switch|skd|promptkd|gkd [--config recipe.yaml] <flags>   run a distillation (no flags: embedded default);
+                                                                the methods are those of `trl_kd.registry`
+trl-kd switch --accelerate_config zero3 --num_processes 8 ...   the same through `accelerate launch`
+trl-kd plan --student ... --teacher ... --gpus N --gpu-memory GiB   per-GPU memory of each placement
+trl-kd env                                                      versions for bug reports
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Make `parser.error` print only `prog: error: message` and exit 2: TrlParser's usage runs to hundreds of
     lines, which buries the one that says what is wrong."""
+
     def error(message: str):
         parser.exit(2, f"{parser.prog}: error: {message} (see `{parser.prog} --help`)\n")
 
@@ -72,8 +73,9 @@ def launch_command(method: str, argv: list[str]) -> list[str] | None:
                 if i + 1 >= len(argv):
                     raise ValueError(f"{flag} needs a value")
                 value, i = argv[i + 1], i + 1
-            launcher += ["--config_file", accelerate_config_path(value)] if flag == "--accelerate_config" else [
-                flag, value]
+            launcher += (
+                ["--config_file", accelerate_config_path(value)] if flag == "--accelerate_config" else [flag, value]
+            )
         else:
             rest.append(argv[i])
         i += 1
@@ -94,6 +96,7 @@ def _env(_: argparse.Namespace) -> None:
 
 def _positive(kind: type):
     """An argparse type: a finite number > 0 (`int` or `float`)."""
+
     def parse(text: str):
         value = kind(text)  # a ValueError reads "invalid int value: 'two'"
         if not (math.isfinite(value) and value > 0):
@@ -118,44 +121,62 @@ def _plan(args: argparse.Namespace) -> None:
             args.parser.error(f"{flag} {name}: cannot read its config ({first_line(error)})")
     student, teacher = models["--student"], models["--teacher"]
     result = plan(
-        student, teacher, num_gpus=args.gpus, gpu_memory_gib=args.gpu_memory, dtype=args.dtype,
-        batch_size=args.batch_size, prompt_length=args.prompt_length, completion_length=args.completion_length,
-        gradient_checkpointing=not args.no_gradient_checkpointing, lora=args.lora,
+        student,
+        teacher,
+        num_gpus=args.gpus,
+        gpu_memory_gib=args.gpu_memory,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        prompt_length=args.prompt_length,
+        completion_length=args.completion_length,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+        lora=args.lora,
         gather_for_generation=not args.no_gather_for_generation,
     )
-    print(f"Student {student.name}: {student.num_params / 1e9:.2f}B parameters; teacher {teacher.name}: "
-          f"{teacher.num_params / 1e9:.2f}B. {args.gpus} GPU(s) of {args.gpu_memory:g} GiB, {args.dtype}, batch "
-          f"{args.batch_size} per GPU, {args.prompt_length}+{args.completion_length} tokens. Per-GPU GiB:\n")
+    print(
+        f"Student {student.name}: {student.num_params / 1e9:.2f}B parameters; teacher {teacher.name}: "
+        f"{teacher.num_params / 1e9:.2f}B. {args.gpus} GPU(s) of {args.gpu_memory:g} GiB, {args.dtype}, batch "
+        f"{args.batch_size} per GPU, {args.prompt_length}+{args.completion_length} tokens. Per-GPU GiB:\n"
+    )
     print(result.table())
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import METHODS  # the registry, filled by importing the package's trainers
 
-    parser = one_line_errors(argparse.ArgumentParser(
-        prog="trl-kd", description="trl-kd: knowledge distillation on TRL.",
-        epilog=f"Distillation: trl-kd {{{','.join(METHODS)}}} [--config recipe.yaml] <flags>; "
-        "add --help after the method for its flags.",
-    ))
+    parser = one_line_errors(
+        argparse.ArgumentParser(
+            prog="trl-kd",
+            description="trl-kd: knowledge distillation on TRL.",
+            epilog=f"Distillation: trl-kd {{{','.join(METHODS)}}} [--config recipe.yaml] <flags>; "
+            "add --help after the method for its flags.",
+        )
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for method in METHODS.values():  # listed for --help; dispatched in `main`
         paper = f", arXiv {method.paper}" if method.paper else ""
-        commands.add_parser(method.name, aliases=list(method.aliases),
-                            help=f"run a {method.title} distillation{paper} (see `trl-kd {method.name} --help`)")
+        commands.add_parser(
+            method.name,
+            aliases=list(method.aliases),
+            help=f"run a {method.title} distillation{paper} (see `trl-kd {method.name} --help`)",
+        )
 
     env = one_line_errors(commands.add_parser("env", help="print the versions to paste in a bug report"))
     env.set_defaults(func=_env)
 
-    p = one_line_errors(commands.add_parser(
-        "plan", help="estimate per-GPU memory of each placement (DDP, ZeRO-2, ZeRO-3, offload) and recommend one"
-    ))
+    p = one_line_errors(
+        commands.add_parser(
+            "plan", help="estimate per-GPU memory of each placement (DDP, ZeRO-2, ZeRO-3, offload) and recommend one"
+        )
+    )
     p.add_argument("--student", required=True, help="Hub id or local folder of the student (only config.json is read)")
     p.add_argument("--teacher", required=True, help="Hub id or local folder of the teacher")
     p.add_argument("--gpus", type=_positive(int), required=True, help="number of GPUs")
     p.add_argument("--gpu-memory", type=_positive(float), required=True, help="memory of one GPU in GiB, e.g. 80")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--batch-size", type=_positive(int), default=4,
-                   help="per-GPU micro-batch (per_device_train_batch_size)")
+    p.add_argument(
+        "--batch-size", type=_positive(int), default=4, help="per-GPU micro-batch (per_device_train_batch_size)"
+    )
     p.add_argument("--prompt-length", type=_positive(int), default=512)
     p.add_argument("--completion-length", type=_positive(int), default=512, help="max_completion_length")
     p.add_argument("--no-gradient-checkpointing", action="store_true")

@@ -47,8 +47,10 @@ def _messages_problem(messages: Any, column: str) -> str | None:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             return f"message {i} of `{column}` must be a dict with a string `role`, got {message!r:.60}"
         if not isinstance(message.get("content"), str):
-            return (f"message {i} of `{column}` has {type(message.get('content')).__name__} content; trl-kd trains "
-                    "text-only models, so `content` must be a string")
+            return (
+                f"message {i} of `{column}` has {type(message.get('content')).__name__} content; trl-kd trains "
+                "text-only models, so `content` must be a string"
+            )
     return None
 
 
@@ -62,8 +64,10 @@ def row_problem(row: dict[str, Any], prompt_kind: str | None) -> str | None:
             return problem
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             roles = [m["role"] for m in messages]
-            return (f"the conversation {roles} does not end with an assistant answer after at least one other turn "
-                    "(the last message becomes the completion)")
+            return (
+                f"the conversation {roles} does not end with an assistant answer after at least one other turn "
+                "(the last message becomes the completion)"
+            )
         return None
     prompt = row.get("prompt")
     if not isinstance(prompt, (str, list)):
@@ -76,13 +80,14 @@ def row_problem(row: dict[str, Any], prompt_kind: str | None) -> str | None:
     if completion is None:  # no completion: the row is generated on-policy
         return None
     if not isinstance(completion, (str, list)):
-        return (f"`completion` must be a string, a list of messages or None, got {type(completion).__name__} "
-                f"{completion!r:.60}")
+        return (
+            f"`completion` must be a string, a list of messages or None, got {type(completion).__name__} "
+            f"{completion!r:.60}"
+        )
     if isinstance(completion, list) and (problem := _messages_problem(completion, "completion")):
         return problem
     if _kind(completion) != _kind(prompt):
-        return ("`prompt` and `completion` mix formats: they must both be plain strings or both be lists of "
-                "messages")
+        return "`prompt` and `completion` mix formats: they must both be plain strings or both be lists of messages"
     return None
 
 
@@ -97,6 +102,7 @@ def check_rows(dataset: Dataset | IterableDataset, name: str = "train_dataset", 
     first = _first_row(dataset)
     kind = _kind(first["prompt"]) if first is not None and "prompt" in first else None
     if isinstance(dataset, IterableDataset):
+
         def check(row: dict[str, Any], index: int) -> dict[str, Any]:
             if (problem := row_problem(row, kind)) is not None:
                 _raise_for_row(index, name, problem)
@@ -158,6 +164,7 @@ def check_prompt_lengths(
             )
 
     if isinstance(dataset, IterableDataset):
+
         def check_row(row: dict[str, Any], index: int) -> dict[str, Any]:
             check(index, tokenize([row["prompt"]])[0])
             return {}
@@ -213,8 +220,10 @@ def completion_token_ids(
 
 
 # letters, digits, code, whitespace runs, accents, CJK and an emoji: where tokenizers of different families part ways
-TOKENIZER_PROBE = ("Distillation, step 1: 12345 + 0.5 = ?\n\tdef f(x):  return x ** 2  # naïve café, Ünïcode; "
-                   "日本語のテキスト 🙂 <br/> https://example.org/a?b=c")
+TOKENIZER_PROBE = (
+    "Distillation, step 1: 12345 + 0.5 = ?\n\tdef f(x):  return x ** 2  # naïve café, Ünïcode; "
+    "日本語のテキスト 🙂 <br/> https://example.org/a?b=c"
+)
 
 
 def tokenizer_mismatch(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> str | None:
@@ -226,8 +235,10 @@ def tokenizer_mismatch(student: PreTrainedTokenizerBase, teacher: PreTrainedToke
         at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
         ours_at = f"{ours[at]} ({student.convert_ids_to_tokens(ours[at])!r})" if at < len(ours) else "the end"
         theirs_at = f"{theirs[at]} ({teacher.convert_ids_to_tokens(theirs[at])!r})" if at < len(theirs) else "the end"
-        return (f"a probe text encodes to {len(ours)} tokens for the student and {len(theirs)} for the teacher, first "
-                f"differing at token {at}: {ours_at} vs {theirs_at}")
+        return (
+            f"a probe text encodes to {len(ours)} tokens for the student and {len(theirs)} for the teacher, first "
+            f"differing at token {at}: {ours_at} vs {theirs_at}"
+        )
     for token in student.all_special_tokens:
         ours_id, theirs_id = student.convert_tokens_to_ids(token), teacher.convert_tokens_to_ids(token)
         if ours_id != theirs_id:

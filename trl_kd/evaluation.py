@@ -45,8 +45,12 @@ def generation_metrics(
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + list(p) for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         out = student.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
         completion = out[:, width:]
         predictions += tokenizer.batch_decode(completion, skip_special_tokens=True)
@@ -103,8 +107,9 @@ class GenerationEvalCallback(TrainerCallback):
         trainer = self.trainer
         teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
         # the teacher's own score: the ceiling the student is distilled toward
-        ceiling = generation_metrics(teacher, None, trainer.processing_class, self.prompts, self.references,
-                                     self.max_new_tokens)
+        ceiling = generation_metrics(
+            teacher, None, trainer.processing_class, self.prompts, self.references, self.max_new_tokens
+        )
         trainer.log({**before, "eval_teacher_rouge_l": ceiling["rouge_l"]})
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):

@@ -17,11 +17,11 @@ import torch
 
 LIKELY_FIX = {
     "teacher": "the teacher's weights or dtype produce them (an fp16 teacher can overflow: load it in bf16 or fp32, "
-               "e.g. teacher_model_init_kwargs={'dtype': 'bfloat16'}); check the teacher alone on this batch",
+    "e.g. teacher_model_init_kwargs={'dtype': 'bfloat16'}); check the teacher alone on this batch",
     "student": "the student's weights are no longer finite (an earlier update with too high a learning_rate, or an "
-               "fp16 overflow): lower learning_rate, keep max_grad_norm > 0, prefer bf16 to fp16",
+    "fp16 overflow): lower learning_rate, keep max_grad_norm > 0, prefer bf16 to fp16",
     "loss": "both models' hidden states are finite, so the divergence is not: check the LM heads' weights and "
-            "loss_temperature",
+    "loss_temperature",
     "gradients": "lower learning_rate, keep max_grad_norm > 0 (gradient clipping), prefer bf16 to fp16",
 }
 
@@ -38,8 +38,10 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, source: str, what: str, step: int | None = None):
         self.source, self.what, self.step = source, what, step
         at = f" at optimizer step {step}" if step is not None else ""
-        super().__init__(f"Non-finite {what}{at} (source: {source}). Likely fix: {LIKELY_FIX[source]}. Training "
-                         "stopped before this step's update, and nothing was saved after it.")
+        super().__init__(
+            f"Non-finite {what}{at} (source: {source}). Likely fix: {LIKELY_FIX[source]}. Training "
+            "stopped before this step's update, and nothing was saved after it."
+        )
 
 
 def check_finite_fields(config, allow_inf: tuple[str, ...] = ()) -> None:

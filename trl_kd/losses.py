@@ -134,8 +134,12 @@ class LMHead:
         scale = getattr(config, "logit_scale", None)
         if scale is None and getattr(config, "logits_scaling", None) is not None:  # Granite divides
             scale = 1.0 / config.logits_scaling
-        return cls(head.weight, head.bias, 1.0 if scale is None else float(scale),
-                   getattr(config, "final_logit_softcapping", None))
+        return cls(
+            head.weight,
+            head.bias,
+            1.0 if scale is None else float(scale),
+            getattr(config, "final_logit_softcapping", None),
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -206,10 +210,13 @@ def chunked_token_divergence(
     partitioned = student_head.is_partitioned or teacher_head.is_partitioned
     # TRL's kernel gathers partitioned heads only when ZeRO-3 is on globally (not for a teacher sharded on its own
     # beside a ZeRO-2 student), and only whole heads
-    use_trl_kernel = loss_type == "jsd" and trl_triton_available(student_hidden.device) and (
-        not partitioned or (heads_fit and is_deepspeed_zero3_enabled())
+    use_trl_kernel = (
+        loss_type == "jsd"
+        and trl_triton_available(student_hidden.device)
+        and (not partitioned or (heads_fit and is_deepspeed_zero3_enabled()))
     )
     if use_trl_kernel:
+
         def cut(head: LMHead) -> tuple[torch.Tensor, torch.Tensor | None]:
             if heads_fit:
                 return head.weight, head.bias
@@ -217,8 +224,18 @@ def chunked_token_divergence(
 
         (s_w, s_b), (t_w, t_b) = cut(student_head), cut(teacher_head)
         return ChunkedDivergenceFunction.apply(
-            student_hidden, s_w, s_b, teacher_hidden.detach(), t_w, t_b, beta, temperature,
-            student_head.scale, student_head.softcap, teacher_head.scale, teacher_head.softcap,
+            student_hidden,
+            s_w,
+            s_b,
+            teacher_hidden.detach(),
+            t_w,
+            t_b,
+            beta,
+            temperature,
+            student_head.scale,
+            student_head.softcap,
+            teacher_head.scale,
+            teacher_head.softcap,
         )
 
     n = student_hidden.shape[0]
@@ -226,8 +243,15 @@ def chunked_token_divergence(
     divergences, entropies = [], []
     for start in range(0, n, chunk_size):
         args = (
-            student_hidden[start : start + chunk_size], teacher_hidden[start : start + chunk_size].detach(),
-            student_head, teacher_head, vocab_size, loss_type, beta, skew_alpha, temperature,
+            student_hidden[start : start + chunk_size],
+            teacher_hidden[start : start + chunk_size].detach(),
+            student_head,
+            teacher_head,
+            vocab_size,
+            loss_type,
+            beta,
+            skew_alpha,
+            temperature,
         )
         if torch.is_grad_enabled() and student_hidden.requires_grad:
             div, ent = checkpoint(_chunk_divergence, *args, use_reentrant=False)

@@ -25,9 +25,22 @@ if TYPE_CHECKING:
 
 # TrainingArguments fields worth showing besides the method's own
 _TRAINING_FIELDS = (
-    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_epsilon", "max_steps",
-    "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm",
-    "max_completion_length", "temperature", "top_p", "top_k", "beta", "seed",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "adam_epsilon",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_grad_norm",
+    "max_completion_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "beta",
+    "seed",
 )
 _PACKAGES = ("trl-kd", "trl", "transformers", "torch", "accelerate", "peft", "datasets", "deepspeed")
 
@@ -68,7 +81,9 @@ def distillation_section(trainer: KDTrainer, dataset_name: str | None = None) ->
     paper = trainer._paper
     lines = ["", "## Distillation", ""]
     if paper:
-        lines.append(f"- **Method**: {trainer._name} — [{paper['title']}](https://huggingface.co/papers/{paper['id']})")
+        lines.append(
+            f"- **Method**: {trainer._name} — [{paper['title']}](https://huggingface.co/papers/{paper['id']})"
+        )
     else:
         lines.append(f"- **Method**: {trainer._name}")
     lines.append(f"- **Teacher**: `{teacher_id}`" + (f" (revision `{revision}`)" if revision else ""))
@@ -95,7 +110,7 @@ def distillation_section(trainer: KDTrainer, dataset_name: str | None = None) ->
     lines += [f"| `{k}` | `{v}` |" for k, v in method_hyperparameters(args).items()]
     versions = ", ".join(f"{name} {v}" for name, v in framework_versions().items() if v is not None)
     lines += ["", f"Framework versions: {versions}.", ""]
-    lines += ["Launch command:", "", "```bash", shlex.join([sys.executable.split('/')[-1], *sys.argv]), "```", ""]
+    lines += ["Launch command:", "", "```bash", shlex.join([sys.executable.split("/")[-1], *sys.argv]), "```", ""]
     lines += trainer.model_card_sections()
     return "\n".join(lines)
 
@@ -119,10 +134,18 @@ def arrange_card(text: str, base: tuple[str | None, str], model_id: str, section
         base_text = f"[{hub_id}](https://huggingface.co/{hub_id})"
     else:
         base_text = f"`{label}`" if label else "a model built in memory"
-    text = re.sub(r"This model is a fine-tuned version of \[[^\]]*\]\([^)]*\)",
-                  lambda _: f"This model is a fine-tuned version of {base_text}", text, count=1)
-    text = re.sub(r'pipeline\("text-generation", model="[^"]*"',
-                  lambda _: f'pipeline("text-generation", model="{model_id}"', text, count=1)
+    text = re.sub(
+        r"This model is a fine-tuned version of \[[^\]]*\]\([^)]*\)",
+        lambda _: f"This model is a fine-tuned version of {base_text}",
+        text,
+        count=1,
+    )
+    text = re.sub(
+        r'pipeline\("text-generation", model="[^"]*"',
+        lambda _: f'pipeline("text-generation", model="{model_id}"',
+        text,
+        count=1,
+    )
     citations = text.find("\n## Citations")
     if citations == -1:
         return text.rstrip("\n") + "\n" + section

@@ -147,8 +147,10 @@ class Plan:
         best = self.recommended
         lines.append("")
         lines.append(
-            f"Recommended: {best.placement.name} ({best.placement.config})." if best else
-            f"Nothing fits in {budget:.0f} GiB per GPU: use more GPUs, LoRA, a shorter completion or a smaller batch."
+            f"Recommended: {best.placement.name} ({best.placement.config})."
+            if best
+            else f"Nothing fits in {budget:.0f} GiB per GPU: use more GPUs, LoRA, a shorter completion or a smaller "
+            "batch."
         )
         return "\n".join(lines)
 
@@ -180,8 +182,9 @@ def plan(
         headroom: the fraction of GPU memory a placement may use to count as fitting.
     """
     if num_gpus < 1 or not (math.isfinite(gpu_memory_gib) and gpu_memory_gib > 0):
-        raise ValueError(f"num_gpus must be >= 1 and gpu_memory_gib a finite number > 0, got {num_gpus} and "
-                         f"{gpu_memory_gib}.")
+        raise ValueError(
+            f"num_gpus must be >= 1 and gpu_memory_gib a finite number > 0, got {num_gpus} and {gpu_memory_gib}."
+        )
     if min(batch_size, prompt_length, completion_length) < 1:
         raise ValueError("batch_size, prompt_length and completion_length must be >= 1.")
     if dtype not in _DTYPE_BYTES:
@@ -197,8 +200,10 @@ def plan(
         return 2 * m.num_layers * m.num_kv_heads * m.head_dim * seq * batch_size * b
 
     if gradient_checkpointing:
-        activations = (student.num_layers * seq * batch_size * student.hidden_size * b
-                       + 34 * seq * batch_size * student.hidden_size)
+        activations = (
+            student.num_layers * seq * batch_size * student.hidden_size * b
+            + 34 * seq * batch_size * student.hidden_size
+        )
     else:  # about 34 bytes per token and hidden unit per layer with flash attention (Korthikanti et al., 2022)
         activations = 34 * student.num_layers * seq * batch_size * student.hidden_size
     teacher_hidden = seq * batch_size * teacher.hidden_size * b
@@ -231,7 +236,12 @@ def plan(
         else:
             gathered = working
         sampling = static + parts["student grads"] + parts["KV caches"] + gathered
-        estimates.append(PlacementEstimate(
-            p, {k: v / GIB for k, v in parts.items()}, train / GIB + overhead_gib, sampling / GIB + overhead_gib,
-        ))
+        estimates.append(
+            PlacementEstimate(
+                p,
+                {k: v / GIB for k, v in parts.items()},
+                train / GIB + overhead_gib,
+                sampling / GIB + overhead_gib,
+            )
+        )
     return Plan(estimates, gpu_memory_gib, headroom)

@@ -285,14 +285,21 @@ def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int, device) ->
 
 def _forward(model, input_ids, slot_mask, positions, cache) -> torch.Tensor:
     out = model(
-        input_ids=input_ids, attention_mask=slot_mask, position_ids=positions, use_cache=True,
+        input_ids=input_ids,
+        attention_mask=slot_mask,
+        position_ids=positions,
+        use_cache=True,
         **{cache_argument(model): cache},
     )
     return out.logits.float()
 
 
 def _apply_stop_strings(
-    stop: StopStrings, tokens: torch.Tensor, lengths: torch.Tensor, done: torch.Tensor, rows: torch.Tensor,
+    stop: StopStrings,
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    done: torch.Tensor,
+    rows: torch.Tensor,
     previous_lengths: torch.Tensor,
 ) -> None:
     """End the rows of ``rows`` whose new tokens complete a stop string: cut their length, mark them done."""
@@ -352,8 +359,9 @@ def block_verify_sample(
     ids, slot_mask = _left_pad(prompt_ids, pad_token_id, device)
     student_cache, teacher_cache = DynamicCache(), DynamicCache()
     positions = (slot_mask.cumsum(-1) - 1).clamp(min=0)
-    counts = dict.fromkeys(("drafted", "accepted", "replaced", "proposed", "student_forwards", "teacher_forwards",
-                            "rounds"), 0)
+    counts = dict.fromkeys(
+        ("drafted", "accepted", "replaced", "proposed", "student_forwards", "teacher_forwards", "rounds"), 0
+    )
     if ids.shape[1] > 1:  # prefill everything but the last prompt token, which becomes the pending token
         _forward(student, ids[:, :-1], slot_mask[:, :-1], positions[:, :-1], student_cache)
         _forward(teacher, ids[:, :-1], slot_mask[:, :-1], positions[:, :-1], teacher_cache)

@@ -176,9 +176,7 @@ def make_dataset(fmt: DatasetFormat, n: int = 16, seed: int = 0, min_len: int = 
             for q, a in pairs
         ]
     elif fmt == "messages":
-        rows = [
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs
-        ]
+        rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
     else:
         raise ValueError(f"Unknown dataset format {fmt!r}; expected one of {DATASET_FORMATS}.")
     return Dataset.from_list(rows)

@@ -73,7 +73,12 @@ CASES = {
     "uneven": (RankDependentTrainer, KDConfig, {"lmbda": 1.0}),
 }
 PARITY_CASES = (*METHOD_CASES, "gkd_sequences", "gkd_teacher_sharded", "gkd_teacher_replicated")
-DEEPSPEED_ONLY = ("gkd_teacher_sharded", "gkd_teacher_replicated", "skd_teacher_offloaded", "switch_teacher_replicated")
+DEEPSPEED_ONLY = (
+    "gkd_teacher_sharded",
+    "gkd_teacher_replicated",
+    "skd_teacher_offloaded",
+    "switch_teacher_replicated",
+)
 
 
 def save_models(directory: str) -> None:
@@ -88,10 +93,20 @@ def build_trainer(name: str, output_dir: str, per_device_batch: int, models: str
     trainer_cls, config_cls, overrides = CASES[name]
     tokenizer = build_tokenizer()  # deterministic; AutoTokenizer on a Qwen2 folder would load Qwen2Tokenizer instead
     args = config_cls(
-        output_dir=output_dir, per_device_train_batch_size=per_device_batch, max_steps=steps,
-        max_completion_length=10, learning_rate=0.05, report_to="none", bf16=False, logging_steps=1,
-        save_strategy="no", seed=3, disable_tqdm=True, **{checkpointing_field(): False},
-        use_cpu=not torch.cuda.is_available(), **overrides,
+        output_dir=output_dir,
+        per_device_train_batch_size=per_device_batch,
+        max_steps=steps,
+        max_completion_length=10,
+        learning_rate=0.05,
+        report_to="none",
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        seed=3,
+        disable_tqdm=True,
+        **{checkpointing_field(): False},
+        use_cpu=not torch.cuda.is_available(),
+        **overrides,
     )
     return trainer_cls(
         model=os.path.join(models, "student"),
@@ -138,16 +153,22 @@ def main() -> None:
             "rank": trainer.accelerator.process_index,
             "world": trainer.accelerator.num_processes,
             "distributed_type": str(trainer.accelerator.distributed_type),
-            "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
+            "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage
+            if trainer.is_deepspeed_enabled
+            else None,
             "teacher_numel": teacher_counts,
             "teacher_offload": teacher_offload_device(trainer.teacher_model) == "cpu",
             "student_numel": student_counts,
             "student_numel_after": student_counts_after,
             "kd_loss": [row["kd_loss"] for row in history if "kd_loss" in row],
             "loss": [row["loss"] for row in history if "loss" in row],
-            "teacher_token_fraction": [row["teacher_token_fraction"] for row in history if "teacher_token_fraction" in row],
+            "teacher_token_fraction": [
+                row["teacher_token_fraction"] for row in history if "teacher_token_fraction" in row
+            ],
             "rounds": list(getattr(trainer, "rounds", [])),
-            "soft_prompt": trainer.soft_prompt.detach().flatten()[:8].tolist() if hasattr(trainer, "soft_prompt") else None,
+            "soft_prompt": trainer.soft_prompt.detach().flatten()[:8].tolist()
+            if hasattr(trainer, "soft_prompt")
+            else None,
         }
         with open(os.path.join(out_dir, f"rank{result['rank']}.json"), "w") as f:
             json.dump(result, f)

@@ -196,8 +196,10 @@ class KDConfig(DistillationConfig):
                 "frozen teacher has no gradients or optimizer states for stages 1 and 2 to shard."
             )
         if self.teacher_offload and self.teacher_zero_stage == 0:
-            raise ValueError("teacher_offload needs a sharded teacher: set teacher_zero_stage=3 (or leave it None "
-                             "under a ZeRO-3 launch).")
+            raise ValueError(
+                "teacher_offload needs a sharded teacher: set teacher_zero_stage=3 (or leave it None "
+                "under a ZeRO-3 launch)."
+            )
         for name in ("top_p", "teacher_top_p"):
             value = getattr(self, name)
             if value is None or not 0.0 < value <= 1.0:

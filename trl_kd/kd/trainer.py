@@ -1,10 +1,11 @@
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 import math
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,19 +13,18 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DistillationTrainer
-from trl.models import prepare_deepspeed, unwrap_model_for_generation
-from trl.trainer.utils import create_model_from_path, pad
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import pad
 
-from .._compat import zero3_init_disabled
 from ..checkpoints import load_method_state, resolve_checkpoint, save_method_state
 from ..cli import missing_folder
 from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset, tokenizer_mismatch
 from ..guards import NonFiniteError, check_grad_norm, finite_flags, sampling_from
 from ..losses import LMHead, chunked_kd_loss
 from ..model_card import arrange_card, distillation_section, student_base
+from ..placement import is_partitioned, load_teacher, prepare_teacher
 from ..registry import register_method
 from ..sampler import Rule, SamplingParams, StopStrings, block_verify_sample
 from .config import KDConfig
@@ -131,15 +131,17 @@ class KDTrainer(DistillationTrainer):
         teacher_source = teacher_model if isinstance(teacher_model, str) else teacher_model.config._name_or_path
         for argument, name in (("model", model), ("teacher_model", teacher_model)):
             if isinstance(name, str) and missing_folder(name):
-                raise ValueError(f"`{argument}` {name!r} is no folder (and not a Hub id like "
-                                 "'Qwen/Qwen2.5-7B-Instruct'): check the path.")
+                raise ValueError(
+                    f"`{argument}` {name!r} is no folder (and not a Hub id like "
+                    "'Qwen/Qwen2.5-7B-Instruct'): check the path."
+                )
         train_dataset = prepare_dataset(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: prepare_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
         elif eval_dataset is not None:
             eval_dataset = prepare_dataset(eval_dataset, "eval_dataset")
         if isinstance(teacher_model, str):
-            teacher_model = self._load_teacher(teacher_model, args)
+            teacher_model = load_teacher(teacher_model, args)
         elif args.teacher_model_init_kwargs is not None:
             # TRL's error: the kwargs would be silently ignored for a teacher that is already loaded
             raise ValueError(
@@ -164,29 +166,17 @@ class KDTrainer(DistillationTrainer):
         self.kd_vocab_size = self._check_vocabularies(teacher_model)
         if args.check_teacher_tokenizer:
             self._check_teacher_tokenizer(teacher_processing_class, teacher_source)
-        teacher_model.requires_grad_(False)
-        teacher_model.eval()
-        if self.is_deepspeed_enabled:
-            self.teacher_model = self._prepare_teacher_deepspeed(teacher_model)
-        elif args.teacher_zero_stage is not None or args.teacher_offload:
-            raise ValueError(
-                "`teacher_zero_stage` and `teacher_offload` place the teacher with DeepSpeed: launch with a DeepSpeed "
-                "config (e.g. `accelerate launch --config_file trl_kd/accelerate_configs/zero2.yaml ...`) or unset "
-                "them."
-            )
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
-        self.teacher_model.eval()
+        self.teacher_model = prepare_teacher(teacher_model, self.accelerator, args)
         # a teacher replicated beside a ZeRO-3 student (`teacher_zero_stage=0`) has nothing to gather
-        self._gather_teacher = self.args.ds3_gather_for_generation and any(
-            hasattr(p, "ds_id") for p in teacher_model.parameters()
-        )
+        self._gather_teacher = args.ds3_gather_for_generation and is_partitioned(teacher_model)
 
         # a streamed dataset comes back wrapped, to be checked row by row as it streams
         self.train_dataset = self._check_prompt_lengths(self.train_dataset, "train_dataset")
         if isinstance(self.eval_dataset, dict):
-            self.eval_dataset = {key: self._check_prompt_lengths(dataset, f"eval_dataset[{key!r}]")
-                                 for key, dataset in self.eval_dataset.items()}
+            self.eval_dataset = {
+                key: self._check_prompt_lengths(dataset, f"eval_dataset[{key!r}]")
+                for key, dataset in self.eval_dataset.items()
+            }
         elif self.eval_dataset is not None:
             self.eval_dataset = self._check_prompt_lengths(self.eval_dataset, "eval_dataset")
 
@@ -205,66 +195,11 @@ class KDTrainer(DistillationTrainer):
             disable_compile=True,
         )
         self.stop_strings = StopStrings(self._tokenizer, args.stop_strings) if args.stop_strings else None
-        self._rollout_rows: list[dict[str, Any]] = []
-        self._rollout_teacher_mask: list[list[bool]] = []
         self._eval_rollouts = 0
-        self._kd_sums: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._hidden_finite: torch.Tensor | None = None
+        self._handed: dict[str, Any] = {}  # see `_hand_over`
         self.dataset_name: str | None = None  # shown in the model card; the example scripts set it
 
     # ------------------------------------------------------------------------------------------------ set-up checks
-    @staticmethod
-    def _load_teacher(name_or_path: str, args: KDConfig) -> PreTrainedModel:
-        kwargs = dict(args.teacher_model_init_kwargs or {})
-        dtype = kwargs.get("dtype")
-        kwargs["dtype"] = dtype if dtype in ("auto", None) or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
-        if args.teacher_model_revision is not None:
-            kwargs.setdefault("revision", args.teacher_model_revision)
-        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-            kwargs["device_map"] = None
-        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        if args.teacher_zero_stage == 0 and is_deepspeed_zero3_enabled():
-            # a replicated teacher must not be created partitioned by ZeRO-3's `zero.Init`
-            with zero3_init_disabled():
-                return create_model_from_path(name_or_path, **kwargs)
-        return create_model_from_path(name_or_path, **kwargs)
-
-    def _prepare_teacher_deepspeed(self, teacher_model: PreTrainedModel) -> torch.nn.Module:
-        """Wrap the teacher in an inference DeepSpeed engine: TRL's placement, or `teacher_zero_stage` /
-        `teacher_offload` when set."""
-        args = self.args
-        student_stage = self.accelerator.state.deepspeed_plugin.zero_stage
-        if args.teacher_zero_stage is None and not args.teacher_offload:
-            return prepare_deepspeed(teacher_model, self.accelerator)
-        import deepspeed
-
-        stage = args.teacher_zero_stage if args.teacher_zero_stage is not None else (3 if student_stage == 3 else 0)
-        if stage == 0 and any(hasattr(p, "ds_id") for p in teacher_model.parameters()):
-            raise ValueError(
-                "teacher_zero_stage=0 asks for a replicated teacher, but the teacher passed in was created "
-                "partitioned (under ZeRO-3's `zero3_init_flag`). Pass the teacher by name or path so trl-kd loads it "
-                "whole, or leave teacher_zero_stage unset."
-            )
-        if args.teacher_offload and stage != 3:
-            raise ValueError(
-                f"teacher_offload needs a sharded teacher, but the student runs ZeRO-{student_stage} and "
-                "teacher_zero_stage is unset: set teacher_zero_stage=3."
-            )
-        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
-        # inference only: no optimizer, scheduler or optimizer offload (as TRL's prepare_deepspeed)
-        config.pop("optimizer", None)
-        config.pop("scheduler", None)
-        zero = config.setdefault("zero_optimization", {})
-        zero.pop("offload_optimizer", None)
-        zero["stage"] = stage
-        if args.teacher_offload:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-        elif stage != 3:
-            zero.pop("offload_param", None)
-        engine, *_ = deepspeed.initialize(model=teacher_model, config=config)
-        engine.eval()
-        return engine
-
     def _check_vocabularies(self, teacher_model: PreTrainedModel) -> int:
         """Return the size of the vocabulary the distributions are compared over (the tokenizer's)."""
         tokenizer_size = len(self._tokenizer)
@@ -286,8 +221,11 @@ class KDTrainer(DistillationTrainer):
         if teacher_tokenizer is None and source and os.path.isdir(source):
             if not any(os.path.exists(os.path.join(source, name)) for name in tokenizer_files):
                 # `AutoTokenizer` would build an empty tokenizer from the model config alone
-                logger.warning("The teacher's folder %s holds no tokenizer, so it was not compared with the "
-                               "student's; pass `teacher_processing_class` to compare them.", source)
+                logger.warning(
+                    "The teacher's folder %s holds no tokenizer, so it was not compared with the "
+                    "student's; pass `teacher_processing_class` to compare them.",
+                    source,
+                )
                 return
         if teacher_tokenizer is None and source:
             from transformers import AutoTokenizer
@@ -295,9 +233,12 @@ class KDTrainer(DistillationTrainer):
             try:
                 teacher_tokenizer = AutoTokenizer.from_pretrained(source)
             except Exception as error:  # no tokenizer files, offline, ...
-                logger.warning("Could not load the teacher's tokenizer from %s (%s), so it was not compared with the "
-                               "student's; pass `teacher_processing_class` to compare them.", source,
-                               type(error).__name__)
+                logger.warning(
+                    "Could not load the teacher's tokenizer from %s (%s), so it was not compared with the "
+                    "student's; pass `teacher_processing_class` to compare them.",
+                    source,
+                    type(error).__name__,
+                )
         if teacher_tokenizer is None:
             return
         problem = tokenizer_mismatch(self._tokenizer, getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer))
@@ -345,7 +286,8 @@ class KDTrainer(DistillationTrainer):
             if not limits:
                 logger.warning(
                     "Neither model's config names a context length (`max_position_embeddings` or `n_positions`), so "
-                    "the prompts of %s were not checked against one; set `max_prompt_length` to check them.", name
+                    "the prompts of %s were not checked against one; set `max_prompt_length` to check them.",
+                    name,
                 )
                 return dataset
             limit = min(limits.values()) - completion
@@ -392,7 +334,9 @@ class KDTrainer(DistillationTrainer):
             sync = self._any_process
         with (
             unwrap_model_for_generation(
-                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as student,
             unwrap_model_for_generation(
@@ -400,11 +344,19 @@ class KDTrainer(DistillationTrainer):
             ) as teacher,
         ):
             out = block_verify_sample(
-                student, teacher, prompt_ids, rule, max_new_tokens=self.max_completion_length,
-                eos_token_ids=self.eos_token_ids, pad_token_id=self._tokenizer.pad_token_id,
-                vocab_size=self.kd_vocab_size, num_draft_tokens=num_draft_tokens,
-                student_params=self.student_sampling_params, teacher_params=self.teacher_sampling_params,
-                sync_continue=sync, stop=self.stop_strings,
+                student,
+                teacher,
+                prompt_ids,
+                rule,
+                max_new_tokens=self.max_completion_length,
+                eos_token_ids=self.eos_token_ids,
+                pad_token_id=self._tokenizer.pad_token_id,
+                vocab_size=self.kd_vocab_size,
+                num_draft_tokens=num_draft_tokens,
+                student_params=self.student_sampling_params,
+                teacher_params=self.teacher_sampling_params,
+                sync_continue=sync,
+                stop=self.stop_strings,
             )
         return Rollout(out.completion_ids, out.teacher_mask, out.counts)
 
@@ -444,10 +396,25 @@ class KDTrainer(DistillationTrainer):
             return flag
         return bool(self.accelerator.gather(torch.tensor([flag], device=self.accelerator.device)).any())
 
+    @contextlib.contextmanager
+    def _hand_over(self, **values: Any) -> Iterator[dict[str, Any]]:
+        """Values a hook leaves for a hook TRL calls inside it, which TRL passes no argument for (the batch rows to
+        `_generate_single_turn`, the teacher mask back from it; the loss sums from `_compute_loss`). Set on entry,
+        written by the inner hook, and removed when the outer hook returns, even on an error, so nothing reaches
+        another step."""
+        before = set(self._handed)
+        self._handed.update(values)
+        try:
+            yield self._handed
+        finally:
+            for key in set(self._handed) - before:
+                del self._handed[key]
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        self._rollout_rows = inputs
-        output = super()._generate_and_score_completions(inputs)
-        masks = [torch.tensor(m, dtype=torch.long) for m in self._rollout_teacher_mask]
+        with self._hand_over(rows=inputs) as handed:
+            output = super()._generate_and_score_completions(inputs)
+            teacher_masks = handed["teacher_mask"]
+        masks = [torch.tensor(m, dtype=torch.long) for m in teacher_masks]
         teacher_mask = pad(masks, padding_value=0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
         width = output["completion_ids"].shape[1]
         teacher_mask = torch.nn.functional.pad(teacher_mask, (0, width - teacher_mask.shape[1]))
@@ -480,12 +447,13 @@ class KDTrainer(DistillationTrainer):
                 )
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
-        # Called by TRL once per generation batch with the rows stashed in `_generate_and_score_completions`. Decides
-        # per row who writes the completion: the student (rollout hook), the dataset, or the teacher (seq_kd).
+        # Called by TRL once per generation batch, inside `_generate_and_score_completions`, which hands over the
+        # rows. Decides per row who writes the completion: the student (rollout hook), the dataset, or the teacher
+        # (seq_kd).
         if images is not None or multimodal_fields:
             raise NotImplementedError("trl-kd trainers support text-only models.")
         mode = "train" if self.model.training else "eval"
-        rows = self._rollout_rows
+        rows = self._handed["rows"]
         n = len(prompt_ids)
         uniforms = self._row_uniforms(n, mode)
         if mode == "eval":
@@ -521,12 +489,17 @@ class KDTrainer(DistillationTrainer):
         for i in range(n):
             if not on_policy[i] and not self.args.seq_kd:
                 completions[i] = completion_token_ids(
-                    self._tokenizer, rows[i]["prompt"], prompt_ids[i], rows[i]["completion"], self.eos_token_ids,
-                    self.max_completion_length, self.chat_template_kwargs,
+                    self._tokenizer,
+                    rows[i]["prompt"],
+                    prompt_ids[i],
+                    rows[i]["completion"],
+                    self.eos_token_ids,
+                    self.max_completion_length,
+                    self.chat_template_kwargs,
                 )
                 teacher_mask[i] = [False] * len(completions[i])
 
-        self._rollout_teacher_mask = teacher_mask
+        self._handed["teacher_mask"] = teacher_mask
         self._log_rollout_stats(mode, len(student_rows), n, counts)
         return completions
 
@@ -570,7 +543,12 @@ class KDTrainer(DistillationTrainer):
         unwrapped = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
             return self._forward_redirection(
-                self.teacher_model, unwrapped, self.hidden_states, unwrapped, input_ids, attention_mask,
+                self.teacher_model,
+                unwrapped,
+                self.hidden_states,
+                unwrapped,
+                input_ids,
+                attention_mask,
                 num_completion_tokens,
             )
 
@@ -626,7 +604,7 @@ class KDTrainer(DistillationTrainer):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         token_weights, denominator = self.loss_normalizer(inputs, num_items_in_batch)
         # read only if the loss is not finite, to name the source (no sync on a healthy step)
-        self._hidden_finite = finite_flags(student_hidden, teacher_hidden)
+        self._handed["hidden_finite"] = finite_flags(student_hidden, teacher_hidden)
         return chunked_kd_loss(
             student_hidden,
             teacher_hidden.to(student_hidden.device),
@@ -647,22 +625,24 @@ class KDTrainer(DistillationTrainer):
         loss, divergence_sum, entropy_sum, num_tokens = self.distillation_loss(
             unwrapped_student, inputs, num_items_in_batch
         )
-        self._kd_sums = (divergence_sum, num_tokens)
+        self._handed["kd_sums"] = (divergence_sum, num_tokens)
         return loss, entropy_sum.detach(), num_tokens
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        divergence_sum, num_tokens = (self.accelerator.gather_for_metrics(t.reshape(1)).sum() for t in self._kd_sums)
+        with self._hand_over() as handed:
+            output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            sums, hidden_finite = handed["kd_sums"], handed.get("hidden_finite")
+        divergence_sum, num_tokens = (self.accelerator.gather_for_metrics(t.reshape(1)).sum() for t in sums)
         mode = "train" if self.model.training else "eval"
         kd_loss = (divergence_sum / num_tokens.clamp(min=1)).item()
         if not math.isfinite(kd_loss):  # gathered, so every process decides alike
-            self._raise_non_finite_loss()
+            self._raise_non_finite_loss(hidden_finite)
         self._metrics[mode]["kd_loss"].append(kd_loss)
         return output
 
-    def _raise_non_finite_loss(self):
+    def _raise_non_finite_loss(self, hidden_finite: torch.Tensor | None):
         # every process sees the same gathered kd_loss, so all of them get here together
-        source = self._non_finite_source(self._hidden_finite)
+        source = self._non_finite_source(hidden_finite)
         what = {"teacher": "teacher hidden states", "student": "student hidden states", "loss": "distillation loss"}
         raise NonFiniteError(source, what[source], self.state.global_step + 1)
 
@@ -703,8 +683,9 @@ class KDTrainer(DistillationTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`transformers.Trainer.train`, except that `resume_from_checkpoint=True` picks the newest *complete*
         checkpoint and an incomplete one (a run killed while saving) is refused with the missing file named."""
-        resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir,
-                                                    self.has_method_state)
+        resume_from_checkpoint = resolve_checkpoint(
+            resume_from_checkpoint, self.args.output_dir, self.has_method_state
+        )
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         # TRL writes the card at checkpoints only; the final one has the final metrics
         name = (self.args.hub_model_id or self.args.output_dir).rstrip("/").split("/")[-1]

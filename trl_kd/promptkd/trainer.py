@@ -155,7 +155,9 @@ class PromptKDTrainer(KDTrainer):
         mask = torch.cat([attention_mask.new_ones(batch, prompt.shape[1]), attention_mask], dim=1)
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = teacher.base_model(
-            inputs_embeds=torch.cat([prompt, embeds], dim=1), attention_mask=mask, position_ids=position_ids,
+            inputs_embeds=torch.cat([prompt, embeds], dim=1),
+            attention_mask=mask,
+            position_ids=position_ids,
             use_cache=False,
         ).last_hidden_state
         return hidden[:, -num_completion_tokens - 1 : -1]
@@ -186,8 +188,11 @@ class PromptKDTrainer(KDTrainer):
         if self.prompt_scheduler is None:
             total = max(self.state.max_steps, 1)
             self.prompt_scheduler = get_scheduler(
-                self.args.lr_scheduler_type, self.prompt_optimizer, num_warmup_steps=self.args.get_warmup_steps(total),
-                num_training_steps=total, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+                self.args.lr_scheduler_type,
+                self.prompt_optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(total),
+                num_training_steps=total,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
             )
         return self.prompt_scheduler
 
@@ -208,9 +213,14 @@ class PromptKDTrainer(KDTrainer):
         token_weights, denominator = self.loss_normalizer(inputs, num_items_in_batch)
         # beta=1 is KL(first || second): the prompted teacher goes first, as the side that receives gradients
         common = dict(
-            loss_mask=inputs["completion_mask"], vocab_size=self.kd_vocab_size, loss_type="jsd", beta=1.0,
-            temperature=self.args.loss_temperature, num_items_in_batch=denominator,
-            chunk_size=self.args.loss_chunk_size, token_weights=token_weights,
+            loss_mask=inputs["completion_mask"],
+            vocab_size=self.kd_vocab_size,
+            loss_type="jsd",
+            beta=1.0,
+            temperature=self.args.loss_temperature,
+            num_items_in_batch=denominator,
+            chunk_size=self.args.loss_chunk_size,
+            token_weights=token_weights,
         )
         student_hidden = student_hidden.to(prompted.device)
         to_student = chunked_kd_loss(prompted, student_hidden, teacher_head, student_head, **common)

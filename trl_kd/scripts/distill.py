@@ -107,8 +107,10 @@ def main(method: str, argv: list[str] | None = None) -> str:
     embedded = model_args.model_name_or_path is None
     if embedded:
         if training_args.teacher_model_name_or_path or script_args.dataset_name:
-            parser.error("--model_name_or_path is required with --teacher_model_name_or_path or --dataset_name "
-                         "(run with none of them for the embedded default).")
+            parser.error(
+                "--model_name_or_path is required with --teacher_model_name_or_path or --dataset_name "
+                "(run with none of them for the embedded default)."
+            )
         # the embedded default's settings, for every field not given on the command line
         for key, value in default.TRAINING_DEFAULTS.items():
             if key not in configured:
@@ -127,7 +129,8 @@ def main(method: str, argv: list[str] | None = None) -> str:
         train_dataset = dataset[script_args.dataset_train_split]
         eval_dataset = dataset[script_args.dataset_test_split] if script_args.dataset_test_split in dataset else None
         tokenizer = AutoTokenizer.from_pretrained(
-            model_args.model_name_or_path, revision=model_args.model_revision,
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
             trust_remote_code=training_args.trust_remote_code,  # TRL applies it to both models' loading too
         )
         training_args.model_init_kwargs = {
@@ -141,8 +144,12 @@ def main(method: str, argv: list[str] | None = None) -> str:
 
     try:
         trainer = trainer_class(
-            model=student, teacher_model=teacher, args=training_args, train_dataset=train_dataset,
-            eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None, processing_class=tokenizer,
+            model=student,
+            teacher_model=teacher,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
+            processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
         )
     except (ValueError, OSError) as error:  # a bad model, dataset or setting: its message says what to fix
@@ -165,9 +172,13 @@ def main(method: str, argv: list[str] | None = None) -> str:
         scores = {k: v for row in history for k, v in row.items() if k in keys}
         if len(scores) == 3:
             print(f"Teacher ROUGE-L on {len(prompts)} held-out prompts: {scores['eval_teacher_rouge_l']:.1f}.")
-            print(f"Student ROUGE-L on {len(prompts)} held-out prompts: {scores['eval_rouge_l_before']:.1f} before, "
-                  f"{scores['eval_rouge_l']:.1f} after.")
+            print(
+                f"Student ROUGE-L on {len(prompts)} held-out prompts: {scores['eval_rouge_l_before']:.1f} before, "
+                f"{scores['eval_rouge_l']:.1f} after."
+            )
         processes = trainer.accelerator.num_processes
-        print(f"Saved the student, its tokenizer and the model card (README.md) to {training_args.output_dir} "
-              f"(trained on {processes} process{'es' if processes > 1 else ''})")
+        print(
+            f"Saved the student, its tokenizer and the model card (README.md) to {training_args.output_dir} "
+            f"(trained on {processes} process{'es' if processes > 1 else ''})"
+        )
     return training_args.output_dir

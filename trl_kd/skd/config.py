@@ -110,7 +110,9 @@ class SpeculativeKDConfig(KDConfig):
         if self.acceptance_top_k < 0:
             raise ValueError(f"acceptance_top_k must be >= 0, got {self.acceptance_top_k}.")
         choices = {
-            "acceptance_on": ACCEPTANCE_ON, "acceptance_test": ACCEPTANCE_TESTS, "draft_sampling": DRAFT_SAMPLING
+            "acceptance_on": ACCEPTANCE_ON,
+            "acceptance_test": ACCEPTANCE_TESTS,
+            "draft_sampling": DRAFT_SAMPLING,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

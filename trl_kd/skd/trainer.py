@@ -75,8 +75,11 @@ class SpeculativeKDTrainer(KDTrainer):
     def rollout(self, prompt_ids: list[list[int]]) -> Rollout:
         """Interleaved sampling: student drafts, the teacher replaces drafted tokens outside its top-K."""
         rule = TopKRule(
-            self.args.acceptance_top_k, on=self.args.acceptance_on, teacher_params=self.teacher_sampling_params,
-            test=self.args.acceptance_test, student_params=self.student_sampling_params,
+            self.args.acceptance_top_k,
+            on=self.args.acceptance_on,
+            teacher_params=self.teacher_sampling_params,
+            test=self.args.acceptance_test,
+            student_params=self.student_sampling_params,
         )
         return self.teacher_in_the_loop_rollout(prompt_ids, rule, self.args.num_draft_tokens)
 

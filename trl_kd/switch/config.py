@@ -78,9 +78,7 @@ class SwitchConfig(KDConfig):
     switch_decay_unit: str = field(
         default="token", metadata={"help": "t counts 'token's or a 'fraction' of max.", "choices": list(DECAY_UNITS)}
     )
-    switch_schedule: str = field(
-        default="exp", metadata={"help": "Threshold schedule.", "choices": list(SCHEDULES)}
-    )
+    switch_schedule: str = field(default="exp", metadata={"help": "Threshold schedule.", "choices": list(SCHEDULES)})
     switch_adaptive_factor: float = field(default=2.0, metadata={"help": "K of the adaptive schedule."})
     switch_divergence: str = field(
         default="jsd", metadata={"help": "Decision divergence.", "choices": list(SWITCH_DIVERGENCES)}

@@ -133,7 +133,9 @@ class SwitchTrainer(KDTrainer):
         """The SWITCH decision rule at schedule scale `scale` (tau_0, or K for the adaptive schedule)."""
         divergence, beta = _DIVERGENCES[self.args.switch_divergence]
         return DivergenceThresholdRule(
-            self.threshold_schedule(scale, decay), divergence=divergence, beta=beta,
+            self.threshold_schedule(scale, decay),
+            divergence=divergence,
+            beta=beta,
             handoff=self.args.switch_mode == "handoff",
             adaptive_factor=scale if self.args.switch_schedule == "adaptive" else None,
         )
