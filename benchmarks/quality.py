@@ -94,6 +94,10 @@ DIAGNOSTIC_METHODS: dict[str, tuple] = {
     "SWITCH (constant threshold, target 50%, held)": method(
         "switch", {"target_teacher_fraction": 0.5, "switch_schedule": "constant"}
     ),
+    # SWITCH sits between supervised KD (teacher-written prefixes) and on-policy GKD (the student's own): does its
+    # score follow the share of tokens the teacher writes?
+    "SWITCH (target 25% teacher tokens, held)": method("switch", {"target_teacher_fraction": 0.25}),
+    "SWITCH (target 75% teacher tokens, held)": method("switch", {"target_teacher_fraction": 0.75}),
 }
 ALL_METHODS = {**METHODS, **DIAGNOSTIC_METHODS}
 SFT_BASELINE, GKD_BASELINE = "SFT on references", "GKD on-policy (lmbda 1, JSD 0.5)"
