@@ -102,3 +102,19 @@ def cpu_config(stage: str, tmp_path: Path) -> Path:
     path = tmp_path / f"{stage}_cpu.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def jsonl_dataset(folder: Path, rows, split: str = "train") -> Path:
+    """Write `rows` to `folder/<split>.jsonl`, a dataset folder `datasets.load_dataset` reads; returns `folder`."""
+    folder.mkdir(exist_ok=True)
+    (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def local_run_flags(paths: dict[str, str], data: Path, output_dir: Path, **flags) -> list[str]:
+    """`trl-kd <method>` flags for the local student and teacher in `paths`, the dataset folder `data`, and `flags`."""
+    argv = ["--model_name_or_path", paths["student"], "--teacher_model_name_or_path", paths["teacher"]]
+    argv += ["--dataset_name", str(data), "--output_dir", str(output_dir)]
+    for name, value in flags.items():
+        argv += [f"--{name}", str(value)]
+    return argv

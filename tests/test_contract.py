@@ -2,7 +2,6 @@
 method registered with `register_method` is tested here without being named. Method-specific behaviour stays in the
 method's own test file."""
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from trl_kd import METHODS, KDConfig, KDTrainer, register_method
 from trl_kd.registry import UnknownMethodError, get_method, unregister_method
 from trl_kd.testing import build_model, make_dataset
 
-from helpers import logged, make_args, params
+from helpers import jsonl_dataset, local_run_flags, logged, make_args, params
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,31 +199,10 @@ def test_a_method_is_one_register_call(toy, tmp_path, tokenizer, llama_paths, ca
     check_resume_matches_an_uninterrupted_run("toy", tmp_path / "d", tokenizer)
     assert "toy" in build_parser().format_help()
 
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_dataset("prompt_completion", 8)))
+    data = jsonl_dataset(tmp_path / "data", make_dataset("prompt_completion", 8))
     output_dir = tmp_path / "toy-run"
-    main(
-        [
-            "toy_kd",
-            "--model_name_or_path",
-            llama_paths["student"],
-            "--teacher_model_name_or_path",
-            llama_paths["teacher"],
-            "--dataset_name",
-            str(data),
-            "--output_dir",
-            str(output_dir),
-            "--max_steps",
-            "1",
-            "--per_device_train_batch_size",
-            "4",
-            "--max_completion_length",
-            "8",
-            "--report_to",
-            "none",
-        ]
-    )
+    flags = dict(max_steps=1, per_device_train_batch_size=4, max_completion_length=8, report_to="none")
+    main(["toy_kd", *local_run_flags(llama_paths, data, output_dir, **flags)])
     assert "**Method**: Toy KD" in (output_dir / "README.md").read_text()
 
 

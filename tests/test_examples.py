@@ -12,6 +12,8 @@ from huggingface_hub import ModelCard
 
 from trl_kd import METHODS
 
+from helpers import jsonl_dataset, local_run_flags
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +85,6 @@ def test_cli_bad_flags_fail_clearly(tmp_path, env):
 def test_script_runs_a_gpu_recipe_on_local_models_and_data(tmp_path, llama_paths, monkeypatch, capsys):
     """The path a user takes with their own models: a recipe naming model folders and a dataset folder (loaded by
     `datasets.load_dataset`), written for GPUs (bf16). Its `output_dir` is honoured and bf16 is turned off on CPU."""
-    import json
 
     import yaml
 
@@ -91,10 +92,8 @@ def test_script_runs_a_gpu_recipe_on_local_models_and_data(tmp_path, llama_paths
     from trl_kd.testing import make_dataset
 
     data = tmp_path / "data"
-    data.mkdir()
     for split, n in (("train", 8), ("test", 4)):
-        rows = make_dataset("prompt_completion", n, seed=n)
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        jsonl_dataset(data, make_dataset("prompt_completion", n, seed=n), split)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         yaml.safe_dump(
@@ -184,28 +183,13 @@ def test_cli_names_a_missing_teacher_folder(tmp_path, llama_paths, capsys):
 
 def test_cli_a_bad_dataset_is_one_line(tmp_path, llama_paths, capsys):
     """An error the trainer raises at construction (here: a row without a prompt) ends the command in one line."""
-    import json
 
-    data = tmp_path / "data"
-    data.mkdir()
     rows = [{"prompt": "count: from 0 to 3\n", "completion": "0 1 2 3"}] * 4 + [{"prompt": None, "completion": "0"}]
-    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = jsonl_dataset(tmp_path / "data", rows)
     from trl_kd.cli import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(
-            [
-                "gkd",
-                "--model_name_or_path",
-                llama_paths["student"],
-                "--teacher_model_name_or_path",
-                llama_paths["teacher"],
-                "--dataset_name",
-                str(data),
-                "--output_dir",
-                str(tmp_path / "out"),
-            ]
-        )
+        main(["gkd", *local_run_flags(llama_paths, data, tmp_path / "out")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err
     assert "trl-kd gkd: error: Row 4 of `train_dataset`: `prompt` must be a string" in err
@@ -215,41 +199,14 @@ def test_cli_a_bad_dataset_is_one_line(tmp_path, llama_paths, capsys):
 def test_cli_launches_through_accelerate_on_two_processes(tmp_path, llama_paths, env):
     """`trl-kd <method> --accelerate_config ... --num_processes 2` runs the distillation under `accelerate launch`
     (here the shipped ZeRO-2 config, adapted to this CPU as the distributed tests adapt it)."""
-    import json
+    from trl_kd.testing import make_dataset
 
     from helpers import cpu_config
 
-    data = tmp_path / "data"
-    data.mkdir()
-    from trl_kd.testing import make_dataset
-
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_dataset("prompt_completion", 16)))
-    command = [
-        sys.executable,
-        "-m",
-        "trl_kd.cli",
-        "gkd",
-        "--accelerate_config",
-        str(cpu_config("zero2", tmp_path)),
-        "--num_processes",
-        "2",
-        "--model_name_or_path",
-        llama_paths["student"],
-        "--teacher_model_name_or_path",
-        llama_paths["teacher"],
-        "--dataset_name",
-        str(data),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--max_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "2",
-        "--max_completion_length",
-        "8",
-        "--report_to",
-        "none",
-    ]
+    data = jsonl_dataset(tmp_path / "data", make_dataset("prompt_completion", 16))
+    flags = dict(max_steps=2, per_device_train_batch_size=2, max_completion_length=8, report_to="none")
+    command = [sys.executable, "-m", "trl_kd.cli", "gkd", "--accelerate_config", str(cpu_config("zero2", tmp_path))]
+    command += ["--num_processes", "2", *local_run_flags(llama_paths, data, tmp_path / "out", **flags)]
     out = run(command, tmp_path, {**env, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "accelerate.commands.launch --config_file" in out.stdout and "--num_processes 2" in out.stdout
