@@ -2,10 +2,12 @@
 
     python benchmarks/sampler.py [--batch 8] [--new-tokens 64]
 
-For gamma in {1, 2, 5, 8} at high and low acceptance (SKD top-K rule; random-init models rank tokens at random, so
-acceptance is about K/V), it prints the time per generated token and the teacher forwards per generated token, and
-compares with (a) the token-by-token reference (`reference_sample`, no KV cache) and (b) the floor every on-policy KD
-method pays: student `generate` of the same length plus one teacher forward over the result.
+For gamma in {1, 2, 5, 8} and the adaptive draft length (from 5, at most 16) at high and low acceptance (SKD top-K
+rule; random-init models rank tokens at random, so acceptance is about K/V), it prints the time per generated token
+and the teacher and student forwards per generated token, and compares with (a) the token-by-token reference
+(`reference_sample`, no KV cache) and (b) the floor every on-policy KD method pays: student `generate` of the same
+length plus one teacher forward over the result. The sampler keeps the teacher's hidden states, as the trainers run
+it (`reuse_teacher_states`), which is what lets them skip that teacher forward.
 """
 
 from __future__ import annotations
@@ -94,24 +96,33 @@ def main() -> None:
         f"{args.new_tokens} new tokens, prompt {args.prompt_tokens}, vocab {VOCAB}, student 256x4, teacher 512x8.\n"
     )
     print(f"Floor (student generate + one teacher forward): {floor_time / tokens * 1e3:.2f} ms/token\n")
-    print("| acceptance target | gamma | acceptance | ms/token | teacher fwd/token | vs reference | vs floor |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| acceptance target | gamma | acceptance | ms/token | teacher fwd/token | student fwd/token | vs reference | "
+        "vs floor |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, k in [("high (K = 0.9 V)", int(0.9 * VOCAB)), ("low (K = 0.3 V)", int(0.3 * VOCAB))]:
         ref_time, ref = timed(lambda: reference_sample(student, teacher, prompts, TopKRule(k), **common), device)
-        for gamma in (1, 2, 5, 8):
+        for gamma in (1, 2, 5, 8, "adaptive"):
+            draft = (
+                {"num_draft_tokens": 5, "adaptive_draft": True} if gamma == "adaptive" else {"num_draft_tokens": gamma}
+            )
             t, out = timed(
-                lambda: block_verify_sample(student, teacher, prompts, TopKRule(k), num_draft_tokens=gamma, **common),
+                lambda: block_verify_sample(
+                    student, teacher, prompts, TopKRule(k), keep_teacher_hidden=True, **draft, **common
+                ),
                 device,
             )
             c = out.counts
+            per_token = args.batch / tokens  # forwards run for the whole batch: per token of one row
             print(
                 f"| {label} | {gamma} | {c['accepted'] / c['drafted']:.2f} | {t / tokens * 1e3:.2f} | "
-                f"{c['teacher_forwards'] / tokens * args.batch:.2f} | {ref_time / t:.1f}x faster | "
-                f"{t / floor_time:.2f}x |"
+                f"{c['teacher_forwards'] * per_token:.2f} | {c['student_forwards'] * per_token:.2f} | "
+                f"{ref_time / t:.1f}x faster | {t / floor_time:.2f}x |"
             )
         print(
             f"| {label} | reference | {ref.counts['accepted'] / ref.counts['drafted']:.2f} | "
-            f"{ref_time / tokens * 1e3:.2f} | 1.00 | — | {ref_time / floor_time:.2f}x |"
+            f"{ref_time / tokens * 1e3:.2f} | 1.00 | 1.00 | — | {ref_time / floor_time:.2f}x |"
         )
 
 

@@ -6,7 +6,10 @@
     python benchmarks/speed.py --only trainers-sft  # the same after fine-tuning both models on the task
     python benchmarks/speed.py --only positions     # who writes each part of the response (SKD, SWITCH)
     python benchmarks/speed.py --only trainers --match PromptKD "beta=1"   # chosen rows, with the reference runs
+    python benchmarks/speed.py --only trainers --repeat 3                  # medians of 3 interleaved runs
     python benchmarks/speed.py --only guards        # time in the finite-value guards, per trainer step
+    python benchmarks/speed.py --only profile       # where a step of every trainer goes (sampling, teacher, ...)
+    python benchmarks/speed.py --only memory        # peak memory with the sampler's teacher states reused or not
 
 Plots go to `docs/img/` (`--plot-dir`) when matplotlib is installed.
 
@@ -111,6 +114,11 @@ def bench_loss(vocabs=(32000, 128256), positions=2048, hidden=1024) -> str:
     return "\n".join(lines)
 
 
+# the teacher-in-the-loop speed-ups off: a fixed draft length and a second teacher forward for the loss
+_OFF = {"adaptive_draft": False, "reuse_teacher_states": False}
+_BEFORE = "fixed draft, teacher recomputed"
+
+
 def _step_timer():
     """A callback timing every optimizer step the same way for every trainer (TRL's `step_time` metric is logged by
     some trainers only)."""
@@ -148,8 +156,12 @@ def _tiny_pair(pair: str, teacher_steps: int = 400, answer_items: tuple[int, int
 
 
 def _bench_args(steps: int, batch: int, completion: int, **extra) -> dict:
-    """Training arguments every timed run shares: fp32, untracked, no checkpoints, a log row per step."""
+    """Training arguments every timed run shares: fp32, untracked, no checkpoints, no activation checkpointing, a log
+    row per step."""
+    from trl_kd._compat import checkpointing_field
+
     return dict(
+        **{checkpointing_field(): False},
         output_dir="/tmp/trl-kd-bench",
         per_device_train_batch_size=batch,
         max_steps=steps,
@@ -202,9 +214,12 @@ def bench_trainers(
     pair: str = "random",
     plot_path: str | None = None,
     match: list[str] | None = None,
+    repeat: int = 1,
 ) -> str:
     """Step time of every trainer on the same tiny models. `pair="sft"`: teacher and student first fine-tuned on the
-    synthetic task (`trl_kd.testing.sft_on_task`), so the acceptance rates are those of an SFT-initialised student."""
+    synthetic task (`trl_kd.testing.sft_on_task`), so the acceptance rates are those of an SFT-initialised student.
+    `repeat`: run the whole list this many times, interleaved, and report each row's median over the runs (the
+    shared CPU drifts within a table)."""
     import copy
 
     from transformers.trainer_callback import PrinterCallback
@@ -226,7 +241,7 @@ def bench_trainers(
     tokenizer, student, teacher = _tiny_pair(pair)
     dataset = make_dataset("conversational_prompt_completion", 256)
     messages = make_dataset("messages", 256)  # the same rows in the format GKDTrainer needs
-    common = _bench_args(steps, batch, completion, temperature=1.0, beta=0.5, gradient_checkpointing=False)
+    common = _bench_args(steps, batch, completion, temperature=1.0, beta=0.5)
     cases = [
         ("trl.DistillationTrainer (on-policy, JSD)", DistillationTrainer, DistillationConfig, {}),
         (
@@ -257,45 +272,49 @@ def bench_trainers(
     if pair == "random":
         # random models rank tokens almost at random: acceptance is about K / V, so K sets it
         at = next(i for i, case in enumerate(cases) if case[1] is SpeculativeKDTrainer)
+        every = {"acceptance_top_k": len(tokenizer), "temperature": 1.0, "top_p": 1.0, "beta": 0.5}
+        most = {**every, "acceptance_top_k": int(0.85 * len(tokenizer))}
         cases[at:at] = [
+            ("SpeculativeKDTrainer, K=V (every token accepted)", SpeculativeKDTrainer, SpeculativeKDConfig, every),
+            ("SpeculativeKDTrainer, K=V, " + _BEFORE, SpeculativeKDTrainer, SpeculativeKDConfig, {**every, **_OFF}),
+            ("SpeculativeKDTrainer, K=0.85 V", SpeculativeKDTrainer, SpeculativeKDConfig, most),
             (
-                "SpeculativeKDTrainer, K=V (every token accepted)",
+                "SpeculativeKDTrainer, K=0.85 V, " + _BEFORE,
                 SpeculativeKDTrainer,
                 SpeculativeKDConfig,
-                {"acceptance_top_k": len(tokenizer), "temperature": 1.0, "top_p": 1.0, "beta": 0.5},
-            ),
-            (
-                "SpeculativeKDTrainer, K=0.85 V",
-                SpeculativeKDTrainer,
-                SpeculativeKDConfig,
-                {"acceptance_top_k": int(0.85 * len(tokenizer)), "temperature": 1.0, "top_p": 1.0, "beta": 0.5},
+                {**most, **_OFF},
             ),
         ]
+        at = next(i for i, case in enumerate(cases) if "tau_0=inf" in case[0]) + 1
+        never = {"switch_threshold": float("inf"), **_OFF}
+        cases[at:at] = [("SwitchTrainer, tau_0=inf, " + _BEFORE, SwitchTrainer, SwitchConfig, never)]
     if match:  # the reference runs, and the rows whose label contains one of `match`
         cases = [c for i, c in enumerate(cases) if i in (0, len(cases) - 1) or any(m in c[0] for m in match)]
-    results = []
-    for label, trainer_cls, config_cls, extra in cases:
-        config = {**common, **extra}
-        if trainer_cls is GKDTrainer:
-            config["max_new_tokens"] = config.pop("max_completion_length")
-        trainer = trainer_cls(
-            model=copy.deepcopy(student),
-            teacher_model=copy.deepcopy(teacher),
-            args=config_cls(**config),
-            train_dataset=messages if trainer_cls is GKDTrainer else dataset,
-            processing_class=tokenizer,
-        )
-        trainer.remove_callback(PrinterCallback)
-        timer = _step_timer()
-        trainer.add_callback(timer)
-        trainer.train()
-        median = statistics.median(timer.times[2:])  # the first steps warm up
-        history = trainer.state.log_history
-        extra_cols = " | ".join(
-            _cell(_logged_mean(history, key), 2) for key in ("acceptance_rate", "teacher_token_fraction")
-        )
-        length = _cell(_logged_mean(history, "completions/mean_length"), 1)
-        results.append((label, median, length, extra_cols))
+    runs: dict[str, list[float]] = {label: [] for label, *_ in cases}
+    columns: dict[str, tuple[str, str]] = {}
+    for _ in range(repeat):
+        for label, trainer_cls, config_cls, extra in cases:
+            config = {**common, **extra}
+            if trainer_cls is GKDTrainer:
+                config["max_new_tokens"] = config.pop("max_completion_length")
+            trainer = trainer_cls(
+                model=copy.deepcopy(student),
+                teacher_model=copy.deepcopy(teacher),
+                args=config_cls(**config),
+                train_dataset=messages if trainer_cls is GKDTrainer else dataset,
+                processing_class=tokenizer,
+            )
+            trainer.remove_callback(PrinterCallback)
+            timer = _step_timer()
+            trainer.add_callback(timer)
+            trainer.train()
+            runs[label].append(statistics.median(timer.times[2:]))  # the first steps warm up
+            history = trainer.state.log_history
+            extra_cols = " | ".join(
+                _cell(_logged_mean(history, key), 2) for key in ("acceptance_rate", "teacher_token_fraction")
+            )
+            columns[label] = (_cell(_logged_mean(history, "completions/mean_length"), 1), extra_cols)
+    results = [(label, statistics.median(runs[label]), *columns[label]) for label, *_ in cases]
     reference = (results[0][1] + results[-1][1]) / 2
     rows = [
         f"| {label} | {median * 1000:.0f} | {median / reference:.2f}x | {length} | {extra_cols} |"
@@ -305,8 +324,9 @@ def bench_trainers(
     models = "SFT on the task (teacher 400 steps, student 150)" if pair == "sft" else "random-init"
     header = [
         f"Median step time, tiny Qwen2 student (~30k params) and teacher (~130k), {models}, batch {batch}, up to "
-        f"{completion} new tokens, fp32, {torch.get_num_threads()} threads, {steps} steps (first 2 dropped). "
-        "Ratios are to the mean of the two trl.DistillationTrainer runs (first and last). "
+        f"{completion} new tokens, fp32, {torch.get_num_threads()} threads, {steps} steps (first 2 dropped)"
+        + (f", median of {repeat} interleaved runs" if repeat > 1 else "")
+        + ". Ratios are to the mean of the two trl.DistillationTrainer runs (first and last). "
         "Acceptance and teacher-token fraction are means over the run.",
         "",
         "| trainer | step (ms) | vs DistillationTrainer | mean completion length | acceptance | teacher tokens |",
@@ -442,7 +462,7 @@ def bench_guards(steps: int = 20, batch: int = 4, completion: int = 32) -> str:
             timed(module, name)
     tokenizer, student, teacher = _tiny_pair("random")
     dataset = make_dataset("conversational_prompt_completion", 256)
-    common = _bench_args(steps, batch, completion, temperature=1.0, gradient_checkpointing=False)
+    common = _bench_args(steps, batch, completion, temperature=1.0)
     # every registered method at its defaults, except where a default would not exercise its machinery
     extras = {
         "gkd": ({"lmbda": 1.0}, "on-policy, JSD"),
@@ -479,15 +499,234 @@ def bench_guards(steps: int = 20, batch: int = 4, completion: int = 32) -> str:
     return "\n".join(header + rows)
 
 
+PROFILE_PARTS = (
+    "sampling: student",
+    "sampling: teacher",
+    "teacher forward (loss)",
+    "student forward + loss",
+    "backward",
+    "optimizer",
+    "bookkeeping",
+)
+
+
+def bench_profile(steps: int = 12, batch: int = 4, completion: int = 32) -> str:
+    """Where one optimizer step of every trainer goes, on the tiny random pair. Timers wrap the trainer's hooks:
+    sampling (`_generate_single_turn`, split into the two models' forwards by hooks on their backbones), the loss
+    (`compute_loss`; the teacher's forward there is timed apart by the same hooks), the backward
+    (`accelerator.backward`) and the optimizer step (between the `on_pre_optimizer_step` and `on_optimizer_step`
+    callbacks, so clipping is in it). Bookkeeping is the rest of the step: TRL's batch assembly, padding, metric
+    reductions and logging."""
+    import contextlib
+    import copy
+    import time
+    from collections import defaultdict
+
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    import trl_kd
+    from trl_kd.sampler import backbone
+    from trl_kd.testing import make_dataset
+
+    tokenizer, student, teacher = _tiny_pair("random")
+    dataset = make_dataset("conversational_prompt_completion", 256)
+    common = _bench_args(steps, batch, completion, temperature=1.0, beta=0.5)
+    vocab = len(tokenizer)
+    cases = [("trl.DistillationTrainer (on-policy, JSD)", DistillationTrainer, DistillationConfig, {})]
+    settings = {
+        "gkd": [("on-policy", {"lmbda": 1.0})],
+        "skd": [
+            ("K=V (every token accepted)", {"acceptance_top_k": vocab, "temperature": 1.0, "top_p": 1.0}),
+            ("K=0.85 V", {"acceptance_top_k": int(0.85 * vocab), "temperature": 1.0, "top_p": 1.0}),
+        ],
+        "switch": [("tau_0=inf (never switches)", {"switch_threshold": float("inf")})],
+        "promptkd": [("defaults", {"beta": 1.0})],
+    }
+    for method in trl_kd.METHODS.values():
+        for note, extra in settings.get(method.name, [("defaults", {})]):
+            cases.append((f"{method.trainer.__name__}, {note}", method.trainer, method.config, extra))
+
+    spent = defaultdict(float)
+    where = []  # the enclosing timed region, innermost last
+
+    @contextlib.contextmanager
+    def region(name):
+        where.append(name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent[name] += time.perf_counter() - start
+            where.pop()
+
+    def wrap(obj, name, label):
+        original = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            with region(label):
+                return original(*args, **kwargs)
+
+        setattr(obj, name, timed)
+
+    def time_forwards(module, role):
+        starts = []
+        module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+
+        def done(*_):
+            elapsed = time.perf_counter() - starts.pop()
+            inside = where[-1] if where else "other"
+            spent[f"{role} forward in {inside}"] += elapsed
+
+        module.register_forward_hook(done)
+
+    class OptimizerTimer(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            spent["optimizer"] += time.perf_counter() - self.start
+
+    rows = []
+    for label, trainer_cls, config_cls, extra in cases:
+        trainer = trainer_cls(
+            model=copy.deepcopy(student),
+            teacher_model=copy.deepcopy(teacher),
+            args=config_cls(**{**common, **extra}),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        trainer.remove_callback(PrinterCallback)
+        timer = _step_timer()
+        trainer.add_callback(timer)
+        trainer.add_callback(OptimizerTimer())
+        wrap(trainer, "_generate_single_turn", "sampling")
+        wrap(trainer, "compute_loss", "loss")
+        wrap(trainer.accelerator, "backward", "backward")
+        time_forwards(backbone(trainer.model), "student")
+        time_forwards(backbone(trainer.teacher_model), "teacher")
+        spent.clear()
+        trainer.train()
+        step = sum(timer.times) / steps
+        per_step = {key: value / steps for key, value in spent.items()}
+        teacher_sampling = per_step.get("teacher forward in sampling", 0.0)
+        teacher_loss = per_step.get("teacher forward in loss", 0.0)
+        parts = {
+            "sampling: student": per_step.get("sampling", 0.0) - teacher_sampling,
+            "sampling: teacher": teacher_sampling,
+            "teacher forward (loss)": teacher_loss,
+            "student forward + loss": per_step.get("loss", 0.0) - teacher_loss,
+            "backward": per_step.get("backward", 0.0),
+            "optimizer": per_step.get("optimizer", 0.0),
+        }
+        parts["bookkeeping"] = step - sum(parts.values())
+        cells = " | ".join(f"{1000 * parts[p]:.0f} ({100 * parts[p] / step:.0f}%)" for p in PROFILE_PARTS)
+        rows.append(f"| {label} | {1000 * step:.0f} | {cells} |")
+    header = [
+        f"Where a step goes (ms per optimizer step, and its share), tiny Qwen2 pair (random-init), batch {batch}, up "
+        f'to {completion} new tokens, fp32, {torch.get_num_threads()} threads, {steps} steps (means). "sampling: '
+        "student\" is all of sampling except the teacher's forwards (the student's forwards, the rule, bookkeeping).",
+        "",
+        "| trainer | step (ms) | " + " | ".join(PROFILE_PARTS) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in PROFILE_PARTS) + " |",
+    ]
+    return "\n".join(header + rows)
+
+
+MEMORY_CASES = [
+    ("SpeculativeKDTrainer, K=V", "skd", {"temperature": 1.0, "top_p": 1.0}),  # K set to V below
+    ("SwitchTrainer, tau_0=inf", "switch", {"switch_threshold": float("inf")}),
+]
+
+
+def _memory_case(method: str, extra: dict, reuse: bool) -> dict:
+    """Peak RSS growth (bytes) over a short training run in this process, and the teacher forwards of its losses."""
+    import copy
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.trainer_callback import PrinterCallback
+
+    import trl_kd
+    from trl_kd.testing import build_tokenizer, make_dataset
+
+    torch.set_num_threads(2)
+    tokenizer = build_tokenizer()
+
+    def model(hidden: int, layers: int, seed: int) -> Qwen2ForCausalLM:
+        torch.manual_seed(seed)
+        config = Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=3 * hidden,
+            max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        return Qwen2ForCausalLM(config)
+
+    student, teacher = model(256, 4, 0), model(1024, 8, 1)
+    if method == "skd":
+        extra = {**extra, "acceptance_top_k": len(tokenizer)}  # every draft accepted: the rounds are the same
+    method = trl_kd.METHODS[method]
+    args = method.config(**_bench_args(3, 8, 64, beta=0.5, reuse_teacher_states=reuse, adaptive_draft=False, **extra))
+    trainer = method.trainer(
+        model=copy.deepcopy(student),
+        teacher_model=copy.deepcopy(teacher),
+        args=args,
+        train_dataset=make_dataset("conversational_prompt_completion", 64),
+        processing_class=tokenizer,
+    )
+    trainer.remove_callback(PrinterCallback)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    trainer.train()
+    return {"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}
+
+
+def bench_memory() -> str:
+    """Peak memory of training with the sampler's teacher states reused against recomputed, each run in a fresh
+    process: the growth of peak RSS over 3 steps (CPU), batch 8, 64 new tokens, a 256x4 student and a 1024x8
+    teacher (Qwen2 shapes, fp32), fixed draft length."""
+    rows = [
+        "Peak RSS growth over 3 training steps (fresh process per run), Qwen2 student 256x4 and teacher 1024x8, fp32, "
+        "batch 8, up to 64 new tokens, fixed draft length; MiB.",
+        "",
+        "| trainer | teacher states reused | recomputed | reused / recomputed |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label, method, extra in MEMORY_CASES:
+        peaks = []
+        for reuse in (True, False):
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-case", json.dumps([method, extra, reuse])],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak"] / 2**20)
+        rows.append(f"| {label} | {peaks[0]:.0f} | {peaks[1]:.0f} | {peaks[0] / peaks[1]:.2f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["loss", "trainers", "trainers-sft", "positions", "guards"])
+    parser.add_argument(
+        "--only", choices=["loss", "trainers", "trainers-sft", "positions", "guards", "profile", "memory"]
+    )
     parser.add_argument("--plot-dir", default="docs/img", help="Where the PNG plots go ('' for none).")
     parser.add_argument("--match", nargs="+", help="Time only the trainer rows whose labels contain one of these.")
+    parser.add_argument("--repeat", type=int, default=1, help="Interleaved runs of the trainer tables (medians).")
     parser.add_argument("--loss-case", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loss_case:
         print(json.dumps(_loss_case(*json.loads(args.loss_case))))
+        return
+    if args.memory_case:
+        print(json.dumps(_memory_case(*json.loads(args.memory_case))))
         return
     print(
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -498,14 +737,18 @@ def main() -> None:
     plot = (lambda name: os.path.join(args.plot_dir, name)) if args.plot_dir else (lambda name: None)
     if args.only in (None, "trainers"):
         random_plot = None if args.match else plot("step_time_random.png")
-        print(bench_trainers(plot_path=random_plot, match=args.match) + "\n")
+        print(bench_trainers(plot_path=random_plot, match=args.match, repeat=args.repeat) + "\n")
     if args.only in (None, "trainers-sft"):
         sft_plot = None if args.match else plot("step_time_sft.png")
-        print(bench_trainers(pair="sft", plot_path=sft_plot, match=args.match) + "\n")
+        print(bench_trainers(pair="sft", plot_path=sft_plot, match=args.match, repeat=args.repeat) + "\n")
     if args.only in (None, "positions"):
         print(bench_positions(plot_path=plot("teacher_fraction_by_position.png")) + "\n")
     if args.only in (None, "guards"):
         print(bench_guards() + "\n")
+    if args.only in (None, "profile"):
+        print(bench_profile() + "\n")
+    if args.only in (None, "memory"):
+        print(bench_memory() + "\n")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,16 @@ def test_loss_equals_the_single_process_loss(launched, single_process_losses):
             assert r["loss"][0] == pytest.approx(expected["loss"], rel=1e-4), case
 
 
+def test_reused_teacher_states_give_the_recomputed_loss(launched):
+    """Both steps' losses with the sampler's teacher states equal those of a teacher forward, also when one rank
+    reuses every row and the other needs the (ZeRO-3: collective) teacher forward."""
+    _, _, results = launched
+    for reused, recomputed in run_trainers.REUSE_PAIRS:
+        for a, b in zip(results[reused], results[recomputed]):
+            for key in ("kd_loss", "loss"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (reused, key)
+
+
 def test_soft_prompt_stays_identical_across_processes(launched):
     _, _, results = launched
     rank0, rank1 = results["promptkd"]

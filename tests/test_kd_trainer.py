@@ -311,6 +311,7 @@ def test_completion_longer_than_the_context_is_refused_at_init(tmp_path, tokeniz
         ({"loss_normalization": "batch"}, "loss_normalization"),
         ({"stop_strings": []}, "stop_strings"),
         ({"stop_strings": ["\n", ""]}, "stop_strings"),
+        ({"max_draft_tokens": 0}, "max_draft_tokens"),
     ],
 )
 def test_bad_config_values_are_refused(tmp_path, overrides, match):

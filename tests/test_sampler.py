@@ -14,7 +14,9 @@ from trl_kd.sampler import (
     StopStrings,
     TeacherOnlyRule,
     TopKRule,
+    backbone,
     block_verify_sample,
+    next_draft_length,
     reference_sample,
 )
 from trl_kd.testing import build_model
@@ -45,9 +47,8 @@ def prompts(tokenizer):
 
 
 def kwargs(tokenizer, **extra):
-    return dict(
-        max_new_tokens=12, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, **extra
-    )
+    common = dict(max_new_tokens=12, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    return {**common, **extra}
 
 
 @pytest.mark.parametrize("gamma", [1, 2, 5, 8])
@@ -61,6 +62,145 @@ def test_greedy_equals_token_by_token_reference(pair, tokenizer, gamma, rule):
     assert ours.teacher_mask == ref.teacher_mask
     for key in ("accepted", "replaced", "drafted"):
         assert ours.counts[key] == ref.counts[key]
+
+
+@pytest.mark.parametrize("gamma", [1, 3])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_adaptive_draft_length_writes_the_fixed_length_tokens_under_greedy(pair, tokenizer, gamma, rule):
+    """The adaptive draft length changes the rounds, never the tokens: greedy completions, teacher masks and counts
+    equal the fixed-length sampler's and the token-by-token reference's."""
+    student, teacher = pair
+    common = kwargs(tokenizer, student_params=GREEDY, teacher_params=GREEDY, max_new_tokens=20)
+    run = lambda **extra: block_verify_sample(  # noqa: E731
+        student, teacher, prompts(tokenizer), RULES[rule](), num_draft_tokens=gamma, **common, **extra
+    )
+    adaptive, fixed = run(adaptive_draft=True, max_draft_tokens=9), run()
+    ref = reference_sample(student, teacher, prompts(tokenizer), RULES[rule](), **common)
+    assert adaptive.completion_ids == fixed.completion_ids == ref.completion_ids
+    assert adaptive.teacher_mask == fixed.teacher_mask == ref.teacher_mask
+    for key in ("accepted", "replaced", "drafted"):
+        assert adaptive.counts[key] == ref.counts[key]
+
+
+def test_adaptive_draft_length_follows_acceptance(pair, tokenizer):
+    """Everything accepted: the draft grows and fewer rounds (teacher forwards) are needed than at the start
+    length; everything rejected: it shrinks to 1, so fewer tokens are drafted in vain."""
+    student, teacher = pair
+    common = kwargs(tokenizer, student_params=GREEDY, teacher_params=GREEDY, max_new_tokens=40, eos_token_ids=[])
+    for rule, better in ((OnPolicyRule, "rounds"), (TeacherOnlyRule, "proposed")):
+        fixed = block_verify_sample(student, teacher, prompts(tokenizer), rule(), num_draft_tokens=3, **common)
+        adaptive = block_verify_sample(
+            student, teacher, prompts(tokenizer), rule(), num_draft_tokens=3, adaptive_draft=True, **common
+        )
+        assert adaptive.completion_ids == fixed.completion_ids
+        assert adaptive.counts[better] < fixed.counts[better], (rule, adaptive.counts, fixed.counts)
+
+
+def test_adaptive_draft_length_is_reproducible_from_the_seed(pair, tokenizer):
+    """Sampled, with rejections: the draft lengths follow the draws, so the same seed gives the same sequences and
+    rounds, and another seed other ones."""
+    student, teacher = pair
+    common = kwargs(tokenizer, student_params=SamplingParams(temperature=1.5), max_new_tokens=20)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        out = block_verify_sample(
+            student, teacher, prompts(tokenizer), TopKRule(k=len(tokenizer) // 2), adaptive_draft=True, **common
+        )
+        return out.completion_ids, out.teacher_mask, out.counts
+
+    first = run(0)
+    assert 0 < first[2]["replaced"] and first[2]["accepted"] > 0
+    assert run(0) == first and run(1) != first
+
+
+def test_next_draft_length():
+    assert next_draft_length(5, fully_accepted=3, judged=4, largest=16) == 7
+    assert next_draft_length(5, fully_accepted=2, judged=4, largest=16) == 4  # half is not more than half
+    assert next_draft_length(1, fully_accepted=0, judged=4, largest=16) == 1
+    assert next_draft_length(15, fully_accepted=4, judged=4, largest=16) == 16
+    assert next_draft_length(9, fully_accepted=4, judged=4, largest=3) == 3  # never past the remaining budget
+    assert next_draft_length(5, fully_accepted=0, judged=0, largest=16) == 5  # nothing judged: unchanged
+    # one row: transformers' heuristic (+2 on a fully accepted block, -1 otherwise)
+    assert [next_draft_length(4, f, 1, 99) for f in (1, 0)] == [6, 3]
+
+
+def test_sampler_refuses_unsynchronised_adaptive_draft(pair, tokenizer):
+    student, teacher = pair
+    with pytest.raises(ValueError, match="sync_draft_length"):
+        block_verify_sample(
+            student,
+            teacher,
+            prompts(tokenizer),
+            OnPolicyRule(),
+            adaptive_draft=True,
+            sync_continue=bool,
+            **kwargs(tokenizer),
+        )
+
+
+def full_forward_teacher_hidden(teacher, prompt_ids, completions):
+    """The teacher's final hidden states at each completion's positions from one forward over prompt + completion
+    (the state predicting token t sits at the position before it)."""
+    states = []
+    for prompt, completion in zip(prompt_ids, completions):
+        ids = torch.tensor([list(prompt) + list(completion)])
+        hidden = backbone(teacher)(input_ids=ids).last_hidden_state[0]
+        states.append(hidden[len(prompt) - 1 : len(prompt) - 1 + len(completion)])
+    return states
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("rule", ["top_k", "threshold", "handoff"])
+def test_kept_teacher_hidden_states_equal_a_full_teacher_forward(pair, tokenizer, rule, adaptive):
+    """Left padding and mixed prompt lengths, rows that end on EOS and leave the batch, rows cut by the length
+    budget, accepted and replaced tokens, sampled: the states the sampler keeps are the teacher's at every
+    response position, to fp32 rounding."""
+    student, teacher = pair
+    common = kwargs(
+        tokenizer,
+        max_new_tokens=10,
+        eos_token_ids=list(range(40, 64)),  # about one token in fourteen ends a row
+        student_params=SamplingParams(temperature=1.5),
+        teacher_params=SamplingParams(temperature=1.5),
+    )
+    torch.manual_seed(0)
+    batch = prompts(tokenizer) * 3
+    make_rule = {**RULES, "top_k": lambda: TopKRule(k=len(tokenizer) // 2)}[rule]  # K = V/2 mixes the writers
+    out = block_verify_sample(
+        student,
+        teacher,
+        batch,
+        make_rule(),
+        num_draft_tokens=3,
+        adaptive_draft=adaptive,
+        keep_teacher_hidden=True,
+        **common,
+    )
+    lengths = [len(c) for c in out.completion_ids]
+    ended_on_eos = [bool(c) and c[-1] in common["eos_token_ids"] for c in out.completion_ids]
+    assert any(ended_on_eos) and 10 in lengths  # both ways of ending are covered
+    mask = [m for row in out.teacher_mask for m in row]
+    assert 0 < sum(mask) < len(mask)  # both models wrote tokens
+    with torch.no_grad():
+        expected = full_forward_teacher_hidden(teacher, batch, out.completion_ids)
+    for kept, reference, n in zip(out.teacher_hidden, expected, lengths):
+        assert kept.shape == (n, teacher.config.hidden_size)
+        torch.testing.assert_close(kept, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_keeping_teacher_states_does_not_change_the_samples(pair, tokenizer):
+    student, teacher = pair
+    common = kwargs(tokenizer, student_params=SamplingParams(temperature=1.5), num_draft_tokens=3)
+    outs = []
+    for keep in (False, True):
+        torch.manual_seed(0)
+        outs.append(
+            block_verify_sample(
+                student, teacher, prompts(tokenizer), TopKRule(k=3), keep_teacher_hidden=keep, **common
+            )
+        )
+    assert outs[0].completion_ids == outs[1].completion_ids and outs[0].teacher_hidden is None
 
 
 @pytest.mark.parametrize("gamma", [1, 3, 5])
@@ -166,10 +306,11 @@ def tiny_vocab_pair(vocab=4):
     return make(0, 16), make(1, 32)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("rule", ["top_k", "threshold"])
-def test_sampled_sequences_have_the_reference_distribution(rule):
-    """Two-sample chi-square test over all sequences of length <= 3 on a 4-token vocabulary: block-verify (gamma=3)
-    and the reference must not differ at the 0.1% level (fixed seed, 6000 samples each)."""
+def test_sampled_sequences_have_the_reference_distribution(rule, adaptive):
+    """Two-sample chi-square test over all sequences of length <= 3 on a 4-token vocabulary: block-verify (gamma=3,
+    fixed or adaptive) and the reference must not differ at the 0.1% level (fixed seed, 6000 samples each)."""
     student, teacher = tiny_vocab_pair()
     make_rule = {
         "top_k": lambda: TopKRule(k=2),
@@ -186,7 +327,9 @@ def test_sampled_sequences_have_the_reference_distribution(rule):
     batch = [[1, 2]] * 1000
     ours, ref, teacher_tokens, tokens = Counter(), Counter(), 0, 0
     for _ in range(6):
-        out = block_verify_sample(student, teacher, batch, make_rule(), num_draft_tokens=3, **common)
+        out = block_verify_sample(
+            student, teacher, batch, make_rule(), num_draft_tokens=3, adaptive_draft=adaptive, **common
+        )
         ours.update(tuple(c) for c in out.completion_ids)
         teacher_tokens += sum(m for row in out.teacher_mask for m in row)
         tokens += sum(len(row) for row in out.teacher_mask)

@@ -10,6 +10,10 @@ results.
 Batched: rows accept different numbers of tokens per round. Both caches keep one slot layout; slots of dropped draft
 tokens are masked out of attention (and cropped when no row needs them), positions are counted per row, and rows
 that finish (EOS or length) leave the batch.
+
+Two things make it cheaper without changing the sequences: the draft length can adapt to the acceptance (as
+`transformers`' assisted generation does), and the teacher's final hidden states at every response position can be
+kept, so a trainer computes its loss from them instead of running the teacher again.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from transformers import DynamicCache
 
 from ._compat import cache_argument
 from .guards import check_sampling_probs
-from .losses import divergence
+from .losses import LMHead, divergence
 
 
 @dataclass(frozen=True)
@@ -265,11 +269,15 @@ class SampleOutput:
         teacher_mask: per row, ``True`` where the teacher wrote the token.
         counts: ``drafted`` (positions judged by the rule), ``accepted``, ``replaced``, ``proposed`` (drafted tokens
             including the ones dropped after a rejection), ``student_forwards``, ``teacher_forwards``, ``rounds``.
+        teacher_hidden: with ``keep_teacher_hidden``, per row the teacher's final hidden states ``(len, H)`` at the
+            response positions, the state at position ``t`` being the one that predicts token ``t`` (in the model's
+            dtype, on its device); ``None`` otherwise.
     """
 
     completion_ids: list[list[int]]
     teacher_mask: list[list[bool]]
     counts: dict[str, int] = field(default_factory=dict)
+    teacher_hidden: list[torch.Tensor] | None = None
 
 
 def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,6 +300,49 @@ def _forward(model, input_ids, slot_mask, positions, cache) -> torch.Tensor:
         **{cache_argument(model): cache},
     )
     return out.logits.float()
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer under a causal LM's head (looking through a PEFT wrapper): what returns the final hidden
+    states the head projects."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.base_model
+
+
+def _backbone_forward(model, input_ids, slot_mask, positions, cache) -> torch.Tensor:
+    """Fill ``cache`` with the backbone alone (nothing needs the prompt's logits); returns the final hidden states."""
+    body = backbone(model)
+    return body(
+        input_ids=input_ids,
+        attention_mask=slot_mask,
+        position_ids=positions,
+        use_cache=True,
+        **{cache_argument(body): cache},
+    ).last_hidden_state
+
+
+def _forward_with_hidden(
+    model, input_ids, slot_mask, positions, cache, vocab_size: int | None, last: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits over the first ``vocab_size`` entries and the final hidden states of the last ``last`` positions,
+    from the backbone and the head as the losses apply it ([`LMHead`][trl_kd.losses.LMHead]), so a loss from the
+    kept states sees the distribution the rule saw."""
+    hidden = _backbone_forward(model, input_ids, slot_mask, positions, cache)[:, -last:]
+    head = LMHead.from_model(model)
+    return head.logits(hidden, vocab_size or head.vocab_size), hidden
+
+
+def next_draft_length(gamma: int, fully_accepted: int, judged: int, largest: int) -> int:
+    """The adaptive draft length after a round: ``gamma + 2`` when more than half of the ``judged`` rows kept their
+    whole block, else ``gamma - 1``, within ``[1, largest]``. With one row this is `transformers`' "heuristic"
+    schedule for assisted generation (grow on a fully accepted block, shrink otherwise). With a batch, whose rows
+    share one length per round and all pay for the longest draft, it settles where about half of the rows take the
+    whole block."""
+    if judged == 0:
+        return max(1, min(gamma, largest))
+    grown = gamma + 2 if 2 * fully_accepted > judged else gamma - 1
+    return max(1, min(grown, largest))
 
 
 def _apply_stop_strings(
@@ -326,6 +377,10 @@ def block_verify_sample(
     teacher_params: SamplingParams = SamplingParams(),
     sync_continue: Callable[[bool], bool] | None = None,
     stop: StopStrings | None = None,
+    adaptive_draft: bool = False,
+    max_draft_tokens: int = 16,
+    sync_draft_length: Callable[[int], int] | None = None,
+    keep_teacher_hidden: bool = False,
 ) -> SampleOutput:
     """Sample one completion per prompt: the student drafts blocks, the teacher verifies them under ``rule``.
 
@@ -338,17 +393,33 @@ def block_verify_sample(
         max_new_tokens: completion budget per row.
         eos_token_ids: tokens that end a completion (kept in it).
         vocab_size: compare and sample over the first ``vocab_size`` logits only (the tokenizer's range).
-        num_draft_tokens: tokens the student drafts per teacher forward (gamma); changes speed, not results.
+        num_draft_tokens: tokens the student drafts per teacher forward (gamma); changes speed, not results. With
+            ``adaptive_draft``, the length of the first round.
         sync_continue: for ZeRO-3 and other collectives: called each round with "this process has unfinished rows"
             and must return whether any process has; finished processes then keep running forwards on their rows
             (whose outputs are ignored) until every process is done, and no row leaves the batch.
         stop: a row ends after the token that completes a stop string (checked after every round).
+        adaptive_draft: choose each round's draft length from the last round's acceptance
+            ([`next_draft_length`][trl_kd.sampler.next_draft_length]), between 1 and ``max_draft_tokens`` and never
+            past the longest remaining budget. Speed only: the sequences keep their distribution, and under greedy
+            settings they are the fixed-length sampler's tokens.
+        max_draft_tokens: the adaptive draft length's ceiling.
+        sync_draft_length: with ``sync_continue`` and ``adaptive_draft``: maps this process's next draft length to
+            the one every process uses (e.g. the smallest), so all run the same forwards.
+        keep_teacher_hidden: return the teacher's final hidden states at the response positions
+            (`SampleOutput.teacher_hidden`). The teacher then runs as backbone plus
+            [`LMHead`][trl_kd.losses.LMHead] (fp32 logits), which in half precision can differ from its own
+            ``forward``'s logits in the last bits.
 
     Returns:
         [`SampleOutput`][trl_kd.sampler.SampleOutput].
     """
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}.")
+    if adaptive_draft and max_draft_tokens < 1:
+        raise ValueError(f"max_draft_tokens must be >= 1, got {max_draft_tokens}.")
+    if adaptive_draft and sync_continue is not None and sync_draft_length is None:
+        raise ValueError("adaptive_draft with sync_continue needs sync_draft_length, so processes draft alike.")
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("Every prompt needs at least one token.")
     device = next(student.parameters()).device
@@ -362,11 +433,22 @@ def block_verify_sample(
     counts = dict.fromkeys(
         ("drafted", "accepted", "replaced", "proposed", "student_forwards", "teacher_forwards", "rounds"), 0
     )
+
+    def cut(logits: torch.Tensor) -> torch.Tensor:
+        return logits if vocab_size is None else logits[..., :vocab_size]
+
+    def teacher_forward(input_ids, mask, position_ids, last: int):
+        """Logits (and with `keep_teacher_hidden` the hidden states) of the last `last` input positions."""
+        if keep_teacher_hidden:
+            return _forward_with_hidden(teacher, input_ids, mask, position_ids, teacher_cache, vocab_size, last)
+        return cut(_forward(teacher, input_ids, mask, position_ids, teacher_cache)[:, -last:]), None
+
+    # the teacher's prompt (all but its last token) joins the first verification: one teacher forward fewer
+    teacher_prefix = None
     if ids.shape[1] > 1:  # prefill everything but the last prompt token, which becomes the pending token
-        _forward(student, ids[:, :-1], slot_mask[:, :-1], positions[:, :-1], student_cache)
-        _forward(teacher, ids[:, :-1], slot_mask[:, :-1], positions[:, :-1], teacher_cache)
+        _backbone_forward(student, ids[:, :-1], slot_mask[:, :-1], positions[:, :-1], student_cache)
         counts["student_forwards"] += 1
-        counts["teacher_forwards"] += 1
+        teacher_prefix = ids[:, :-1], positions[:, :-1]
     slot_mask = slot_mask[:, :-1]
     pending = ids[:, -1]
     next_position = positions[:, -1]  # position of the pending token
@@ -377,14 +459,12 @@ def block_verify_sample(
     by_teacher = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
-    offsets = torch.arange(gamma, device=device)
     totals = torch.zeros(3, dtype=torch.long, device=device)  # accepted, replaced, proposed
-
-    def cut(logits: torch.Tensor) -> torch.Tensor:
-        return logits if vocab_size is None else logits[..., :vocab_size]
+    teacher_hidden: torch.Tensor | None = None  # (batch, max_new_tokens, H), allocated at the first round
 
     while sync_continue(not bool(done.all())) if sync_continue is not None else not bool(done.all()):
         counts["rounds"] += 1
+        offsets = torch.arange(gamma, device=device)
         # 1. the student drafts gamma tokens, keeping the logits each was drawn from
         draft, student_logits = [], []
         token = pending
@@ -399,7 +479,11 @@ def block_verify_sample(
         # 2. the teacher scores pending + draft[:-1] in one forward: logits for every drafted position
         teacher_input = torch.cat([pending[:, None], draft_ids[:, :-1]], dim=1)
         teacher_positions = next_position[:, None] + offsets
-        teacher_logits = cut(_forward(teacher, teacher_input, slot_mask, teacher_positions, teacher_cache))
+        if teacher_prefix is not None:
+            teacher_input = torch.cat([teacher_prefix[0], teacher_input], dim=1)
+            teacher_positions = torch.cat([teacher_prefix[1], teacher_positions], dim=1)
+            teacher_prefix = None
+        teacher_logits, hidden = teacher_forward(teacher_input, slot_mask, teacher_positions, gamma)
         counts["teacher_forwards"] += 1
         row_lengths = lengths[rows]
         response_positions = row_lengths[:, None] + offsets
@@ -425,6 +509,10 @@ def block_verify_sample(
         row_index = rows[:, None].expand_as(index)
         tokens[row_index[keep], index[keep]] = written[keep]
         by_teacher[row_index[keep], index[keep]] = (offsets[None] == accepted[:, None]).expand_as(keep)[keep]
+        if hidden is not None:  # the state at block slot j predicts the token kept at j (same prefix)
+            if teacher_hidden is None:
+                teacher_hidden = hidden.new_zeros(batch, max_new_tokens, hidden.shape[-1])
+            teacher_hidden[row_index[keep], index[keep]] = hidden[keep]
         lengths[rows] = row_lengths + num_kept
         last = written.gather(1, (num_kept - 1).clamp(min=0)[:, None]).squeeze(1)
         done[rows] |= (lengths[rows] >= max_new_tokens) | (active & (num_kept > 0) & torch.isin(last, eos))
@@ -443,6 +531,19 @@ def block_verify_sample(
             slot_mask = slot_mask[:, :-surplus]
         pending = torch.where(num_kept > 0, last, pending)
         next_position = next_position + num_kept
+        if adaptive_draft:
+            # rows whose block the rule ended (not an EOS or the budget), and those of them that kept all of it
+            cut_by_budget = budget < torch.minimum(first_reject + 1, torch.full_like(first_reject, gamma))
+            judged = active & ~ended_on_eos & ~cut_by_budget
+            fully = judged & (first_reject >= gamma)
+            unfinished = ~done[rows]
+            if bool(unfinished.any()):
+                remaining = int((max_new_tokens - lengths[rows][unfinished]).max())
+                gamma = next_draft_length(gamma, int(fully.sum()), int(judged.sum()), min(max_draft_tokens, remaining))
+            else:  # only forwards in step with other processes are left: no preference
+                gamma = max_draft_tokens
+            if sync_draft_length is not None:
+                gamma = sync_draft_length(gamma)
 
         if sync_continue is None:  # finished rows leave the batch
             keep_rows = ~done[rows]
@@ -457,7 +558,13 @@ def block_verify_sample(
     completions = [row[:n] for row, n in zip(tokens.tolist(), lengths_list)]
     teacher_mask = [row[:n] for row, n in zip(by_teacher.tolist(), lengths_list)]
     counts["drafted"] = counts["accepted"] + counts["replaced"]
-    return SampleOutput(completions, teacher_mask, counts)
+    kept_hidden = None
+    if keep_teacher_hidden:
+        width = teacher.config.get_text_config().hidden_size if teacher_hidden is None else teacher_hidden.shape[-1]
+        if teacher_hidden is None:  # no round ran (every row finished at once): nothing was kept
+            teacher_hidden = torch.zeros(batch, max_new_tokens, width, device=device)
+        kept_hidden = [teacher_hidden[i, :n] for i, n in enumerate(lengths_list)]
+    return SampleOutput(completions, teacher_mask, counts, kept_hidden)
 
 
 @torch.no_grad()

@@ -44,6 +44,14 @@ class RankDependentTrainer(KDTrainer):
         return out
 
 
+class RankDependentRowsTrainer(METHODS["skd"].trainer):
+    """Rank 0 samples every row, rank 1 trains on every dataset completion: under ZeRO-3 rank 0, whose loss reuses
+    the sampler's teacher states, must still join the teacher forward rank 1 runs."""
+
+    def _row_uniforms(self, n, mode):
+        return torch.full((n,), float(self.accelerator.process_index % 2))
+
+
 def _classes(method: str) -> tuple[type, type]:
     return METHODS[method].trainer, METHODS[method].config
 
@@ -71,7 +79,22 @@ CASES = {
     "switch_teacher_replicated": (*_classes("switch"), {"teacher_zero_stage": 0, "switch_threshold": 0.005}),
     "skd_sampled": (*_classes("skd"), {"acceptance_top_k": 150, "temperature": 1.0}),
     "uneven": (RankDependentTrainer, KDConfig, {"lmbda": 1.0}),
+    # the loss from the sampler's teacher states against a teacher forward (`reuse_teacher_states`)
+    "skd_recomputed": (*_classes("skd"), {**METHOD_CASES["skd"], "reuse_teacher_states": False}),
+    "switch_recomputed": (*_classes("switch"), {**METHOD_CASES["switch"], "reuse_teacher_states": False}),
+    "skd_rank_rows": (RankDependentRowsTrainer, METHODS["skd"].config, {**METHOD_CASES["skd"], "lmbda": 0.5}),
+    "skd_rank_rows_recomputed": (
+        RankDependentRowsTrainer,
+        METHODS["skd"].config,
+        {**METHOD_CASES["skd"], "lmbda": 0.5, "reuse_teacher_states": False},
+    ),
 }
+# pairs of cases whose losses must agree: teacher states reused, and recomputed
+REUSE_PAIRS = (
+    ("skd", "skd_recomputed"),
+    ("switch", "switch_recomputed"),
+    ("skd_rank_rows", "skd_rank_rows_recomputed"),
+)
 PARITY_CASES = (*METHOD_CASES, "gkd_sequences", "gkd_teacher_sharded", "gkd_teacher_replicated")
 DEEPSPEED_ONLY = (
     "gkd_teacher_sharded",

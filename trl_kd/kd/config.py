@@ -76,6 +76,18 @@ class KDConfig(DistillationConfig):
             special token of the student's must have the same id, or the trainer refuses the pair, since the teacher's
             distributions would be over other tokens. `False` skips it, for tokenizers that differ on purpose but
             assign the same ids.
+        reuse_teacher_states (bool):
+            Rows sampled with the teacher in the loop (SKD, SWITCH) keep the teacher's final hidden states from the
+            sampler, and the loss projects those instead of running the teacher over the sequence again. Same loss
+            (the states differ only by floating-point order, KV cache against full forward); `False` recomputes
+            them. Other rows always get a teacher forward.
+        adaptive_draft (bool):
+            The teacher-in-the-loop sampler's draft length adapts per round, starting at `num_draft_tokens`: `+2`
+            when more than half of the batch's rows kept the whole block, `-1` otherwise (`transformers`'
+            assisted-generation heuristic, which is this rule at one row), up to `max_draft_tokens`. Speed only: the
+            sequences' distribution does not change. `False` keeps `num_draft_tokens`.
+        max_draft_tokens (int):
+            Ceiling of the adaptive draft length.
         gradient_checkpointing (bool | None):
             The deprecated alias (transformers >= 5.24) of `activation_checkpointing`. TRL's default, on, is set on
             `activation_checkpointing` when neither is given, so a default config raises no deprecation warning;
@@ -146,6 +158,15 @@ class KDConfig(DistillationConfig):
         default=True,
         metadata={"help": "Refuse a teacher whose tokenizer encodes a probe text or the special tokens differently."},
     )
+    reuse_teacher_states: bool = field(
+        default=True,
+        metadata={"help": "The loss reuses the teacher states the teacher-in-the-loop sampler computed."},
+    )
+    adaptive_draft: bool = field(
+        default=True,
+        metadata={"help": "Adapt the sampler's draft length to the acceptance (from num_draft_tokens)."},
+    )
+    max_draft_tokens: int = field(default=16, metadata={"help": "Ceiling of the adaptive draft length."})
 
     def __post_init__(self):
         # first: NaN slips through comparisons such as `loss_temperature <= 0`
@@ -190,6 +211,8 @@ class KDConfig(DistillationConfig):
             raise ValueError(
                 f"stop_strings must be a non-empty list of non-empty strings or None, got {self.stop_strings!r}."
             )
+        if self.max_draft_tokens < 1:
+            raise ValueError(f"max_draft_tokens must be >= 1, got {self.max_draft_tokens}.")
         if self.teacher_zero_stage not in (None, 0, 3):
             raise ValueError(
                 f"teacher_zero_stage must be 0 (replicated), 3 (sharded) or None, got {self.teacher_zero_stage}: a "

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -26,7 +25,7 @@ from ..losses import LMHead, chunked_kd_loss
 from ..model_card import arrange_card, distillation_section, student_base
 from ..placement import is_partitioned, load_teacher, prepare_teacher
 from ..registry import register_method
-from ..sampler import Rule, SamplingParams, StopStrings, block_verify_sample
+from ..sampler import Rule, SamplingParams, StopStrings, backbone, block_verify_sample
 from .config import KDConfig
 
 
@@ -42,11 +41,15 @@ class Rollout:
         teacher_mask: same shape; ``True`` where the teacher wrote the token, ``False`` where the student did.
         counts: optional integer counters of the sampler (e.g. ``drafted``, ``accepted``, ``replaced``), summed over
             processes and logged; ``acceptance_rate`` is logged when ``drafted`` is present.
+        teacher_hidden: optional, per completion, the teacher's final hidden states ``(len, H)`` at its positions
+            (the state at position ``t`` predicts token ``t``), computed while sampling; the loss then uses them
+            instead of running the teacher again (`KDConfig.reuse_teacher_states`).
     """
 
     completion_ids: list[list[int]]
     teacher_mask: list[list[bool]]
     counts: dict[str, int] = field(default_factory=dict)
+    teacher_hidden: list[torch.Tensor] | None = None
 
 
 def sequences(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -168,7 +171,8 @@ class KDTrainer(DistillationTrainer):
             self._check_teacher_tokenizer(teacher_processing_class, teacher_source)
         self.teacher_model = prepare_teacher(teacher_model, self.accelerator, args)
         # a teacher replicated beside a ZeRO-3 student (`teacher_zero_stage=0`) has nothing to gather
-        self._gather_teacher = args.ds3_gather_for_generation and is_partitioned(teacher_model)
+        self._teacher_partitioned = is_partitioned(teacher_model)
+        self._gather_teacher = args.ds3_gather_for_generation and self._teacher_partitioned
 
         # a streamed dataset comes back wrapped, to be checked row by row as it streams
         self.train_dataset = self._check_prompt_lengths(self.train_dataset, "train_dataset")
@@ -327,11 +331,14 @@ class KDTrainer(DistillationTrainer):
         """Rollout where `rule` decides, token by token, whether the teacher writes instead of the student, run by
         the block-verify engine ([`trl_kd.sampler.block_verify_sample`][trl_kd.sampler.block_verify_sample]) with
         `student_sampling_params` and `teacher_sampling_params`. Gradient checkpointing is off and ZeRO-3 parameters
-        are gathered while it runs; with several processes every process runs the same number of rounds.
+        are gathered while it runs; with several processes every process runs the same rounds and draft lengths.
+        The draft length starts at `num_draft_tokens` and adapts with `adaptive_draft`; with `reuse_teacher_states`
+        the teacher's hidden states come back for the loss.
         """
-        sync = None
+        args = self.args
+        sync, sync_draft_length = None, None
         if self.accelerator.num_processes > 1:
-            sync = self._any_process
+            sync, sync_draft_length = self._any_process, self._smallest_over_processes
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
@@ -357,8 +364,12 @@ class KDTrainer(DistillationTrainer):
                 teacher_params=self.teacher_sampling_params,
                 sync_continue=sync,
                 stop=self.stop_strings,
+                adaptive_draft=args.adaptive_draft,
+                max_draft_tokens=args.max_draft_tokens,
+                sync_draft_length=sync_draft_length,
+                keep_teacher_hidden=args.reuse_teacher_states,
             )
-        return Rollout(out.completion_ids, out.teacher_mask, out.counts)
+        return Rollout(out.completion_ids, out.teacher_mask, out.counts, out.teacher_hidden)
 
     def sample_from(
         self, model: torch.nn.Module, prompt_ids: list[list[int]], generation_config: GenerationConfig
@@ -396,6 +407,9 @@ class KDTrainer(DistillationTrainer):
             return flag
         return bool(self.accelerator.gather(torch.tensor([flag], device=self.accelerator.device)).any())
 
+    def _smallest_over_processes(self, value: int) -> int:
+        return int(self.accelerator.gather(torch.tensor([value], device=self.accelerator.device)).min())
+
     @contextlib.contextmanager
     def _hand_over(self, **values: Any) -> Iterator[dict[str, Any]]:
         """Values a hook leaves for a hook TRL calls inside it, which TRL passes no argument for (the batch rows to
@@ -413,12 +427,14 @@ class KDTrainer(DistillationTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         with self._hand_over(rows=inputs) as handed:
             output = super()._generate_and_score_completions(inputs)
-            teacher_masks = handed["teacher_mask"]
+            teacher_masks, teacher_hidden = handed["teacher_mask"], handed.get("teacher_hidden")
         masks = [torch.tensor(m, dtype=torch.long) for m in teacher_masks]
         teacher_mask = pad(masks, padding_value=0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
         width = output["completion_ids"].shape[1]
         teacher_mask = torch.nn.functional.pad(teacher_mask, (0, width - teacher_mask.shape[1]))
         output["teacher_mask"] = teacher_mask.to(self.accelerator.device)
+        if teacher_hidden is not None:
+            output["teacher_hidden"], output["teacher_hidden_rows"] = self._stack_teacher_hidden(teacher_hidden, width)
         mode = "train" if self.model.training else "eval"
         # sequences with a response token, over the whole generation batch of every process (as TRL counts tokens)
         has_tokens = (output["completion_mask"].sum(1) > 0).sum()
@@ -429,6 +445,19 @@ class KDTrainer(DistillationTrainer):
         if self.position_buckets:
             self._log_teacher_fraction_by_position(mode, output["completion_mask"], output["teacher_mask"])
         return output
+
+    def _stack_teacher_hidden(
+        self, per_row: list[torch.Tensor | None], width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampler's teacher states as a `(B, width, H)` batch tensor (zeros past each completion and for rows
+        without states) and which rows have them, `(B,)`; split into micro-batches with the rest of the batch."""
+        example = next(hidden for hidden in per_row if hidden is not None)
+        stacked = example.new_zeros(len(per_row), width, example.shape[-1])
+        for i, hidden in enumerate(per_row):
+            if hidden is not None:
+                stacked[i, : len(hidden)] = hidden
+        rows = torch.tensor([hidden is not None for hidden in per_row], device=example.device)
+        return stacked, rows
 
     def _log_teacher_fraction_by_position(self, mode: str, completion_mask: torch.Tensor, teacher_mask: torch.Tensor):
         # Bucket b of a response of length L holds its positions t with floor(buckets * t / L) == b.
@@ -467,14 +496,19 @@ class KDTrainer(DistillationTrainer):
 
         completions: list[list[int]] = [[] for _ in range(n)]
         teacher_mask: list[list[bool]] = [[] for _ in range(n)]
+        teacher_hidden: list[torch.Tensor | None] = [None] * n
         counts: dict[str, int] = {}
         if self._any_process(bool(student_rows)):
             with sampling_from("student", self.state.global_step + 1):
                 rollout = self.rollout([prompt_ids[i] for i in (student_rows or [0])])
+            # the counters' keys even from a dummy rollout: every process reduces the same key set
+            counts = rollout.counts if student_rows else dict.fromkeys(rollout.counts, 0)
             if student_rows:
-                counts = rollout.counts
                 for i, ids, mask in zip(student_rows, rollout.completion_ids, rollout.teacher_mask):
                     completions[i], teacher_mask[i] = ids, mask
+                if rollout.teacher_hidden is not None:
+                    for i, hidden in zip(student_rows, rollout.teacher_hidden):
+                        teacher_hidden[i] = hidden
         if self._any_process(bool(teacher_rows)):
             with sampling_from("teacher", self.state.global_step + 1):
                 sampled = self.sample_from(
@@ -486,6 +520,8 @@ class KDTrainer(DistillationTrainer):
             for i in set(student_rows) | set(teacher_rows):
                 completions[i] = self.stop_strings.cut(completions[i])
                 teacher_mask[i] = teacher_mask[i][: len(completions[i])]
+                if teacher_hidden[i] is not None:
+                    teacher_hidden[i] = teacher_hidden[i][: len(completions[i])]
         for i in range(n):
             if not on_policy[i] and not self.args.seq_kd:
                 completions[i] = completion_token_ids(
@@ -500,13 +536,15 @@ class KDTrainer(DistillationTrainer):
                 teacher_mask[i] = [False] * len(completions[i])
 
         self._handed["teacher_mask"] = teacher_mask
+        if any(hidden is not None for hidden in teacher_hidden):
+            self._handed["teacher_hidden"] = teacher_hidden
         self._log_rollout_stats(mode, len(student_rows), n, counts)
         return completions
 
     def _log_rollout_stats(self, mode: str, num_on_policy: int, num_rows: int, counts: dict[str, int]) -> None:
         keys = sorted(counts)
-        # Every process reaches this point; processes without counts contribute zeros. A fixed key set across
-        # processes is guaranteed because all of them ran the same rollout method.
+        # Every process reaches this point; processes without on-policy rows contribute zeros. The key set is the
+        # same on every process: all of them ran the same rollout method (a dummy one where no row is on-policy).
         local = torch.tensor([num_on_policy, num_rows, *(counts.get(k, 0) for k in keys)], dtype=torch.float64)
         total = self.accelerator.reduce(local.to(self.accelerator.device), "sum").cpu()
         self._metrics[mode]["on_policy_fraction"].append((total[0] / total[1]).item())
@@ -526,10 +564,8 @@ class KDTrainer(DistillationTrainer):
         Runs the backbone only (no vocabulary projection), with position ids counted from the first real token so
         that left padding doesn't shift positions (it matters for absolute-position models such as GPT-2).
         """
-        if is_peft_model(model):
-            model = model.base_model.model
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = model.base_model(
+        hidden = backbone(model)(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         return hidden[:, -num_completion_tokens - 1 : -1]
@@ -569,8 +605,35 @@ class KDTrainer(DistillationTrainer):
         """
         input_ids, attention_mask, num_completion_tokens = sequences(inputs)
         student_hidden = self.hidden_states(student, input_ids, attention_mask, num_completion_tokens)
-        teacher_hidden = self.teacher_hidden_states(input_ids, attention_mask, num_completion_tokens)
+        teacher_hidden = self.loss_teacher_hidden_states(inputs, input_ids, attention_mask, num_completion_tokens)
         return self.loss_from_hidden_states(student, student_hidden, teacher_hidden, inputs, num_items_in_batch)
+
+    def loss_teacher_hidden_states(
+        self,
+        inputs: dict[str, torch.Tensor],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        num_completion_tokens: int,
+    ) -> torch.Tensor:
+        """The teacher's `(B, C, H)` hidden states for the loss: those the sampler kept (`reuse_teacher_states`;
+        rows sampled with the teacher in the loop), and a teacher forward over the other rows only (dataset
+        completions, teacher samples). A step whose rows were all sampled runs the teacher inside the sampler only.
+        """
+        kept = inputs.get("teacher_hidden")
+        missing = None if kept is None else (~inputs["teacher_hidden_rows"].bool()).nonzero().squeeze(1)
+        needs_forward = kept is None or bool(missing.numel())
+        if self._teacher_partitioned:  # a sharded teacher's forward is a collective: all processes run one, or none
+            needs_forward = self._any_process(needs_forward)
+        if kept is None:
+            return self.teacher_hidden_states(input_ids, attention_mask, num_completion_tokens)
+        hidden = kept[:, :num_completion_tokens]
+        if needs_forward:
+            rows = missing if missing.numel() else missing.new_zeros(1)  # one row to stay in step, discarded
+            computed = self.teacher_hidden_states(input_ids[rows], attention_mask[rows], num_completion_tokens)
+            if missing.numel():
+                hidden = hidden.clone()
+                hidden[missing] = computed.to(hidden.dtype)
+        return hidden
 
     def loss_normalizer(
         self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | None
