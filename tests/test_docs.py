@@ -45,6 +45,7 @@ from trl_kd import (
     planner,
     registry,
     sampler,
+    teacher_cache,
     testing,
 )
 from trl_kd.cli import main as trl_kd_main
@@ -128,7 +129,18 @@ def test_api_reference_has_every_public_name_and_config_field(site):
             else:  # a module-level value such as `trl_kd.METHODS`: its entry is in the module that defines it
                 candidates = {f"trl_kd.{name}", f"trl_kd.registry.{name}"}
             assert candidates & anchors, f"no API entry for {name}"
-    for module in (losses, sampler, planner, placement, evaluation, model_card, testing, checkpoints, registry):
+    for module in (
+        losses,
+        sampler,
+        planner,
+        placement,
+        evaluation,
+        model_card,
+        testing,
+        checkpoints,
+        registry,
+        teacher_cache,
+    ):
         for name, obj in vars(module).items():
             if not name.startswith("_") and (inspect.isroutine(obj) or inspect.isclass(obj)):
                 if getattr(obj, "__module__", None) == module.__name__:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from trl_kd import METHODS
+from trl_kd import METHODS, KDConfig
 
 from helpers import jsonl_dataset, local_run_flags
 
@@ -66,6 +66,17 @@ def test_recipes_parse(method):
     )
     assert model_args.model_name_or_path and args.teacher_model_name_or_path and script_args.dataset_name
     assert args.output_dir and isinstance(args, config_class)
+
+
+def test_the_offline_teacher_recipe_parses():
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    parser = TrlParser((ScriptArguments, KDConfig, ModelConfig))
+    script_args, args, model_args = parser.parse_args_and_config(
+        args=["--config", str(ROOT / "examples" / "recipes" / "gkd_offline.yaml"), "--bf16", "False"]
+    )
+    assert args.teacher_cache and args.lmbda == 0 and args.teacher_model_name_or_path is None
+    assert model_args.model_name_or_path and script_args.dataset_name
 
 
 def test_cli_bad_flags_fail_clearly(tmp_path, env):

@@ -133,3 +133,73 @@ def test_unknown_loss_type_is_refused():
     with pytest.raises(ValueError, match="loss_type"):
         divergence(s, t, "kl")
     assert set(LOSS_TYPES) == {"jsd", "skew_fkl", "skew_rkl", "tvd"}
+
+
+def naive_topk_divergence(student_logits, teacher_logits, k, loss_type, beta=0.5, skew_alpha=0.1, temperature=1.0):
+    """The teacher's top-k plus a tail bin, against the student folded onto the same k + 1 bins: row by row in
+    float64, from the definitions (the student's tail is 1 minus its mass on the teacher's top-k)."""
+    out = []
+    for s_row, t_row in zip(student_logits.double(), teacher_logits.double()):
+        q_full = torch.softmax(s_row / temperature, -1)
+        p_full = torch.softmax(t_row / temperature, -1)
+        top = p_full.topk(k).indices
+        p, q = list(p_full[top]), list(q_full[top])
+        if k < len(p_full):
+            p.append(1 - p_full[top].sum())
+            q.append(1 - q_full[top].sum())
+        p, q = torch.stack(p), torch.stack(q)
+        out.append(naive_divergence(q.log()[None], p.log()[None], loss_type, beta, skew_alpha)[0])
+    return torch.stack(out)
+
+
+def topk_cache(teacher_logits, k, temperature):
+    """What an offline cache stores: top-k ids and log-probabilities, and the log of the remaining mass."""
+    log_p = torch.log_softmax(teacher_logits / temperature, -1)
+    values, ids = log_p.topk(k, dim=-1)
+    tail = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return ids, values, tail
+
+
+@pytest.mark.parametrize("loss_type,beta", CASES)
+@pytest.mark.parametrize("k", [1, 4, 36])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_topk_divergence_matches_naive_values_and_gradients(loss_type, beta, k, chunk_size):
+    from trl_kd.losses import chunked_topk_token_divergence
+
+    beta = 0.5 if beta is None else beta
+    student, teacher = _heads(bias=True)
+    student.weight.requires_grad_(True)
+    g = torch.Generator().manual_seed(3)
+    h_s = torch.randn(7, 8, generator=g, requires_grad=True)
+    t_logits = (torch.randn(7, 12, generator=g) @ teacher.weight.t()) * 0.5
+    ids, values, tail = topk_cache(t_logits, k, temperature=1.5)
+    kwargs = dict(loss_type=loss_type, beta=beta, skew_alpha=0.2, temperature=1.5)
+    div, _ = chunked_topk_token_divergence(h_s, student, 37, ids, values, tail, chunk_size=chunk_size, **kwargs)
+    grads = torch.autograd.grad(div.sum(), (h_s, student.weight))
+
+    h64, w64 = h_s.detach().double().requires_grad_(True), student.weight.detach().double().requires_grad_(True)
+    s_logits = h64 @ w64.t() + student.bias.double()
+    ref = naive_topk_divergence(s_logits, t_logits.double(), k, **kwargs)
+    ref_grads = torch.autograd.grad(ref.sum(), (h64, w64))
+    torch.testing.assert_close(div.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    for ours, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss_type,beta", CASES)
+def test_topk_divergence_with_the_whole_vocabulary_is_the_dense_divergence(loss_type, beta):
+    from trl_kd.losses import chunked_topk_token_divergence
+
+    beta = 0.5 if beta is None else beta
+    student, teacher = _heads()
+    student.weight.requires_grad_(True)
+    g = torch.Generator().manual_seed(4)
+    h_s, h_t = torch.randn(9, 8, generator=g, requires_grad=True), torch.randn(9, 12, generator=g)
+    ids, values, tail = topk_cache(teacher.logits(h_t, 37), 37, temperature=1.0)
+    kwargs = dict(loss_type=loss_type, beta=beta, skew_alpha=0.1)
+    sparse, _ = chunked_topk_token_divergence(h_s, student, 37, ids, values, tail, **kwargs)
+    dense, _ = chunked_token_divergence(h_s, h_t, student, teacher, 37, **kwargs)
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    sparse_grad = torch.autograd.grad(sparse.sum(), student.weight)[0]
+    dense_grad = torch.autograd.grad(dense.sum(), student.weight)[0]
+    torch.testing.assert_close(sparse_grad, dense_grad, atol=1e-5, rtol=1e-4)

@@ -4,6 +4,7 @@ trl-kd switch|skd|promptkd|gkd [--config recipe.yaml] <flags>   run a distillati
                                                                 the methods are those of `trl_kd.registry`
 trl-kd switch --accelerate_config zero3 --num_processes 8 ...   the same through `accelerate launch`
 trl-kd plan --student ... --teacher ... --gpus N --gpu-memory GiB   per-GPU memory of each placement
+trl-kd cache-teacher --teacher ... --dataset_name ... --output_dir ...   an offline teacher top-k cache
 trl-kd env                                                      versions for bug reports
 """
 
@@ -141,6 +142,52 @@ def _plan(args: argparse.Namespace) -> None:
     print(result.table())
 
 
+def _cache_teacher(args: argparse.Namespace) -> None:
+    import torch
+    from accelerate import PartialState
+    from datasets import load_dataset, load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from .teacher_cache import cache_teacher
+
+    # one process, or each process of `accelerate launch` / torchrun (gloo processes on a machine without a GPU)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
+    dtype = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype[args.dtype]).to(state.device).eval()
+    if os.path.isdir(args.dataset_name) and os.path.exists(os.path.join(args.dataset_name, "dataset_info.json")):
+        dataset = load_from_disk(args.dataset_name)  # a `Dataset.save_to_disk` folder
+    else:
+        dataset = load_dataset(args.dataset_name, args.dataset_config, split=args.dataset_split)
+    generation = None
+    if args.seq_kd:
+        generation = GenerationConfig(
+            do_sample=True, temperature=args.teacher_temperature, top_p=args.teacher_top_p, top_k=0
+        )
+    manifest = cache_teacher(
+        teacher,
+        tokenizer,
+        dataset,
+        args.output_dir,
+        k=args.k,
+        temperature=args.temperature,
+        max_completion_length=args.max_completion_length,
+        batch_size=args.batch_size,
+        shard_rows=args.shard_rows,
+        value_dtype=args.value_dtype,
+        seq_kd=args.seq_kd,
+        generation_config=generation,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+    )
+    state.wait_for_everyone()
+    if state.is_main_process:
+        print(
+            f"Cached the teacher's top-{manifest.k} over {manifest.num_rows} rows in {manifest.num_shards} shards: "
+            f"{args.output_dir}. Train on it with `--teacher_cache {args.output_dir}`."
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import METHODS  # the registry, filled by importing the package's trainers
 
@@ -184,6 +231,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gather-for-generation", action="store_true", help="ds3_gather_for_generation=False")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_plan, parser=p)
+
+    c = one_line_errors(
+        commands.add_parser(
+            "cache-teacher",
+            help="write the teacher's top-k log-probabilities over a dataset's completions (an offline teacher)",
+        )
+    )
+    c.add_argument("--teacher", required=True, help="Hub id or local folder of the teacher")
+    c.add_argument("--dataset_name", required=True, help="a Hub dataset, a local dataset folder or files' loader")
+    c.add_argument("--dataset_config", default=None)
+    c.add_argument("--dataset_split", default="train")
+    c.add_argument("--output_dir", required=True, help="the cache folder (a rerun resumes it)")
+    c.add_argument("--k", type=_positive(int), default=64, help="top tokens kept per position")
+    c.add_argument("--temperature", type=_positive(float), default=1.0, help="the loss_temperature training uses")
+    c.add_argument("--max_completion_length", type=_positive(int), default=256)
+    c.add_argument("--batch_size", type=_positive(int), default=8, help="rows per teacher forward")
+    c.add_argument("--shard_rows", type=_positive(int), default=512, help="rows per Parquet shard")
+    c.add_argument("--value_dtype", choices=["float16", "float32"], default="float16")
+    c.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    c.add_argument("--tokenizer", default=None, help="the shared tokenizer (default: the teacher's)")
+    c.add_argument("--seq_kd", action="store_true", help="cache the teacher's own samples instead")
+    c.add_argument("--teacher_temperature", type=_positive(float), default=1.0, help="sampling, with --seq_kd")
+    c.add_argument("--teacher_top_p", type=_positive(float), default=1.0, help="sampling, with --seq_kd")
+    c.set_defaults(func=_cache_teacher)
     return parser
 
 

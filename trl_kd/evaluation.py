@@ -95,7 +95,7 @@ class GenerationEvalCallback(TrainerCallback):
     def evaluate(self) -> dict[str, float]:
         trainer = self.trainer
         student = trainer.accelerator.unwrap_model(trainer.model)
-        teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+        teacher = None if trainer.teacher_model is None else trainer.accelerator.unwrap_model(trainer.teacher_model)
         metrics = generation_metrics(
             student, teacher, trainer.processing_class, self.prompts, self.references, self.max_new_tokens
         )
@@ -105,6 +105,9 @@ class GenerationEvalCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         before = {f"{k}_before": v for k, v in self.evaluate().items()}
         trainer = self.trainer
+        if trainer.teacher_model is None:  # trained from an offline teacher cache: no teacher to score
+            trainer.log(before)
+            return
         teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
         # the teacher's own score: the ceiling the student is distilled toward
         ceiling = generation_metrics(

@@ -265,11 +265,106 @@ def chunked_token_divergence(
     return torch.cat(divergences), torch.cat(entropies)
 
 
+def _chunk_topk_divergence(
+    student_hidden: torch.Tensor,
+    student_head: LMHead,
+    vocab_size: int,
+    teacher_ids: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    teacher_tail_log_probs: torch.Tensor,
+    loss_type: LossType,
+    beta: float,
+    skew_alpha: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    log_q = F.log_softmax(student_head.logits(student_hidden, vocab_size) / temperature, dim=-1)
+    student = log_q.gather(-1, teacher_ids)
+    teacher = teacher_log_probs.float()
+    if teacher_ids.shape[-1] < vocab_size:  # the tail bin: all the tokens outside the teacher's top-k, as one
+        student_tail = log_q.scatter(-1, teacher_ids, float("-inf")).logsumexp(-1, keepdim=True)
+        student = torch.cat([student, student_tail], dim=-1)
+        teacher = torch.cat([teacher, teacher_tail_log_probs.float()[:, None]], dim=-1)
+    return divergence_from_log_probs(student, teacher, loss_type, beta, skew_alpha), _entropy(log_q.detach())
+
+
+def chunked_topk_token_divergence(
+    student_hidden: torch.Tensor,
+    student_head: LMHead,
+    vocab_size: int,
+    teacher_ids: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    teacher_tail_log_probs: torch.Tensor,
+    loss_type: LossType = "jsd",
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token divergence against a teacher known only by its top-k (an offline cache), and the student entropy.
+
+    The teacher's distribution at a position is its `k` top tokens plus one *tail bin* holding the rest of its mass;
+    the student's is folded the same way (its probabilities of those `k` tokens, and the sum of all the others), and
+    the divergence (`loss_type`, as [`divergence_from_log_probs`][trl_kd.losses.divergence_from_log_probs]) is taken
+    between these two `k + 1`-bin distributions, in fp32. With `k` equal to the vocabulary there is no tail and it is
+    the dense divergence. The student's logits are projected `chunk_size` tokens at a time under activation
+    checkpointing, as in [`chunked_token_divergence`][trl_kd.losses.chunked_token_divergence]; the teacher side is
+    never wider than `k + 1`.
+
+    Args:
+        student_hidden: `(N, H)` student hidden states.
+        teacher_ids: `(N, k)` the teacher's top-k token ids at each position (below `vocab_size`).
+        teacher_log_probs: `(N, k)` their log-probabilities under the teacher at the loss temperature.
+        teacher_tail_log_probs: `(N,)` the log of the teacher's remaining mass, `log(1 - sum(exp(teacher_log_probs)))`.
+
+    Returns:
+        `(divergence, entropy)`, both of shape `(N,)` in fp32.
+    """
+    n = student_hidden.shape[0]
+    chunk_size = chunk_size or max(1, _TILE_ELEMENTS // vocab_size)
+    divergences, entropies = [], []
+    for start in range(0, n, chunk_size):
+        window = slice(start, start + chunk_size)
+        args = (
+            student_hidden[window],
+            student_head,
+            vocab_size,
+            teacher_ids[window].long(),
+            teacher_log_probs[window],
+            teacher_tail_log_probs[window],
+            loss_type,
+            beta,
+            skew_alpha,
+            temperature,
+        )
+        if torch.is_grad_enabled() and student_hidden.requires_grad:
+            div, ent = checkpoint(_chunk_topk_divergence, *args, use_reentrant=False)
+        else:
+            div, ent = _chunk_topk_divergence(*args)
+        divergences.append(div)
+        entropies.append(ent)
+    if not divergences:
+        empty = student_hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(divergences), torch.cat(entropies)
+
+
+@dataclass
+class TopKTeacher:
+    """The teacher of some rows of a batch known only by its top-k (an offline cache): `ids` and `log_probs` of
+    shape `(B, T, k)`, `tail_log_probs` `(B, T)` (the log of the rest of its mass) and `rows` `(B,)`, true for the
+    rows they cover."""
+
+    ids: torch.Tensor
+    log_probs: torch.Tensor
+    tail_log_probs: torch.Tensor
+    rows: torch.Tensor
+
+
 def chunked_kd_loss(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
     student_head: LMHead,
-    teacher_head: LMHead,
+    teacher_head: LMHead | None,
     loss_mask: torch.Tensor,
     vocab_size: int,
     loss_type: LossType = "jsd",
@@ -279,6 +374,7 @@ def chunked_kd_loss(
     num_items_in_batch: torch.Tensor | float | None = None,
     chunk_size: int | None = None,
     token_weights: torch.Tensor | None = None,
+    teacher_topk: TopKTeacher | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token-averaged distillation loss over the positions where ``loss_mask`` is 1.
 
@@ -292,17 +388,60 @@ def chunked_kd_loss(
         token_weights: optional ``(B, T)`` weight of each token in the loss's sum (e.g. ``1 / response length`` for a
             per-sequence mean, with ``num_items_in_batch`` then counting sequences). The returned sums stay
             unweighted.
+        teacher_topk: rows whose teacher is an offline top-k cache
+            ([`chunked_topk_token_divergence`][trl_kd.losses.chunked_topk_token_divergence]); their
+            ``teacher_hidden`` is not read, and ``teacher_head`` may be ``None`` when every counted token is cached.
 
     Returns:
         ``(loss, divergence_sum, entropy_sum, num_tokens)``: the normalised loss and the raw local sums (detached),
         from which metrics are reduced across processes.
     """
     valid = loss_mask.reshape(-1).bool()
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])[valid]
-    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[valid]
-    per_token, entropy = chunked_token_divergence(
-        h_s, h_t, student_head, teacher_head, vocab_size, loss_type, beta, skew_alpha, temperature, chunk_size
+    common = dict(
+        loss_type=loss_type, beta=beta, skew_alpha=skew_alpha, temperature=temperature, chunk_size=chunk_size
     )
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    if teacher_topk is None:
+        per_token, entropy = chunked_token_divergence(
+            h_s[valid],
+            teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[valid],
+            student_head,
+            teacher_head,
+            vocab_size,
+            **common,
+        )
+    else:  # live-teacher tokens and cached-teacher tokens, each through its own divergence, back in token order
+        cached = teacher_topk.rows.bool()[:, None].expand(loss_mask.shape).reshape(-1) & valid
+        live = valid & ~cached
+        per_token = h_s.new_zeros(valid.shape[0], dtype=torch.float32)
+        entropy = torch.zeros_like(per_token)
+        if bool(live.any()):
+            if teacher_head is None:
+                raise ValueError("Some counted tokens are not in the teacher cache, and there is no teacher head.")
+            index = live.nonzero().squeeze(1)
+            div, ent = chunked_token_divergence(
+                h_s[live],
+                teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[live],
+                student_head,
+                teacher_head,
+                vocab_size,
+                **common,
+            )
+            per_token, entropy = per_token.index_put((index,), div), entropy.index_put((index,), ent)
+        if bool(cached.any()):
+            index = cached.nonzero().squeeze(1)
+            k = teacher_topk.ids.shape[-1]
+            div, ent = chunked_topk_token_divergence(
+                h_s[cached],
+                student_head,
+                vocab_size,
+                teacher_topk.ids.reshape(-1, k)[cached],
+                teacher_topk.log_probs.reshape(-1, k)[cached],
+                teacher_topk.tail_log_probs.reshape(-1)[cached],
+                **common,
+            )
+            per_token, entropy = per_token.index_put((index,), div), entropy.index_put((index,), ent)
+        per_token, entropy = per_token[valid], entropy[valid]
     total = per_token.sum()
     count = valid.sum()
     weighted = total if token_weights is None else (per_token * token_weights.reshape(-1)[valid].float()).sum()

@@ -73,9 +73,13 @@ def framework_versions() -> dict[str, str | None]:
 def distillation_section(trainer: KDTrainer, dataset_name: str | None = None) -> str:
     """Markdown appended to TRL's model card."""
     args = trainer.args
-    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
-    teacher_id = args.teacher_model_name_or_path or teacher.config._name_or_path or "(in-memory model)"
-    revision = args.teacher_model_revision or getattr(teacher.config, "_commit_hash", None)
+    cache = trainer.teacher_cache_manifest
+    if trainer.teacher_model is not None:
+        teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+        teacher_id = args.teacher_model_name_or_path or teacher.config._name_or_path or "(in-memory model)"
+        revision = args.teacher_model_revision or getattr(teacher.config, "_commit_hash", None)
+    else:  # trained from an offline teacher cache alone
+        teacher_id, revision = cache.teacher or "(in-memory model)", cache.teacher_revision
     student_id = trainer.accelerator.unwrap_model(trainer.model).config._name_or_path or "(in-memory model)"
     history = trainer.state.log_history
     paper = trainer._paper
@@ -87,6 +91,10 @@ def distillation_section(trainer: KDTrainer, dataset_name: str | None = None) ->
     else:
         lines.append(f"- **Method**: {trainer._name}")
     lines.append(f"- **Teacher**: `{teacher_id}`" + (f" (revision `{revision}`)" if revision else ""))
+    if cache is not None:
+        lines.append(
+            f"- **Offline teacher cache**: top-{cache.k} log-probabilities at temperature {cache.temperature}"
+        )
     lines.append(f"- **Student base**: `{student_id}`")
     if dataset_name:
         lines.append(f"- **Dataset**: `{dataset_name}`")

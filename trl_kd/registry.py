@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 
 # words `trl-kd` already uses for its other commands
-RESERVED_NAMES = ("plan", "env")
+RESERVED_NAMES = ("plan", "env", "cache-teacher")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

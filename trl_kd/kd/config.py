@@ -76,6 +76,12 @@ class KDConfig(DistillationConfig):
             special token of the student's must have the same id, or the trainer refuses the pair, since the teacher's
             distributions would be over other tokens. `False` skips it, for tokenizers that differ on purpose but
             assign the same ids.
+        teacher_cache (str | None):
+            A folder written by `trl-kd cache-teacher` (the "Offline teacher" guide): the teacher's top-k
+            log-probabilities for every completion of the training dataset. Rows trained on their dataset completion
+            (or, for a cache of teacher samples, on the cached sample) read the teacher from it, with the sparse
+            top-k losses, instead of running it; with `lmbda=0` no teacher is loaded at all. The cache's tokenizer,
+            temperature (`loss_temperature`) and dataset must match the run's.
         reuse_teacher_states (bool):
             Rows sampled with the teacher in the loop (SKD, SWITCH) keep the teacher's final hidden states from the
             sampler, and the loss projects those instead of running the teacher over the sequence again. Same loss
@@ -157,6 +163,12 @@ class KDConfig(DistillationConfig):
     check_teacher_tokenizer: bool = field(
         default=True,
         metadata={"help": "Refuse a teacher whose tokenizer encodes a probe text or the special tokens differently."},
+    )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of an offline teacher cache (trl-kd cache-teacher) for the dataset-completion rows."
+        },
     )
     reuse_teacher_states: bool = field(
         default=True,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, IterableDataset, concatenate_datasets
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DistillationTrainer
@@ -21,11 +21,12 @@ from ..checkpoints import load_method_state, resolve_checkpoint, save_method_sta
 from ..cli import missing_folder
 from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset, tokenizer_mismatch
 from ..guards import NonFiniteError, check_grad_norm, finite_flags, sampling_from
-from ..losses import LMHead, chunked_kd_loss
+from ..losses import LMHead, TopKTeacher, chunked_kd_loss
 from ..model_card import arrange_card, distillation_section, student_base
 from ..placement import is_partitioned, load_teacher, prepare_teacher
 from ..registry import register_method
 from ..sampler import Rule, SamplingParams, StopStrings, backbone, block_verify_sample
+from ..teacher_cache import CACHE_COLUMNS, TeacherCacheManifest, load_teacher_cache, tokenizer_hash
 from .config import KDConfig
 
 
@@ -129,9 +130,17 @@ class KDTrainer(DistillationTrainer):
                 f"`args` must be a {self.config_class.__name__} (or a subclass), got {type(args).__name__}."
             )
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher_model is None:
-            raise ValueError("No teacher: pass `teacher_model` or set `teacher_model_name_or_path` in the config.")
-        teacher_source = teacher_model if isinstance(teacher_model, str) else teacher_model.config._name_or_path
+        self.teacher_cache_manifest = None
+        if args.teacher_cache is not None:
+            train_dataset, self.teacher_cache_manifest = self._with_teacher_cache(train_dataset, args)
+        if teacher_model is None and not (args.teacher_cache is not None and args.lmbda == 0):
+            raise ValueError(
+                "No teacher: pass `teacher_model` or set `teacher_model_name_or_path` in the config (training without "
+                "a teacher needs an offline `teacher_cache` and `lmbda=0`)."
+            )
+        teacher_source = teacher_model
+        if teacher_model is not None and not isinstance(teacher_model, str):
+            teacher_source = teacher_model.config._name_or_path
         for argument, name in (("model", model), ("teacher_model", teacher_model)):
             if isinstance(name, str) and missing_folder(name):
                 raise ValueError(
@@ -167,11 +176,13 @@ class KDTrainer(DistillationTrainer):
             peft_config=peft_config,
         )
         self.kd_vocab_size = self._check_vocabularies(teacher_model)
-        if args.check_teacher_tokenizer:
+        if self.teacher_cache_manifest is not None:
+            self._check_teacher_cache(self.teacher_cache_manifest)
+        if args.check_teacher_tokenizer and teacher_model is not None:
             self._check_teacher_tokenizer(teacher_processing_class, teacher_source)
-        self.teacher_model = prepare_teacher(teacher_model, self.accelerator, args)
+        self.teacher_model = None if teacher_model is None else prepare_teacher(teacher_model, self.accelerator, args)
         # a teacher replicated beside a ZeRO-3 student (`teacher_zero_stage=0`) has nothing to gather
-        self._teacher_partitioned = is_partitioned(teacher_model)
+        self._teacher_partitioned = teacher_model is not None and is_partitioned(teacher_model)
         self._gather_teacher = args.ds3_gather_for_generation and self._teacher_partitioned
 
         # a streamed dataset comes back wrapped, to be checked row by row as it streams
@@ -194,7 +205,7 @@ class KDTrainer(DistillationTrainer):
                 "temperature": teacher_sampling.temperature,
                 "top_p": teacher_sampling.top_p,
                 "top_k": teacher_sampling.top_k,
-                "suppress_tokens": self._padding_token_ids(teacher_model) or None,
+                "suppress_tokens": (teacher_model is not None and self._padding_token_ids(teacher_model)) or None,
             },
             disable_compile=True,
         )
@@ -204,10 +215,57 @@ class KDTrainer(DistillationTrainer):
         self.dataset_name: str | None = None  # shown in the model card; the example scripts set it
 
     # ------------------------------------------------------------------------------------------------ set-up checks
-    def _check_vocabularies(self, teacher_model: PreTrainedModel) -> int:
+    @staticmethod
+    def _with_teacher_cache(train_dataset: Dataset | None, args: KDConfig) -> tuple[Dataset, TeacherCacheManifest]:
+        """The training rows with the cache's columns: the cache itself when no dataset is passed, else the passed
+        dataset (which must be the one the cache was computed from) joined with them."""
+        cache, manifest = load_teacher_cache(args.teacher_cache)
+        if manifest.seq_kd != args.seq_kd:
+            raise ValueError(
+                f"The teacher cache {args.teacher_cache} holds "
+                + (
+                    "teacher samples (it was written with seq_kd): set `seq_kd=True`."
+                    if manifest.seq_kd
+                    else "dataset completions, not teacher samples: set `seq_kd=False` or cache with `--seq_kd`."
+                )
+            )
+        if train_dataset is None:
+            return cache, manifest
+        if not isinstance(train_dataset, Dataset) or train_dataset._fingerprint != manifest.dataset_fingerprint:
+            raise ValueError(
+                f"The teacher cache {args.teacher_cache} was computed from another dataset (fingerprint "
+                f"{manifest.dataset_fingerprint}, this one {getattr(train_dataset, '_fingerprint', None)}): pass "
+                "`train_dataset=None` to train on the cached rows, or cache this dataset."
+            )
+        return concatenate_datasets([train_dataset, cache.select_columns(list(CACHE_COLUMNS))], axis=1), manifest
+
+    def _check_teacher_cache(self, manifest: TeacherCacheManifest) -> None:
+        problems = []
+        if manifest.tokenizer_hash != tokenizer_hash(self._tokenizer):
+            problems.append("its tokenizer is not the student's (another vocabulary, special tokens or chat template)")
+        if not math.isclose(manifest.temperature, self.args.loss_temperature):
+            problems.append(
+                f"it holds the teacher at temperature {manifest.temperature}, and `loss_temperature` is "
+                f"{self.args.loss_temperature} (set it to {manifest.temperature})"
+            )
+        if manifest.vocab_size != self.kd_vocab_size:
+            problems.append(f"its vocabulary has {manifest.vocab_size} tokens, the tokenizer {self.kd_vocab_size}")
+        if manifest.max_completion_length < self.max_completion_length:
+            problems.append(
+                f"its completions were cut to {manifest.max_completion_length} tokens, and `max_completion_length` is "
+                f"{self.max_completion_length} (lower it, or cache again)"
+            )
+        if problems:
+            raise ValueError(
+                f"The teacher cache {self.args.teacher_cache} does not fit this run: {'; '.join(problems)}."
+            )
+
+    def _check_vocabularies(self, teacher_model: PreTrainedModel | None) -> int:
         """Return the size of the vocabulary the distributions are compared over (the tokenizer's)."""
         tokenizer_size = len(self._tokenizer)
         for role, model in (("student", self.model), ("teacher", teacher_model)):
+            if model is None:  # no teacher: an offline cache stands in for it
+                continue
             vocab = model.config.get_text_config().vocab_size
             if vocab < tokenizer_size:
                 raise ValueError(
@@ -261,7 +319,10 @@ class KDTrainer(DistillationTrainer):
         """Longest `prompt + completion` each model can place, by role (models whose config names no limit are
         left out); the teacher's limit is reduced by `teacher_prefix_tokens`."""
         limits = {}
-        for role, model in (("student", self.model), ("teacher", self.accelerator.unwrap_model(self.teacher_model))):
+        models = [("student", self.model)]
+        if self.teacher_model is not None:
+            models.append(("teacher", self.accelerator.unwrap_model(self.teacher_model)))
+        for role, model in models:
             config = model.config.get_text_config()
             context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
             if context is not None:
@@ -428,6 +489,7 @@ class KDTrainer(DistillationTrainer):
         with self._hand_over(rows=inputs) as handed:
             output = super()._generate_and_score_completions(inputs)
             teacher_masks, teacher_hidden = handed["teacher_mask"], handed.get("teacher_hidden")
+            teacher_topk = handed.get("teacher_topk")
         masks = [torch.tensor(m, dtype=torch.long) for m in teacher_masks]
         teacher_mask = pad(masks, padding_value=0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
         width = output["completion_ids"].shape[1]
@@ -435,6 +497,8 @@ class KDTrainer(DistillationTrainer):
         output["teacher_mask"] = teacher_mask.to(self.accelerator.device)
         if teacher_hidden is not None:
             output["teacher_hidden"], output["teacher_hidden_rows"] = self._stack_teacher_hidden(teacher_hidden, width)
+        if teacher_topk is not None:
+            output.update(self._stack_teacher_topk(teacher_topk, width))
         mode = "train" if self.model.training else "eval"
         # sequences with a response token, over the whole generation batch of every process (as TRL counts tokens)
         has_tokens = (output["completion_mask"].sum(1) > 0).sum()
@@ -458,6 +522,23 @@ class KDTrainer(DistillationTrainer):
                 stacked[i, : len(hidden)] = hidden
         rows = torch.tensor([hidden is not None for hidden in per_row], device=example.device)
         return stacked, rows
+
+    def _stack_teacher_topk(
+        self, per_row: list[tuple[torch.Tensor, ...] | None], width: int
+    ) -> dict[str, torch.Tensor]:
+        """The cached rows' teacher top-k as batch tensors `(B, width, k)` (ids, log-probs) and `(B, width)` (tail),
+        and which rows have them, `(B,)`."""
+        k, device, n = self.teacher_cache_manifest.k, self.accelerator.device, len(per_row)
+        ids = torch.zeros(n, width, k, dtype=torch.long)
+        log_probs = torch.zeros(n, width, k)
+        tail = torch.zeros(n, width)
+        for i, top in enumerate(per_row):
+            if top is not None:
+                length = len(top[0])
+                ids[i, :length], log_probs[i, :length], tail[i, :length] = top
+        rows = torch.tensor([top is not None for top in per_row])
+        tensors = {"teacher_topk_ids": ids, "teacher_topk_logprobs": log_probs, "teacher_tail_logprob": tail}
+        return {**{key: value.to(device) for key, value in tensors.items()}, "teacher_topk_rows": rows.to(device)}
 
     def _log_teacher_fraction_by_position(self, mode: str, completion_mask: torch.Tensor, teacher_mask: torch.Tensor):
         # Bucket b of a response of length L holds its positions t with floor(buckets * t / L) == b.
@@ -492,7 +573,9 @@ class KDTrainer(DistillationTrainer):
             bool(u < self.args.lmbda) or (not c and not self.args.seq_kd) for u, c in zip(uniforms, has_completion)
         ]
         student_rows = [i for i in range(n) if on_policy[i]]
-        teacher_rows = [i for i in range(n) if not on_policy[i] and self.args.seq_kd]
+        # rows of an offline teacher cache read their completion (and, in the loss, the teacher) from it
+        cached = [self.teacher_cache_manifest is not None and "teacher_topk_ids" in row for row in rows]
+        teacher_rows = [i for i in range(n) if not on_policy[i] and self.args.seq_kd and not cached[i]]
 
         completions: list[list[int]] = [[] for _ in range(n)]
         teacher_mask: list[list[bool]] = [[] for _ in range(n)]
@@ -522,24 +605,58 @@ class KDTrainer(DistillationTrainer):
                 teacher_mask[i] = teacher_mask[i][: len(completions[i])]
                 if teacher_hidden[i] is not None:
                     teacher_hidden[i] = teacher_hidden[i][: len(completions[i])]
+        teacher_topk: list[tuple[torch.Tensor, ...] | None] = [None] * n
         for i in range(n):
-            if not on_policy[i] and not self.args.seq_kd:
-                completions[i] = completion_token_ids(
-                    self._tokenizer,
-                    rows[i]["prompt"],
-                    prompt_ids[i],
-                    rows[i]["completion"],
-                    self.eos_token_ids,
-                    self.max_completion_length,
-                    self.chat_template_kwargs,
-                )
+            if on_policy[i]:
+                continue
+            if cached[i]:
+                completions[i], teacher_topk[i] = self._cached_completion(rows[i], prompt_ids[i])
+                teacher_mask[i] = [self.args.seq_kd] * len(completions[i])
+            elif not self.args.seq_kd:
+                completions[i] = self._dataset_completion(rows[i], prompt_ids[i])
                 teacher_mask[i] = [False] * len(completions[i])
 
         self._handed["teacher_mask"] = teacher_mask
         if any(hidden is not None for hidden in teacher_hidden):
             self._handed["teacher_hidden"] = teacher_hidden
+        if any(top is not None for top in teacher_topk):
+            self._handed["teacher_topk"] = teacher_topk
         self._log_rollout_stats(mode, len(student_rows), n, counts)
         return completions
+
+    def _dataset_completion(self, row: dict[str, Any], prompt_ids: list[int]) -> list[int]:
+        return completion_token_ids(
+            self._tokenizer,
+            row["prompt"],
+            prompt_ids,
+            row["completion"],
+            self.eos_token_ids,
+            self.max_completion_length,
+            self.chat_template_kwargs,
+        )
+
+    def _cached_completion(self, row: dict[str, Any], prompt_ids: list[int]) -> tuple[list[int], tuple]:
+        """A cached row's completion and its teacher top-k `(ids, log-probs, tail)`, after checking that the cache
+        saw the tokens this run trains on."""
+        limit = self.max_completion_length
+        completion = list(row["teacher_completion_ids"])[:limit]
+        expected = {"prompt": (list(prompt_ids), list(row["teacher_prompt_ids"]))}
+        if not self.args.seq_kd:
+            expected["completion"] = (self._dataset_completion(row, prompt_ids), completion)
+        for what, (ours, theirs) in expected.items():
+            if ours != theirs:
+                at = next((j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                raise ValueError(
+                    f"Row {row['teacher_cache_row']} of the teacher cache {self.args.teacher_cache}: its {what} "
+                    f"tokens differ from this run's from token {at} on ({len(theirs)} cached, {len(ours)} now). The "
+                    "cache was written with another tokenizer, chat template or dataset row; write it again."
+                )
+        top = (
+            torch.as_tensor(row["teacher_topk_ids"][: len(completion)], dtype=torch.long),
+            torch.as_tensor(row["teacher_topk_logprobs"][: len(completion)], dtype=torch.float32),
+            torch.as_tensor(row["teacher_tail_logprob"][: len(completion)], dtype=torch.float32),
+        )
+        return completion, top
 
     def _log_rollout_stats(self, mode: str, num_on_policy: int, num_rows: int, counts: dict[str, int]) -> None:
         keys = sorted(counts)
@@ -616,17 +733,36 @@ class KDTrainer(DistillationTrainer):
         num_completion_tokens: int,
     ) -> torch.Tensor:
         """The teacher's `(B, C, H)` hidden states for the loss: those the sampler kept (`reuse_teacher_states`;
-        rows sampled with the teacher in the loop), and a teacher forward over the other rows only (dataset
-        completions, teacher samples). A step whose rows were all sampled runs the teacher inside the sampler only.
+        rows sampled with the teacher in the loop), and a teacher forward over the rows that need one (dataset
+        completions, teacher samples), not over rows an offline `teacher_cache` covers (their states are zeros,
+        unused: the loss reads the cache). A step whose rows were all sampled runs the teacher inside the sampler only.
         """
-        kept = inputs.get("teacher_hidden")
-        missing = None if kept is None else (~inputs["teacher_hidden_rows"].bool()).nonzero().squeeze(1)
-        needs_forward = kept is None or bool(missing.numel())
+        kept, cached = inputs.get("teacher_hidden"), inputs.get("teacher_topk_rows")
+        if kept is None and cached is None and self.teacher_model is not None:
+            return self.teacher_hidden_states(input_ids, attention_mask, num_completion_tokens)
+        covered = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for rows in (inputs.get("teacher_hidden_rows"), cached):
+            if rows is not None:
+                covered |= rows.bool()
+        missing = (~covered).nonzero().squeeze(1)
+        if self.teacher_model is None:
+            if missing.numel():
+                raise ValueError(
+                    f"{missing.numel()} rows of this batch are not in the teacher cache and there is no teacher to "
+                    "run on them: pass a `teacher_model`, or train on cached rows only (`lmbda=0`)."
+                )
+            return input_ids.new_zeros(*input_ids.shape[:1], num_completion_tokens, 1, dtype=torch.float32)
+        needs_forward = bool(missing.numel())
         if self._teacher_partitioned:  # a sharded teacher's forward is a collective: all processes run one, or none
             needs_forward = self._any_process(needs_forward)
-        if kept is None:
-            return self.teacher_hidden_states(input_ids, attention_mask, num_completion_tokens)
-        hidden = kept[:, :num_completion_tokens]
+        if kept is not None:
+            hidden = kept[:, :num_completion_tokens]
+        else:
+            width = self.accelerator.unwrap_model(self.teacher_model).config.get_text_config().hidden_size
+            dtype = self.accelerator.unwrap_model(self.teacher_model).dtype
+            hidden = torch.zeros(
+                *input_ids.shape[:1], num_completion_tokens, width, dtype=dtype, device=input_ids.device
+            )
         if needs_forward:
             rows = missing if missing.numel() else missing.new_zeros(1)  # one row to stay in step, discarded
             computed = self.teacher_hidden_states(input_ids[rows], attention_mask[rows], num_completion_tokens)
@@ -664,15 +800,23 @@ class KDTrainer(DistillationTrainer):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The configured divergence between the two models' next-token distributions at the completion positions,
         from their `(B, C, H)` hidden states (the second half of `distillation_loss`)."""
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        teacher = None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
         token_weights, denominator = self.loss_normalizer(inputs, num_items_in_batch)
         # read only if the loss is not finite, to name the source (no sync on a healthy step)
         self._handed["hidden_finite"] = finite_flags(student_hidden, teacher_hidden)
+        cached = None
+        if "teacher_topk_rows" in inputs:
+            cached = TopKTeacher(
+                inputs["teacher_topk_ids"],
+                inputs["teacher_topk_logprobs"],
+                inputs["teacher_tail_logprob"],
+                inputs["teacher_topk_rows"],
+            )
         return chunked_kd_loss(
             student_hidden,
             teacher_hidden.to(student_hidden.device),
             LMHead.from_model(student),
-            LMHead.from_model(teacher),
+            None if teacher is None else LMHead.from_model(teacher),
             inputs["completion_mask"],
             self.kd_vocab_size,
             loss_type=self.args.loss_type,
@@ -682,6 +826,7 @@ class KDTrainer(DistillationTrainer):
             num_items_in_batch=denominator,
             chunk_size=self.args.loss_chunk_size,
             token_weights=token_weights,
+            teacher_topk=cached,
         )
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
@@ -785,6 +930,8 @@ class KDTrainer(DistillationTrainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["prompt", "completion"]
+            if self.args.teacher_cache is not None:
+                self._signature_columns += list(CACHE_COLUMNS)
 
 
 # the base method: GKD (on-policy when lmbda=1); `kd` is its older name

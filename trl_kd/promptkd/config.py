@@ -75,6 +75,11 @@ class PromptKDConfig(KDConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.teacher_cache is not None:
+            raise ValueError(
+                "PromptKD tunes a prompt through the live teacher at every step, so it cannot read the teacher from "
+                "an offline cache: unset `teacher_cache`."
+            )
         if self.num_prompt_tokens < 1:
             raise ValueError(f"num_prompt_tokens must be >= 1, got {self.num_prompt_tokens}.")
         if self.prompt_learning_rate is not None and not 0 <= self.prompt_learning_rate < math.inf:

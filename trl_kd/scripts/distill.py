@@ -119,12 +119,17 @@ def main(method: str, argv: list[str] | None = None) -> str:
         teacher, student, tokenizer, train_dataset, eval_dataset = default.prepare_default()
         dataset_name = default.DATASET_NAME
     else:
-        if not training_args.teacher_model_name_or_path:
-            parser.error("--teacher_model_name_or_path is required with --model_name_or_path.")
+        cache_only = training_args.teacher_cache is not None and training_args.lmbda == 0
+        if not training_args.teacher_model_name_or_path and not cache_only:
+            parser.error(
+                "--teacher_model_name_or_path is required with --model_name_or_path (or an offline --teacher_cache "
+                "with --lmbda 0)."
+            )
         if not script_args.dataset_name:
             parser.error("--dataset_name is required with --model_name_or_path.")
         _check_model_path(parser, "--model_name_or_path", model_args.model_name_or_path)
-        _check_model_path(parser, "--teacher_model_name_or_path", training_args.teacher_model_name_or_path)
+        if training_args.teacher_model_name_or_path:
+            _check_model_path(parser, "--teacher_model_name_or_path", training_args.teacher_model_name_or_path)
         dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
         train_dataset = dataset[script_args.dataset_train_split]
         eval_dataset = dataset[script_args.dataset_test_split] if script_args.dataset_test_split in dataset else None
