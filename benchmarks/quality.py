@@ -53,6 +53,7 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 from trl_kd import PromptKDTrainer, get_method  # noqa: E402
 from trl_kd._compat import checkpointing_field  # noqa: E402
 from trl_kd.scripts.default import cache_base  # noqa: E402
+from trl_kd.teacher_cache import cache_teacher  # noqa: E402
 from trl_kd.testing import CHAT_TEMPLATE, EOS, PAD, build_tokenizer, make_task  # noqa: E402
 
 from plotting import pyplot  # noqa: E402
@@ -98,6 +99,10 @@ DIAGNOSTIC_METHODS: dict[str, tuple] = {
     # score follow the share of tokens the teacher writes?
     "SWITCH (target 25% teacher tokens, held)": method("switch", {"target_teacher_fraction": 0.25}),
     "SWITCH (target 75% teacher tokens, held)": method("switch", {"target_teacher_fraction": 0.75}),
+    # supervised KD from an offline top-k cache of the teacher (trl-kd cache-teacher), no teacher in training: how
+    # much does k cost against the live teacher?
+    "Supervised KD from a top-8 teacher cache (FKL)": method("gkd", {"lmbda": 0.0, "beta": 0.0, "cache_k": 8}),
+    "Supervised KD from a top-64 teacher cache (FKL)": method("gkd", {"lmbda": 0.0, "beta": 0.0, "cache_k": 64}),
 }
 ALL_METHODS = {**METHODS, **DIAGNOSTIC_METHODS}
 SFT_BASELINE, GKD_BASELINE = "SFT on references", "GKD on-policy (lmbda 1, JSD 0.5)"
@@ -585,6 +590,16 @@ def train_one(
         )
     else:
         trainer_class, config_class, overrides = spec
+        overrides, teacher = dict(overrides), copy.deepcopy(task.teacher)
+        cache_k = overrides.pop("cache_k", None)
+        if cache_k is not None:  # the teacher runs once, over these rows, before training; training never loads it
+            name = f"{setting.name}-{fingerprint(teacher)}-steps{steps}-seed{seed}-k{cache_k}"
+            folder = cache_root() / "teacher-caches" / name
+            cache_teacher(
+                teacher, tokenizer, rows, str(folder), k=cache_k, max_completion_length=setting.max_new_tokens,
+                batch_size=64, shard_rows=4096, progress=False,
+            )  # fmt: skip
+            overrides["teacher_cache"], teacher = str(folder), None
         args = config_class(
             **{
                 "output_dir": str(cache_root() / "runs"),
@@ -607,7 +622,7 @@ def train_one(
         )
         trainer = trainer_class(
             model=student,
-            teacher_model=copy.deepcopy(task.teacher),
+            teacher_model=teacher,
             args=args,
             train_dataset=rows,
             processing_class=tokenizer,

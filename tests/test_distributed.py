@@ -103,7 +103,8 @@ def test_models_are_partitioned_where_they_should_be(launched):
             "switch_teacher_replicated": False,
         }
         for r in ranks:
-            assert_sharded(*r["teacher_numel"], teacher_sharded.get(case, stage == "zero3"), f"{case} teacher")
+            if case != "gkd_cached":  # no teacher there (checked by the cache test)
+                assert_sharded(*r["teacher_numel"], teacher_sharded.get(case, stage == "zero3"), f"{case} teacher")
             assert_sharded(*r["student_numel"], stage == "zero3", f"{case} student")
             assert r["teacher_offload"] == (case == "skd_teacher_offloaded"), case
 
@@ -125,6 +126,13 @@ def test_reused_teacher_states_give_the_recomputed_loss(launched):
         for a, b in zip(results[reused], results[recomputed]):
             for key in ("kd_loss", "loss"):
                 assert a[key] == pytest.approx(b[key], rel=1e-5), (reused, key)
+
+
+def test_a_whole_vocabulary_cache_without_a_teacher_gives_the_live_teachers_loss(launched):
+    _, _, results = launched
+    for cached, live in zip(results["gkd_cached"], results["gkd"]):
+        assert cached["kd_loss"] == pytest.approx(live["kd_loss"], rel=1e-5)
+        assert cached["teacher_numel"] == [0, 0]  # no teacher in memory
 
 
 def test_soft_prompt_stays_identical_across_processes(launched):

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from trl_kd import METHODS, KDConfig, KDTrainer  # noqa: E402
 from trl_kd._compat import checkpointing_field  # noqa: E402
 from trl_kd.sampler import Rule  # noqa: E402
+from trl_kd.teacher_cache import cache_teacher  # noqa: E402
 from trl_kd.testing import build_model, build_tokenizer, make_dataset  # noqa: E402
 
 
@@ -83,6 +84,8 @@ CASES = {
     "skd_recomputed": (*_classes("skd"), {**METHOD_CASES["skd"], "reuse_teacher_states": False}),
     "switch_recomputed": (*_classes("switch"), {**METHOD_CASES["switch"], "reuse_teacher_states": False}),
     "skd_rank_rows": (RankDependentRowsTrainer, METHODS["skd"].config, {**METHOD_CASES["skd"], "lmbda": 0.5}),
+    # supervised KD from an offline whole-vocabulary fp32 teacher cache, with no teacher loaded: gkd's losses
+    "gkd_cached": (*_classes("gkd"), {"lmbda": 0.0, "teacher_cache": "teacher_cache"}),
     "skd_rank_rows_recomputed": (
         RankDependentRowsTrainer,
         METHODS["skd"].config,
@@ -104,12 +107,30 @@ DEEPSPEED_ONLY = (
 )
 
 
+MAX_COMPLETION_LENGTH = 10
+
+
 def save_models(directory: str) -> None:
     """The tokenizer and tiny student/teacher every case loads. Loaded from disk (not built in each process) so that
-    the weights are the same under ZeRO-3's partitioned initialisation as in one process."""
+    the weights are the same under ZeRO-3's partitioned initialisation as in one process. Also the teacher's
+    whole-vocabulary fp32 cache over the training rows, for `gkd_cached`."""
     tokenizer = build_tokenizer()
     for role, seed in (("student", 0), ("teacher", 1)):
-        build_model("qwen2", tokenizer, role, seed=seed, save_dir=os.path.join(directory, role))
+        model = build_model("qwen2", tokenizer, role, seed=seed, save_dir=os.path.join(directory, role))
+    cache_teacher(
+        model.eval(),
+        tokenizer,
+        training_rows(),
+        os.path.join(directory, "teacher_cache"),
+        k=len(tokenizer),
+        max_completion_length=MAX_COMPLETION_LENGTH,
+        value_dtype="float32",
+        progress=False,
+    )
+
+
+def training_rows():
+    return make_dataset("conversational_prompt_completion", 32, seed=5)
 
 
 def build_trainer(name: str, output_dir: str, per_device_batch: int, models: str, steps: int = 2):
@@ -119,7 +140,7 @@ def build_trainer(name: str, output_dir: str, per_device_batch: int, models: str
         output_dir=output_dir,
         per_device_train_batch_size=per_device_batch,
         max_steps=steps,
-        max_completion_length=10,
+        max_completion_length=MAX_COMPLETION_LENGTH,
         learning_rate=0.05,
         report_to="none",
         bf16=False,
@@ -131,11 +152,14 @@ def build_trainer(name: str, output_dir: str, per_device_batch: int, models: str
         use_cpu=not torch.cuda.is_available(),
         **overrides,
     )
+    cached = args.teacher_cache is not None
+    if cached:  # the case names the cache folder written beside the models; no teacher is loaded
+        args.teacher_cache = os.path.join(models, args.teacher_cache)
     return trainer_cls(
         model=os.path.join(models, "student"),
-        teacher_model=os.path.join(models, "teacher"),
+        teacher_model=None if cached else os.path.join(models, "teacher"),
         args=args,
-        train_dataset=make_dataset("conversational_prompt_completion", 32, seed=5),
+        train_dataset=training_rows(),
         processing_class=tokenizer,
     )
 
@@ -165,8 +189,8 @@ def main() -> None:
             continue
         out_dir = os.path.join(args.out, name)
         trainer = build_trainer(name, out_dir, args.per_device_batch, args.models)
-        teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
-        teacher_counts = local_and_full_numel(teacher)
+        teacher = trainer.accelerator.unwrap_model(trainer.teacher_model) if trainer.teacher_model else None
+        teacher_counts = local_and_full_numel(teacher) if teacher is not None else (0, 0)
         student_counts = local_and_full_numel(trainer.accelerator.unwrap_model(trainer.model_wrapped))
         trainer.train()
         student_counts_after = local_and_full_numel(trainer.accelerator.unwrap_model(trainer.model_wrapped))

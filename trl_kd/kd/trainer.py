@@ -738,8 +738,6 @@ class KDTrainer(DistillationTrainer):
         unused: the loss reads the cache). A step whose rows were all sampled runs the teacher inside the sampler only.
         """
         kept, cached = inputs.get("teacher_hidden"), inputs.get("teacher_topk_rows")
-        if kept is None and cached is None and self.teacher_model is not None:
-            return self.teacher_hidden_states(input_ids, attention_mask, num_completion_tokens)
         covered = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for rows in (inputs.get("teacher_hidden_rows"), cached):
             if rows is not None:
@@ -753,8 +751,11 @@ class KDTrainer(DistillationTrainer):
                 )
             return input_ids.new_zeros(*input_ids.shape[:1], num_completion_tokens, 1, dtype=torch.float32)
         needs_forward = bool(missing.numel())
-        if self._teacher_partitioned:  # a sharded teacher's forward is a collective: all processes run one, or none
+        # a sharded teacher's forward is a collective: all processes run one, or none (decided before any returns)
+        if self._teacher_partitioned:
             needs_forward = self._any_process(needs_forward)
+        if kept is None and cached is None:  # every row needs the teacher
+            return self.teacher_hidden_states(input_ids, attention_mask, num_completion_tokens)
         if kept is not None:
             hidden = kept[:, :num_completion_tokens]
         else:
