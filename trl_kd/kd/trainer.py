@@ -72,7 +72,9 @@ class KDTrainer(DistillationTrainer):
     The teacher is frozen and in eval mode. Teacher and student must share a tokenizer; their embedding matrices may
     be padded to different sizes (distributions are compared over the tokenizer's range), but a model whose
     vocabulary doesn't cover the tokenizer is refused. Datasets are checked when the trainer is built: a `prompt`
-    column (standard or conversational, optionally with `completion`) or a `messages` column.
+    column (standard or conversational, optionally with `completion`) or a `messages` column. With an offline
+    `teacher_cache` (`trl-kd cache-teacher`) the dataset-completion rows read the teacher's top-k from disk, and with
+    `lmbda=0` `teacher_model` may be `None`.
 
     Method trainers customise two public hooks:
 
