@@ -41,8 +41,9 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 from trl_kd._compat import checkpointing_field  # noqa: E402
 
 
-def qwen2(hidden, layers, heads, kv_heads, intermediate, vocab=151936) -> Qwen2Config:
-    return Qwen2Config(
+def shapes(config_class, hidden, layers, heads, kv_heads, intermediate, vocab):
+    """A random-init model config with the given shapes (tied embeddings, a 4,096-token context)."""
+    return config_class(
         vocab_size=vocab,
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -52,19 +53,14 @@ def qwen2(hidden, layers, heads, kv_heads, intermediate, vocab=151936) -> Qwen2C
         max_position_embeddings=4096,
         tie_word_embeddings=True,
     )
+
+
+def qwen2(hidden, layers, heads, kv_heads, intermediate, vocab=151936) -> Qwen2Config:
+    return shapes(Qwen2Config, hidden, layers, heads, kv_heads, intermediate, vocab)
 
 
 def llama(hidden, layers, heads, kv_heads, intermediate, vocab=128256) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=intermediate,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
+    return shapes(LlamaConfig, hidden, layers, heads, kv_heads, intermediate, vocab)
 
 
 # name -> (student config, teacher config): the public models' shapes

@@ -238,25 +238,28 @@ def chunked_token_divergence(
             teacher_head.softcap,
         )
 
-    n = student_hidden.shape[0]
-    chunk_size = chunk_size or max(1, _TILE_ELEMENTS // vocab_size)
+    return _in_chunks(
+        _chunk_divergence,
+        chunk_size or max(1, _TILE_ELEMENTS // vocab_size),
+        (student_hidden, teacher_hidden.detach()),
+        (student_head, teacher_head, vocab_size, loss_type, beta, skew_alpha, temperature),
+    )
+
+
+def _in_chunks(
+    chunk_fn, chunk_size: int, per_token: tuple[torch.Tensor, ...], shared: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chunk_fn(*per_token rows of one chunk, *shared) -> (divergence, entropy)` over `chunk_size` tokens at a time,
+    under activation checkpointing when the student's states (`per_token[0]`) need a gradient, so only one chunk's
+    logits are alive in the forward and in the backward; the results concatenated."""
+    student_hidden = per_token[0]
     divergences, entropies = [], []
-    for start in range(0, n, chunk_size):
-        args = (
-            student_hidden[start : start + chunk_size],
-            teacher_hidden[start : start + chunk_size].detach(),
-            student_head,
-            teacher_head,
-            vocab_size,
-            loss_type,
-            beta,
-            skew_alpha,
-            temperature,
-        )
+    for start in range(0, student_hidden.shape[0], chunk_size):
+        args = (*(t[start : start + chunk_size] for t in per_token), *shared)
         if torch.is_grad_enabled() and student_hidden.requires_grad:
-            div, ent = checkpoint(_chunk_divergence, *args, use_reentrant=False)
+            div, ent = checkpoint(chunk_fn, *args, use_reentrant=False)
         else:
-            div, ent = _chunk_divergence(*args)
+            div, ent = chunk_fn(*args)
         divergences.append(div)
         entropies.append(ent)
     if not divergences:
@@ -267,11 +270,11 @@ def chunked_token_divergence(
 
 def _chunk_topk_divergence(
     student_hidden: torch.Tensor,
-    student_head: LMHead,
-    vocab_size: int,
     teacher_ids: torch.Tensor,
     teacher_log_probs: torch.Tensor,
     teacher_tail_log_probs: torch.Tensor,
+    student_head: LMHead,
+    vocab_size: int,
     loss_type: LossType,
     beta: float,
     skew_alpha: float,
@@ -319,33 +322,12 @@ def chunked_topk_token_divergence(
     Returns:
         `(divergence, entropy)`, both of shape `(N,)` in fp32.
     """
-    n = student_hidden.shape[0]
-    chunk_size = chunk_size or max(1, _TILE_ELEMENTS // vocab_size)
-    divergences, entropies = [], []
-    for start in range(0, n, chunk_size):
-        window = slice(start, start + chunk_size)
-        args = (
-            student_hidden[window],
-            student_head,
-            vocab_size,
-            teacher_ids[window].long(),
-            teacher_log_probs[window],
-            teacher_tail_log_probs[window],
-            loss_type,
-            beta,
-            skew_alpha,
-            temperature,
-        )
-        if torch.is_grad_enabled() and student_hidden.requires_grad:
-            div, ent = checkpoint(_chunk_topk_divergence, *args, use_reentrant=False)
-        else:
-            div, ent = _chunk_topk_divergence(*args)
-        divergences.append(div)
-        entropies.append(ent)
-    if not divergences:
-        empty = student_hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat(divergences), torch.cat(entropies)
+    return _in_chunks(
+        _chunk_topk_divergence,
+        chunk_size or max(1, _TILE_ELEMENTS // vocab_size),
+        (student_hidden, teacher_ids.long(), teacher_log_probs, teacher_tail_log_probs),
+        (student_head, vocab_size, loss_type, beta, skew_alpha, temperature),
+    )
 
 
 @dataclass

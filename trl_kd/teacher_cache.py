@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from trl.trainer.utils import pad
 
 from .data import completion_token_ids, prepare_dataset
 from .losses import LMHead
@@ -121,14 +122,11 @@ def prompt_token_ids(
 
 
 def _pad(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            cells = slice(width - len(r), width) if left else slice(0, len(r))
-            ids[i, cells], mask[i, cells] = torch.tensor(r), 1
-    return ids, mask
+    """Token ids and attention mask of `rows`, padded on the left (prompts) or the right (completions)."""
+    tensors = [torch.tensor(r, dtype=torch.long) for r in rows]
+    side = "left" if left else "right"
+    mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side=side)
+    return pad(tensors, padding_value=value, padding_side=side), mask
 
 
 @torch.no_grad()
