@@ -13,6 +13,20 @@ from trl_kd.testing import build_model, build_tokenizer  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# outcomes of the multi-process tests, by launch: {mode: {test name: passed}}, for the table in docs/distributed.md
+# (tests/test_distributed.py's last test); a skipped test counts neither way
+OUTCOMES_KEY = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    mode = getattr(getattr(item, "callspec", None), "params", {}).get("launched")
+    if mode is None or report.skipped or (report.when != "call" and report.passed):
+        return
+    outcomes = item.config.stash.setdefault(OUTCOMES_KEY, {}).setdefault(mode, {})
+    outcomes[item.originalname] = outcomes.get(item.originalname, True) and report.passed
+
 
 @pytest.fixture(scope="session")
 def default_cache(tmp_path_factory) -> str:

@@ -78,17 +78,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_config(stage: str, tmp_path: Path) -> Path:
-    """The shipped accelerate config for `stage`, adapted to this CPU: 2 processes, fp32 and, for ZeRO-3, a
-    persistence threshold of 0 so that even tiny tensors are really partitioned."""
+    """The shipped accelerate config `stage` (a DeepSpeed or FSDP2 one), adapted to this CPU: 2 processes, fp32 and,
+    for ZeRO-3, a persistence threshold of 0 so that even tiny tensors are really partitioned. (FSDP2 on CPU also
+    needs `fsdp_over_gloo` in the launched processes.)"""
     config = yaml.safe_load((ROOT / "trl_kd" / "accelerate_configs" / f"{stage}.yaml").read_text())
     config.update(num_processes=2, mixed_precision="no", use_cpu=True)
-    ds = config["deepspeed_config"]
-    if ds["zero_stage"] == 3:
+    ds = config.get("deepspeed_config")
+    if ds is not None and ds["zero_stage"] == 3:
+        offload = {
+            f"offload_{what}": {"device": "cpu"}
+            for what in ("param", "optimizer")
+            if ds.get(f"offload_{what}_device", "none") != "none"
+        }
         ds_json = {
             "zero_optimization": {
                 "stage": 3,
                 "stage3_param_persistence_threshold": 0,
                 "stage3_gather_16bit_weights_on_model_save": ds.get("zero3_save_16bit_model", False),
+                **offload,
             },
             "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto",
@@ -96,8 +103,12 @@ def cpu_config(stage: str, tmp_path: Path) -> Path:
             "bf16": {"enabled": False},
             "fp16": {"enabled": False},
         }
-        (tmp_path / "ds.json").write_text(json.dumps(ds_json))
-        config["deepspeed_config"] = {"deepspeed_config_file": str(tmp_path / "ds.json"), "zero3_init_flag": True}
+        (tmp_path / f"{stage}_ds.json").write_text(json.dumps(ds_json))
+        config["deepspeed_config"] = {
+            "deepspeed_config_file": str(tmp_path / f"{stage}_ds.json"),
+            "zero3_init_flag": True,
+            "deepspeed_multinode_launcher": ds["deepspeed_multinode_launcher"],
+        }
         config.pop("mixed_precision")  # set in the DeepSpeed file
     path = tmp_path / f"{stage}_cpu.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -230,7 +230,7 @@ def test_accelerate_configs_ship_with_the_package_and_resolve_by_name():
 
     from trl_kd.cli import accelerate_config_path, launch_command
 
-    for name in ("ddp", "zero2", "zero3", "zero3_offload"):
+    for name in ("ddp", "zero2", "zero3", "zero3_offload", "fsdp2"):
         path = accelerate_config_path(name)
         assert Path(path).parent.name == "accelerate_configs" and load_config_from_file(path)
     command = launch_command("switch", ["--accelerate_config=zero3", "--num_processes", "8", "--max_steps", "3"])

@@ -304,6 +304,8 @@ def test_completion_longer_than_the_context_is_refused_at_init(tmp_path, tokeniz
         ({"loss_temperature": 0.0}, "loss_temperature"),
         ({"teacher_zero_stage": 2}, "teacher_zero_stage"),
         ({"teacher_zero_stage": 0, "teacher_offload": True}, "teacher_offload"),
+        ({"teacher_fsdp": False, "teacher_offload": True}, "teacher_offload"),
+        ({"teacher_fsdp": True, "teacher_zero_stage": 3}, "different backends"),
         ({"teacher_temperature": 0.0}, "teacher_temperature"),
         ({"teacher_temperature": float("nan")}, "teacher_temperature"),
         ({"teacher_top_k": -1}, "teacher_top_k"),
@@ -322,6 +324,34 @@ def test_bad_config_values_are_refused(tmp_path, overrides, match):
 def test_teacher_placement_without_deepspeed_is_refused(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="DeepSpeed config"):
         make_trainer(tmp_path, tokenizer, teacher_zero_stage=3)
+    with pytest.raises(ValueError, match="FSDP2 config"):
+        make_trainer(tmp_path, tokenizer, teacher_fsdp=True)
+    with pytest.raises(ValueError, match="sharded config"):
+        make_trainer(tmp_path, tokenizer, teacher_offload=True)
+
+
+@pytest.mark.parametrize(
+    "backend,overrides,match",
+    [
+        ("fsdp1", {}, "FSDP2 only"),
+        ("fsdp1", {"teacher_fsdp": False}, "fsdp_version: 2"),
+        ("fsdp2", {"teacher_zero_stage": 3}, "use `teacher_fsdp` under FSDP2"),
+        ("deepspeed", {"teacher_fsdp": True}, "use `teacher_zero_stage` under DeepSpeed"),
+    ],
+)
+def test_backend_and_placement_mismatches_are_refused(tmp_path, backend, overrides, match):
+    """What the launch's backend can't run is refused before anything is placed (the launches themselves run in
+    tests/test_distributed.py; here the accelerator's state stands for them)."""
+    from types import SimpleNamespace
+
+    from trl_kd.placement import check_distributed_backend
+
+    fsdp = SimpleNamespace(fsdp_version=int(backend[-1])) if backend.startswith("fsdp") else None
+    state = SimpleNamespace(deepspeed_plugin=object() if backend == "deepspeed" else None, fsdp_plugin=fsdp)
+    with pytest.raises(ValueError, match=match):
+        check_distributed_backend(SimpleNamespace(state=state), make_args(tmp_path, **overrides))
+    if backend == "fsdp2":  # the same config without the mismatching field passes
+        check_distributed_backend(SimpleNamespace(state=state), make_args(tmp_path))
 
 
 def test_teacher_loaded_from_a_path(tmp_path, tokenizer, llama_paths):

@@ -28,7 +28,7 @@ def test_parts_match_a_hand_computation():
         student, teacher, num_gpus=8, gpu_memory_gib=80, batch_size=2, prompt_length=100, completion_length=156
     )
     by_name = {e.placement.name: e.parts_gib for e in result.estimates}
-    ddp, zero2, zero2_t, zero3, offload = (by_name[p.name] for p in PLACEMENTS)
+    ddp, zero2, zero2_t, zero3, offload, fsdp_whole_teacher, fsdp = (by_name[p.name] for p in PLACEMENTS)
     assert ddp["student weights"] == pytest.approx(2e9 / GIB)  # bf16
     assert ddp["optimizer"] == pytest.approx(12e9 / GIB)  # fp32 master + 2 moments
     assert zero2["optimizer"] == pytest.approx(12e9 / 8 / GIB)
@@ -37,6 +37,13 @@ def test_parts_match_a_hand_computation():
     assert zero2_t["teacher weights"] == pytest.approx(14e9 / 8 / GIB)  # teacher_zero_stage=3
     assert zero3["student weights"] == pytest.approx(2e9 / 8 / GIB)
     assert offload["teacher weights"] == offload["optimizer"] == 0.0
+    # FSDP2 under bf16: trainable weights in fp32 (4 bytes), fp32 gradients, two fp32 moments, all sharded 8 ways
+    assert fsdp["student weights"] == pytest.approx(4e9 / 8 / GIB)
+    assert fsdp["student grads"] == pytest.approx(4e9 / 8 / GIB)
+    assert fsdp["optimizer"] == pytest.approx(8e9 / 8 / GIB)
+    assert fsdp["teacher weights"] == pytest.approx(14e9 / 8 / GIB)  # frozen: bf16, sharded
+    assert fsdp_whole_teacher["teacher weights"] == pytest.approx(14e9 / GIB)  # teacher_fsdp=False
+    assert fsdp_whole_teacher["student weights"] == fsdp["student weights"]
     # K and V, per layer, per kv head, per head dim, per token, per sequence, 2 bytes
     kv = 2 * (16 * 8 * 128 + 32 * 8 * 128) * 256 * 2 * 2
     assert ddp["KV caches"] == pytest.approx(kv / GIB)
@@ -44,8 +51,10 @@ def test_parts_match_a_hand_computation():
 
 def test_sharding_lowers_the_training_peak_and_more_gpus_never_cost_more():
     student, teacher = spec("s", 10**9), spec("t", 70 * 10**9, layers=80, hidden=8192)
-    peaks = [e.train_peak_gib for e in plan(student, teacher, 8, 80).estimates]
-    assert peaks == sorted(peaks, reverse=True)
+    for backend in ("deepspeed", "fsdp2"):  # each backend's placements, in order, shard more and more
+        peaks = [e.train_peak_gib for e in plan(student, teacher, 8, 80, backends=(backend,)).estimates]
+        assert len(peaks) == (5 if backend == "deepspeed" else 3)  # DDP, then the backend's placements
+        assert peaks == sorted(peaks, reverse=True), backend
     for a, b in zip(plan(student, teacher, 4, 80).estimates, plan(student, teacher, 8, 80).estimates):
         assert b.train_peak_gib <= a.train_peak_gib
 
@@ -95,6 +104,10 @@ def test_worked_example_in_the_docs():
     assert round(teacher.num_params / 1e9, 2) == 8.03 and round(student.num_params / 1e9, 2) == 1.24
     result = plan(student, teacher, num_gpus=4, gpu_memory_gib=24)
     assert result.recommended.placement.name == "ZeRO-2 + sharded teacher"
+    # FSDP2 only: both models gathered for sampling don't fit; gathered layer by layer they do
+    assert plan(student, teacher, 4, 24, backends=("fsdp2",)).recommended is None
+    layerwise = plan(student, teacher, 4, 24, backends=("fsdp2",), gather_for_generation=False)
+    assert layerwise.recommended.placement.name == "FSDP2"
 
 
 def run_cli(*args):
@@ -114,7 +127,11 @@ def test_cli_plan_on_local_models(tiny_paths):
         "16",
     )
     assert out.returncode == 0, out.stderr
-    assert "| ZeRO-3 |" in out.stdout and "Recommended: DDP" in out.stdout
+    assert "| ZeRO-3 |" in out.stdout and "| FSDP2 |" in out.stdout and "Recommended: DDP" in out.stdout
+    models = ["--student", tiny_paths["student"], "--teacher", tiny_paths["teacher"]]
+    fsdp = run_cli("plan", *models, "--gpus", "2", "--gpu-memory", "16", "--backend", "fsdp2")
+    assert fsdp.returncode == 0, fsdp.stderr
+    assert "| FSDP2 + replicated teacher |" in fsdp.stdout and "ZeRO" not in fsdp.stdout
 
 
 def test_cli_env_and_bad_flags():

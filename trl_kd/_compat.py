@@ -166,6 +166,20 @@ def zero3_init_disabled() -> Iterator[None]:
             hf_deepspeed.set_hf_deepspeed_config(config)
 
 
+# ---------------------------------------------------------------------------------------------------------- FSDP2
+def fsdp2_lazy_init(root: torch.nn.Module) -> None:
+    """Make `root` the root of its FSDP2 tree now. FSDP2 picks the root as the first unit whose forward runs, and the
+    samplers and PromptKD call a model's backbone or embeddings directly, never the root."""
+    state = root._get_fsdp_state()
+    state._lazy_init()
+
+
+def fsdp2_reshards_after_forward(unit: torch.nn.Module) -> bool:
+    """Whether an FSDP2 unit frees its gathered parameters after each forward (there is no public getter)."""
+    groups = unit._get_fsdp_state()._fsdp_param_groups
+    return any(group.post_forward_mesh_info is not None for group in groups)
+
+
 # ------------------------------------------------------------------------------------------------------------ TRL
 def trl_triton_available(device: torch.device) -> bool:
     """Whether TRL's fused chunked-divergence kernel runs on `device`."""

@@ -50,7 +50,7 @@ LAUNCH_FLAGS = ("--num_processes", "--num_machines", "--machine_rank", "--main_p
 
 def accelerate_config_path(name: str) -> str:
     """The accelerate config `--accelerate_config` names: one shipped with trl-kd (`ddp`, `zero2`, `zero3`,
-    `zero3_offload`; package data in `trl_kd/accelerate_configs/`), else a file's path."""
+    `zero3_offload`, `fsdp2`; package data in `trl_kd/accelerate_configs/`), else a file's path."""
     shipped = ACCELERATE_CONFIGS / f"{name}.yaml"
     if shipped.is_file():
         return str(shipped)
@@ -109,7 +109,7 @@ def _positive(kind: type):
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from .planner import ModelSpec, plan
+    from .planner import BACKENDS, ModelSpec, plan
 
     kwargs = {"trust_remote_code": args.trust_remote_code}
     models = {}
@@ -133,6 +133,7 @@ def _plan(args: argparse.Namespace) -> None:
         gradient_checkpointing=not args.no_gradient_checkpointing,
         lora=args.lora,
         gather_for_generation=not args.no_gather_for_generation,
+        backends=BACKENDS if args.backend == "all" else (args.backend,),
     )
     print(
         f"Student {student.name}: {student.num_params / 1e9:.2f}B parameters; teacher {teacher.name}: "
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = one_line_errors(
         commands.add_parser(
-            "plan", help="estimate per-GPU memory of each placement (DDP, ZeRO-2, ZeRO-3, offload) and recommend one"
+            "plan", help="estimate per-GPU memory of each placement (DDP, ZeRO, offload, FSDP2) and recommend one"
         )
     )
     p.add_argument("--student", required=True, help="Hub id or local folder of the student (only config.json is read)")
@@ -229,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--lora", action="store_true", help="the student trains LoRA adapters only")
     p.add_argument("--no-gather-for-generation", action="store_true", help="ds3_gather_for_generation=False")
+    p.add_argument(
+        "--backend",
+        choices=["all", "deepspeed", "fsdp2"],
+        default="all",
+        help="plan DeepSpeed's placements, FSDP2's, or both (DDP always); the recommendation is among them",
+    )
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_plan, parser=p)
 

@@ -112,6 +112,14 @@ def _gather_partitioned(*params: torch.Tensor | None):
     return deepspeed.zero.GatheredParameters(list(to_gather.values())) if to_gather else nullcontext()
 
 
+def _whole(param: torch.Tensor | None) -> torch.Tensor | None:
+    """An FSDP2 parameter read outside its unit's forward is a sharded `DTensor`: gathered here once (a collective,
+    differentiable), as TRL's chunked loss does, so every chunk uses the same plain tensor. Anything else as is."""
+    from torch.distributed.tensor import DTensor
+
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
 @dataclass
 class LMHead:
     """An output projection as the loss sees it: ``logits = softcap(scale * (h @ weight.T + bias))``.
@@ -135,8 +143,8 @@ class LMHead:
         if scale is None and getattr(config, "logits_scaling", None) is not None:  # Granite divides
             scale = 1.0 / config.logits_scaling
         return cls(
-            head.weight,
-            head.bias,
+            _whole(head.weight),
+            _whole(head.bias),
             1.0 if scale is None else float(scale),
             getattr(config, "final_logit_softcapping", None),
         )

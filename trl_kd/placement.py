@@ -1,9 +1,12 @@
 """Where the teacher lives: loaded once, frozen, and placed beside the student (replicated, or sharded and offloaded
-with DeepSpeed), next to the planner that estimates each placement's memory (`trl_kd.planner`)."""
+with DeepSpeed ZeRO-3 or FSDP2), next to the planner that estimates each placement's memory (`trl_kd.planner`).
+Also the FSDP2 counterpart of ZeRO-3's gather for generation (`fsdp2_gathered`)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,7 +16,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import create_model_from_path
 
-from ._compat import zero3_init_disabled
+from ._compat import fsdp2_lazy_init, fsdp2_reshards_after_forward, zero3_init_disabled
 
 
 if TYPE_CHECKING:
@@ -21,8 +24,39 @@ if TYPE_CHECKING:
 
 
 def is_partitioned(model: torch.nn.Module) -> bool:
-    """Whether ZeRO-3 partitioned `model`'s parameters (they must be gathered to run it)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+    """Whether ZeRO-3 or FSDP2 partitioned `model`'s parameters (running it is then a collective)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters()) or bool(fsdp2_units(model))
+
+
+def fsdp2_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2 units (`fully_shard`ed modules) of `model`, root first; empty when it is not under FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+@contextlib.contextmanager
+def fsdp2_gathered(model: torch.nn.Module, gather: bool = True) -> Iterator[torch.nn.Module]:
+    """Unshard every FSDP2 unit of `model` once and keep it whole for the duration, then reshard: FSDP2's counterpart
+    of ZeRO-3's `GatheredParameters` for a rollout, which runs many forwards (and reads the head directly). A
+    collective: every process enters it. With `gather=False` each unit is gathered in each forward by FSDP2's hooks
+    instead. A model not under FSDP2 is yielded as is."""
+    units = fsdp2_units(model)
+    if units:
+        fsdp2_lazy_init(units[0])  # the root first: a rollout may call the backbone, never the root's forward
+    if not units or not gather:
+        yield model
+        return
+    reshards = [fsdp2_reshards_after_forward(unit) for unit in units]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit, reshard in zip(units, reshards):
+            unit.set_reshard_after_forward(reshard, recurse=False)
+            unit.reshard()
 
 
 def load_teacher(name_or_path: str, args: KDConfig) -> PreTrainedModel:
@@ -33,7 +67,7 @@ def load_teacher(name_or_path: str, args: KDConfig) -> PreTrainedModel:
     kwargs["dtype"] = dtype if dtype in ("auto", None) or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
     if args.teacher_model_revision is not None:
         kwargs.setdefault("revision", args.teacher_model_revision)
-    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP"):
         kwargs["device_map"] = None
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     if args.teacher_zero_stage == 0 and is_deepspeed_zero3_enabled():
@@ -43,22 +77,85 @@ def load_teacher(name_or_path: str, args: KDConfig) -> PreTrainedModel:
     return create_model_from_path(name_or_path, **kwargs)
 
 
+def check_distributed_backend(accelerator: Accelerator, args: KDConfig) -> None:
+    """Refuse, before anything is placed or trained, what trl-kd cannot run: FSDP1, and teacher placement fields
+    that the launch's backend does not read."""
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    if fsdp is not None and fsdp.fsdp_version != 2:
+        raise ValueError(
+            "trl-kd runs FSDP as FSDP2 only (the samplers and the chunked loss read each model's parameters between "
+            "forwards, which FSDP1's flat parameters don't allow): set `fsdp_version: 2` in the accelerate config "
+            "(e.g. `trl-kd <method> --accelerate_config fsdp2`), or `fsdp_config={'version': 2}`."
+        )
+    if args.teacher_zero_stage is not None and not deepspeed:
+        raise ValueError(
+            "`teacher_zero_stage` places the teacher with DeepSpeed: launch with a DeepSpeed config (e.g. `trl-kd "
+            "<method> --accelerate_config zero2 ...`)"
+            + (", or use `teacher_fsdp` under FSDP2." if fsdp is not None else ", or unset it.")
+        )
+    if args.teacher_fsdp is not None and fsdp is None:
+        raise ValueError(
+            "`teacher_fsdp` places the teacher with FSDP2: launch with an FSDP2 config (e.g. `trl-kd <method> "
+            "--accelerate_config fsdp2 ...`)"
+            + (", or use `teacher_zero_stage` under DeepSpeed." if deepspeed else ", or unset it.")
+        )
+    if args.teacher_offload and not deepspeed and fsdp is None:
+        raise ValueError(
+            "`teacher_offload` offloads a sharded teacher (DeepSpeed ZeRO-3 or FSDP2): launch with a sharded config "
+            "(e.g. `--accelerate_config zero3` or `fsdp2`) or unset it."
+        )
+    if args.teacher_offload and fsdp is not None and args.teacher_fsdp is False:
+        raise ValueError("`teacher_offload` needs a sharded teacher: unset `teacher_fsdp=False` or `teacher_offload`.")
+
+
 def prepare_teacher(teacher: PreTrainedModel, accelerator: Accelerator, args: KDConfig) -> torch.nn.Module:
-    """Freeze `teacher` and place it: under DeepSpeed with `prepare_deepspeed_teacher`, else as accelerate places an
-    evaluation model. `teacher_zero_stage`/`teacher_offload` without a DeepSpeed launch are refused."""
+    """Freeze `teacher` and place it: under DeepSpeed with `prepare_deepspeed_teacher`, under FSDP2 with
+    `prepare_fsdp2_teacher` (unless `teacher_fsdp=False`), else as accelerate places an evaluation model."""
+    check_distributed_backend(accelerator, args)
     teacher.requires_grad_(False)
     teacher.eval()
     if accelerator.state.deepspeed_plugin is not None:
         placed = prepare_deepspeed_teacher(teacher, accelerator, args)
-    elif args.teacher_zero_stage is not None or args.teacher_offload:
-        raise ValueError(
-            "`teacher_zero_stage` and `teacher_offload` place the teacher with DeepSpeed: launch with a DeepSpeed "
-            "config (e.g. `trl-kd <method> --accelerate_config zero2 ...`) or unset them."
-        )
+    elif getattr(accelerator.state, "fsdp_plugin", None) is not None and args.teacher_fsdp is not False:
+        placed = prepare_fsdp2_teacher(teacher, accelerator, args)
     else:
         placed = accelerator.prepare_model(teacher, evaluation_mode=True)
     placed.eval()
     return placed
+
+
+def prepare_fsdp2_teacher(teacher: PreTrainedModel, accelerator: Accelerator, args: KDConfig) -> torch.nn.Module:
+    """Shard the teacher with FSDP2 as accelerate shards the student (its plugin: wrap policy, mixed precision,
+    `cpu_ram_efficient_loading`), except that every unit reshards after its forward (a frozen model has no backward
+    to keep weights for), the layer classes are the teacher's own, and `teacher_offload` asks for CPU offload. TRL's
+    distillation trainers leave the teacher whole on every process under FSDP."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    plugin = accelerator.state.fsdp_plugin
+    # the wrap policy is resolved against the model it wraps (and stored on the plugin): the teacher's layer classes
+    # for the teacher, and the plugin left as it was for the student, which accelerate wraps when training starts
+    overrides = {
+        "reshard_after_forward": True,
+        "transformer_cls_names_to_wrap": list(getattr(teacher, "_no_split_modules", None) or []) or None,
+        "auto_wrap_policy": plugin.auto_wrap_policy,
+    }
+    if args.teacher_offload:
+        overrides["cpu_offload"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    saved = {name: getattr(plugin, name) for name in overrides}
+    for name, value in overrides.items():
+        setattr(plugin, name, value)
+    try:
+        teacher = fsdp2_prepare_model(accelerator, teacher)
+    finally:
+        for name, value in saved.items():
+            setattr(plugin, name, value)
+    teacher.set_reshard_after_forward(True)  # accelerate keeps the embeddings-head unit whole after forward
+    fsdp2_lazy_init(teacher)  # the teacher's root is its first state to run, whichever entry point runs first
+    # transformers' `generate` then keeps processes in step (`synced_gpus`), as for its own FSDP2 models
+    teacher._is_fsdp_managed_module = True
+    return teacher
 
 
 def prepare_deepspeed_teacher(teacher: PreTrainedModel, accelerator: Accelerator, args: KDConfig) -> torch.nn.Module:

@@ -1,9 +1,10 @@
 """Pre-flight memory estimate: will this teacher/student pair fit, and under which placement?
 
 A first-order model of per-GPU memory for each placement trl-kd supports (DDP, ZeRO-2, ZeRO-2 with a sharded
-teacher, ZeRO-3, ZeRO-3 with CPU offload): weights, gradients and AdamW states of the student, the teacher's weights,
-the KV caches of both models while sampling, the student's activations, and the chunked loss. It is meant to pick a
-config before launching, not to replace a measurement: it ignores fragmentation and allocator caches (a fixed
+teacher, ZeRO-3, ZeRO-3 with CPU offload, and FSDP2 with the teacher sharded or replicated): weights, gradients and
+AdamW states of the student, the teacher's weights, the KV caches of both models while sampling, the student's
+activations, and the chunked loss. It is meant to pick a config before launching, not to replace a measurement: it
+ignores fragmentation and allocator caches (a fixed
 `overhead_gib` stands for them and the CUDA context).
 """
 
@@ -72,6 +73,8 @@ class Placement:
         student_stage: the student's ZeRO stage; 0 is DDP.
         teacher_sharded: the teacher is partitioned across GPUs (ZeRO-3) instead of replicated.
         offload: parameters and optimizer states live in CPU memory between uses.
+        fsdp: sharded by FSDP2 (`student_stage` 3: weights, gradients and optimizer states), whose trainable weights
+            stay in fp32 under bf16 mixed precision (accelerate upcasts them; there is no separate master copy).
     """
 
     name: str
@@ -79,15 +82,25 @@ class Placement:
     student_stage: int  # 0 = DDP
     teacher_sharded: bool
     offload: bool = False
+    fsdp: bool = False
+
+    @property
+    def backend(self) -> str:
+        """`"ddp"`, `"deepspeed"` or `"fsdp2"`."""
+        return "fsdp2" if self.fsdp else "deepspeed" if self.student_stage else "ddp"
 
 
+# in order of speed within each backend; DDP, then DeepSpeed's, then FSDP2's
 PLACEMENTS = (
     Placement("DDP (everything replicated)", "--accelerate_config ddp", 0, False),
     Placement("ZeRO-2", "--accelerate_config zero2", 2, False),
     Placement("ZeRO-2 + sharded teacher", "--accelerate_config zero2 --teacher_zero_stage 3", 2, True),
     Placement("ZeRO-3", "--accelerate_config zero3", 3, True),
     Placement("ZeRO-3 + CPU offload", "--accelerate_config zero3_offload", 3, True, offload=True),
+    Placement("FSDP2 + replicated teacher", "--accelerate_config fsdp2 --teacher_fsdp false", 3, False, fsdp=True),
+    Placement("FSDP2", "--accelerate_config fsdp2", 3, True, fsdp=True),
 )
+BACKENDS = ("deepspeed", "fsdp2")
 
 
 @dataclass
@@ -117,7 +130,7 @@ class Plan:
     """The result of `plan()`: every placement's estimate, fastest first, and the one to use.
 
     Attributes:
-        estimates: one per placement of `PLACEMENTS`, in that order.
+        estimates: one per placement of `PLACEMENTS` (of the chosen backends), in that order.
         gpu_memory_gib: the memory of one GPU.
         headroom: the fraction of it a placement may use to count as fitting.
     """
@@ -170,10 +183,12 @@ def plan(
     loss_tile_mib: float = 64.0,
     overhead_gib: float = 1.5,
     headroom: float = 0.9,
+    backends: tuple[str, ...] = BACKENDS,
 ) -> Plan:
     """Estimate the per-GPU memory (GiB) of every placement, in order of speed.
 
     Args:
+        backends: the sharding backends to plan for, of `"deepspeed"` and `"fsdp2"` (DDP is always planned).
         batch_size: sequences per GPU per micro-batch (`per_device_train_batch_size`).
         gradient_checkpointing: the student recomputes activations (one hidden state per layer is kept).
         lora: the student's base weights are frozen; gradients and optimizer states are about 1% of its parameters.
@@ -189,6 +204,8 @@ def plan(
         raise ValueError("batch_size, prompt_length and completion_length must be >= 1.")
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}.")
+    if not backends or not set(backends) <= set(BACKENDS):
+        raise ValueError(f"backends must be some of {BACKENDS}, got {backends!r}.")
     b = _DTYPE_BYTES[dtype]
     n = num_gpus
     seq = prompt_length + completion_length
@@ -211,15 +228,22 @@ def plan(
 
     estimates = []
     for p in PLACEMENTS:
+        if p.backend != "ddp" and p.backend not in backends:
+            continue
         if n == 1 and p.student_stage == 0:  # one process: nothing to replicate
             p = Placement("Single GPU (one process)", "python examples/<method>.py, no accelerate config", 0, False)
         shard_student = n if p.student_stage == 3 else 1
         shard_states = n if p.student_stage >= 2 else 1
         shard_teacher = n if p.teacher_sharded else 1
+        weights = student.num_params * b
+        grads, optimizer = trainable * b, trainable * optimizer_bytes
+        if p.fsdp and b == 2:  # trainable weights (and so their gradients) in fp32; the moments only in the optimizer
+            weights += trainable * (4 - b)
+            grads, optimizer = trainable * 4, trainable * 8
         parts = {
-            "student weights": 0.0 if p.offload else student.num_params * b / shard_student,
-            "student grads": trainable * b / shard_states,
-            "optimizer": 0.0 if p.offload else trainable * optimizer_bytes / shard_states,
+            "student weights": 0.0 if p.offload else weights / shard_student,
+            "student grads": grads / shard_states,
+            "optimizer": 0.0 if p.offload else optimizer / shard_states,
             "teacher weights": 0.0 if p.offload else teacher.num_params * b / shard_teacher,
             "activations + loss": activations + teacher_hidden + loss,
             "KV caches": kv_cache(student) + kv_cache(teacher),
@@ -230,7 +254,10 @@ def plan(
             teacher.largest_layer_params * b if shard_teacher > 1 or p.offload else 0
         )
         train = static + parts["student grads"] + parts["activations + loss"] + working
-        if gather_for_generation and p.student_stage == 3:
+        if gather_for_generation and p.student_stage == 3 and p.fsdp:
+            # FSDP2 gathers a full copy in the compute dtype beside each process's shard
+            gathered = student.num_params * b + (teacher.num_params * b if p.teacher_sharded else 0)
+        elif gather_for_generation and p.student_stage == 3:
             gathered = student.num_params * b - parts["student weights"]
             gathered += teacher.num_params * b - parts["teacher weights"]
         else:

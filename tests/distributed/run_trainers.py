@@ -1,7 +1,7 @@
 """Trains every trl-kd trainer a few steps in the current (multi-process) launch and writes what each rank saw.
 
-Launched by `tests/test_distributed.py` (DDP through `torch.distributed.run`, DeepSpeed through `accelerate launch`) on
-CPU; writes
+Launched by `tests/test_distributed.py` (DDP through `torch.distributed.run`; DeepSpeed and FSDP2 through `accelerate
+launch`, FSDP2 over gloo with `fsdp_over_gloo`; 2 nodes through two `accelerate launch`es) on CPU; writes
 `<out>/<case>/rank<i>.json` (first-step losses, per-rank parameter counts, rollout rounds) and saves each student.
 Every case is built from `CASES`, which the test also uses for its single-process references.
 """
@@ -17,12 +17,18 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from trl_kd import METHODS, KDConfig, KDTrainer  # noqa: E402
 from trl_kd._compat import checkpointing_field  # noqa: E402
+from trl_kd.placement import fsdp2_units  # noqa: E402
 from trl_kd.sampler import Rule  # noqa: E402
 from trl_kd.teacher_cache import cache_teacher  # noqa: E402
 from trl_kd.testing import build_model, build_tokenizer, make_dataset  # noqa: E402
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fsdp_over_gloo  # noqa: E402
 
 
 class RankDependentTrainer(KDTrainer):
@@ -42,6 +48,25 @@ class RankDependentTrainer(KDTrainer):
         rule = self._Rule(reject_all=self.accelerator.process_index % 2 == 1)
         out = self.teacher_in_the_loop_rollout(prompt_ids, rule, 4)  # KDConfig's sampling: temperature 1, no top-p
         self.rounds = [*self.rounds, out.counts["rounds"]]
+        return out
+
+
+class RankDependentLengthTrainer(KDTrainer):
+    """On-policy rows sampled by `transformers.generate` (TRL's generation): rank 0 writes every token up to the
+    limit, rank 1 at most two, so rank 1 finishes first and must keep joining the sharded student's forwards."""
+
+    rounds: tuple[int, ...] | list[int] = ()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.accelerator.process_index % 2 == 0:
+            self.generation_config.min_new_tokens = self.max_completion_length
+        else:
+            self.generation_config.max_new_tokens = 2
+
+    def rollout(self, prompt_ids):
+        out = super().rollout(prompt_ids)
+        self.rounds = [*self.rounds, max(len(ids) for ids in out.completion_ids)]  # tokens written, one per forward
         return out
 
 
@@ -71,15 +96,36 @@ METHOD_CASES = {
 # name -> (trainer class, config class, config overrides)
 CASES = {
     **{method: (*_classes(method), overrides) for method, overrides in METHOD_CASES.items()},
+    # every method with the teacher placed apart from the student: sharded beside ZeRO-2 (DeepSpeed launches),
+    # replicated beside an FSDP2 student (FSDP2 launches)
+    **{
+        f"{method}_teacher_sharded": (*_classes(method), {**overrides, "teacher_zero_stage": 3})
+        for method, overrides in METHOD_CASES.items()
+    },
+    **{
+        f"{method}_teacher_whole_fsdp": (*_classes(method), {**overrides, "teacher_fsdp": False})
+        for method, overrides in METHOD_CASES.items()
+    },
     # per-sequence normalisation: its loss must not depend on the process count either
     "gkd_sequences": (*_classes("gkd"), {"lmbda": 0.0, "loss_normalization": "sequences"}),
     # teacher placement independent of the student's stage (DeepSpeed launches only)
-    "gkd_teacher_sharded": (*_classes("gkd"), {"lmbda": 0.0, "teacher_zero_stage": 3}),
     "gkd_teacher_replicated": (*_classes("gkd"), {"lmbda": 0.0, "teacher_zero_stage": 0}),
     "skd_teacher_offloaded": (*_classes("skd"), {"teacher_zero_stage": 3, "teacher_offload": True}),
+    "gkd_teacher_offloaded_fsdp": (*_classes("gkd"), {"lmbda": 0.0, "teacher_offload": True}),
+    # a Llama teacher beside the Qwen2 student (same tokenizer): FSDP2 wraps each model's own decoder layers
+    "gkd_other_family_teacher": (*_classes("gkd"), {"lmbda": 0.0}),
     "switch_teacher_replicated": (*_classes("switch"), {"teacher_zero_stage": 0, "switch_threshold": 0.005}),
     "skd_sampled": (*_classes("skd"), {"acceptance_top_k": 150, "temperature": 1.0}),
     "uneven": (RankDependentTrainer, KDConfig, {"lmbda": 1.0}),
+    # transformers' generation with ranks writing different numbers of tokens: each model gathered once per rollout
+    # (the default), and layer by layer in every forward (then `generate` must keep the ranks in step)
+    "uneven_generation": (RankDependentLengthTrainer, KDConfig, {"lmbda": 1.0}),
+    "uneven_generation_layerwise": (
+        RankDependentLengthTrainer,
+        KDConfig,
+        {"lmbda": 1.0, "ds3_gather_for_generation": False},
+    ),
+    "skd_layerwise": (*_classes("skd"), {**METHOD_CASES["skd"], "ds3_gather_for_generation": False}),
     # the loss from the sampler's teacher states against a teacher forward (`reuse_teacher_states`)
     "skd_recomputed": (*_classes("skd"), {**METHOD_CASES["skd"], "reuse_teacher_states": False}),
     "switch_recomputed": (*_classes("switch"), {**METHOD_CASES["switch"], "reuse_teacher_states": False}),
@@ -98,13 +144,34 @@ REUSE_PAIRS = (
     ("switch", "switch_recomputed"),
     ("skd_rank_rows", "skd_rank_rows_recomputed"),
 )
-PARITY_CASES = (*METHOD_CASES, "gkd_sequences", "gkd_teacher_sharded", "gkd_teacher_replicated")
+# deterministic cases (compared with one process) -> the case whose single-process losses they must equal: where
+# the teacher lives, and whether models are gathered per rollout or per layer, must not change the loss
+PARITY_CASES = {
+    **{method: method for method in METHOD_CASES},
+    "gkd_sequences": "gkd_sequences",
+    "gkd_teacher_replicated": "gkd",
+    "skd_layerwise": "skd",
+    **{f"{method}_teacher_sharded": method for method in METHOD_CASES},
+    **{f"{method}_teacher_whole_fsdp": method for method in METHOD_CASES},
+    "gkd_teacher_offloaded_fsdp": "gkd",
+}
 DEEPSPEED_ONLY = (
-    "gkd_teacher_sharded",
+    *(f"{method}_teacher_sharded" for method in METHOD_CASES),
     "gkd_teacher_replicated",
     "skd_teacher_offloaded",
     "switch_teacher_replicated",
 )
+FSDP_ONLY = (
+    *(f"{method}_teacher_whole_fsdp" for method in METHOD_CASES),
+    "gkd_teacher_offloaded_fsdp",
+    "gkd_other_family_teacher",
+)
+# the teacher folder a case loads, when not `teacher`
+TEACHERS = {"gkd_other_family_teacher": "teacher_llama"}
+# the cases of the launches that check one more backend for every trainer (ZeRO-3 offload, 2 nodes)
+METHODS_ONLY = tuple(METHOD_CASES)
+# resumed from a checkpoint half-way (PromptKD: its soft prompt and prompt optimizer are extra trainable state)
+RESUME_CASE = "promptkd"
 
 
 MAX_COMPLETION_LENGTH = 10
@@ -115,6 +182,7 @@ def save_models(directory: str) -> None:
     the weights are the same under ZeRO-3's partitioned initialisation as in one process. Also the teacher's
     whole-vocabulary fp32 cache over the training rows, for `gkd_cached`."""
     tokenizer = build_tokenizer()
+    build_model("llama", tokenizer, "teacher", seed=1, save_dir=os.path.join(directory, "teacher_llama"))
     for role, seed in (("student", 0), ("teacher", 1)):
         model = build_model("qwen2", tokenizer, role, seed=seed, save_dir=os.path.join(directory, role))
     cache_teacher(
@@ -133,8 +201,9 @@ def training_rows():
     return make_dataset("conversational_prompt_completion", 32, seed=5)
 
 
-def build_trainer(name: str, output_dir: str, per_device_batch: int, models: str, steps: int = 2):
+def build_trainer(name: str, output_dir: str, per_device_batch: int, models: str, steps: int = 2, **extra):
     trainer_cls, config_cls, overrides = CASES[name]
+    overrides = {**overrides, **extra}
     tokenizer = build_tokenizer()  # deterministic; AutoTokenizer on a Qwen2 folder would load Qwen2Tokenizer instead
     args = config_cls(
         output_dir=output_dir,
@@ -145,19 +214,18 @@ def build_trainer(name: str, output_dir: str, per_device_batch: int, models: str
         report_to="none",
         bf16=False,
         logging_steps=1,
-        save_strategy="no",
         seed=3,
         disable_tqdm=True,
         **{checkpointing_field(): False},
         use_cpu=not torch.cuda.is_available(),
-        **overrides,
+        **{"save_strategy": "no", **overrides},
     )
     cached = args.teacher_cache is not None
     if cached:  # the case names the cache folder written beside the models; no teacher is loaded
         args.teacher_cache = os.path.join(models, args.teacher_cache)
     return trainer_cls(
         model=os.path.join(models, "student"),
-        teacher_model=None if cached else os.path.join(models, "teacher"),
+        teacher_model=None if cached else os.path.join(models, TEACHERS.get(name, "teacher")),
         args=args,
         train_dataset=training_rows(),
         processing_class=tokenizer,
@@ -165,12 +233,55 @@ def build_trainer(name: str, output_dir: str, per_device_batch: int, models: str
 
 
 def local_and_full_numel(module: torch.nn.Module) -> tuple[int, int]:
-    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
-    full = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
-    return local, full
+    """Parameters this process holds (a ZeRO-3 partition, an FSDP2 shard) and the model's."""
+    from torch.distributed.tensor import DTensor
+
+    def local(p):
+        if hasattr(p, "ds_tensor"):
+            return p.ds_tensor.numel()
+        return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+
+    return sum(map(local, module.parameters())), sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
+class StopAfter(TrainerCallback):
+    """Ends training after `step` optimizer steps, once that step's checkpoint is written: a run killed there."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def resumed_losses(name: str, out_dir: str, per_device_batch: int, models: str) -> dict[str, list[float]]:
+    """Losses of 4 steps in one go and of the same run killed after step 2 and resumed from its checkpoint."""
+    straight = build_trainer(name, os.path.join(out_dir, "straight"), per_device_batch, models, steps=4)
+    straight.train()
+    saving = dict(save_strategy="steps", save_steps=2, save_only_model=False)
+    first = build_trainer(name, os.path.join(out_dir, "resumed"), per_device_batch, models, steps=4, **saving)
+    first.add_callback(StopAfter(2))
+    first.train()
+    # a fresh trainer, as after a crash
+    second = build_trainer(name, os.path.join(out_dir, "resumed"), per_device_batch, models, steps=4, **saving)
+    second.train(resume_from_checkpoint=os.path.join(out_dir, "resumed", "checkpoint-2"))
+    return {
+        "straight": [row["loss"] for row in straight.state.log_history if "loss" in row],
+        "resumed": [row["loss"] for row in second.state.log_history if "loss" in row],
+    }
 
 
 def teacher_offload_device(engine) -> str | None:
+    """Where the sharded teacher's parameters live between uses, if it is offloaded: DeepSpeed's parameter offload,
+    or FSDP2's `CPUOffloadPolicy`."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if engine is None:
+        return None
+    if units := fsdp2_units(engine):
+        groups = [group for unit in units for group in unit._get_fsdp_state()._fsdp_param_groups]
+        return "cpu" if all(isinstance(group.offload_policy, CPUOffloadPolicy) for group in groups) else None
     offload = getattr(engine, "zero_offload_param", lambda: None)()
     device = getattr(offload, "device", None)
     return None if device is None else str(getattr(device, "value", device))
@@ -182,10 +293,14 @@ def main() -> None:
     parser.add_argument("--models", required=True, help="a folder written by `save_models`")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--per-device-batch", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help=f"also resume `{RESUME_CASE}` from a checkpoint")
     args = parser.parse_args()
+    if os.environ.get(fsdp_over_gloo.ENV) == "1":
+        fsdp_over_gloo.install()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     for name in args.cases.split(","):
-        if name in DEEPSPEED_ONLY and not deepspeed:
+        if (name in DEEPSPEED_ONLY and not deepspeed) or (name in FSDP_ONLY and not fsdp):
             continue
         out_dir = os.path.join(args.out, name)
         trainer = build_trainer(name, out_dir, args.per_device_batch, args.models)
@@ -194,6 +309,9 @@ def main() -> None:
         student_counts = local_and_full_numel(trainer.accelerator.unwrap_model(trainer.model_wrapped))
         trainer.train()
         student_counts_after = local_and_full_numel(trainer.accelerator.unwrap_model(trainer.model_wrapped))
+        models = (teacher, trainer.model_wrapped)
+        units = [len(fsdp2_units(model)) if model is not None else 0 for model in models]
+        layers = [0 if m is None else trainer.accelerator.unwrap_model(m).config.num_hidden_layers for m in models]
         trainer.save_model(out_dir)
         history = trainer.state.log_history
         result = {
@@ -203,10 +321,15 @@ def main() -> None:
             "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage
             if trainer.is_deepspeed_enabled
             else None,
+            "fsdp_version": trainer.accelerator.state.fsdp_plugin.fsdp_version if trainer.is_fsdp_enabled else None,
+            "node_rank": int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", 0))),
             "teacher_numel": teacher_counts,
             "teacher_offload": teacher_offload_device(trainer.teacher_model) == "cpu",
             "student_numel": student_counts,
             "student_numel_after": student_counts_after,
+            # FSDP2 units (decoder layers, embeddings, head, root) of the teacher and the student; 0 when not FSDP2
+            "fsdp_units": units,
+            "layers": layers,
             "kd_loss": [row["kd_loss"] for row in history if "kd_loss" in row],
             "loss": [row["loss"] for row in history if "loss" in row],
             "teacher_token_fraction": [
@@ -221,6 +344,13 @@ def main() -> None:
             json.dump(result, f)
         trainer.accelerator.wait_for_everyone()
         print(f"DONE {name} rank {result['rank']}", flush=True)
+    if args.resume:
+        out_dir = os.path.join(args.out, "resume")
+        losses = resumed_losses(RESUME_CASE, out_dir, args.per_device_batch, args.models)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(losses, f)
+        print(f"DONE resume rank {rank}", flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

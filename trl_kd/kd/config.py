@@ -68,8 +68,14 @@ class KDConfig(DistillationConfig):
             (e.g. a big teacher beside a ZeRO-2 student), `0` replicates it on every process. `None` follows TRL:
             sharded when the student runs ZeRO-3, replicated otherwise. Needs a DeepSpeed launch.
         teacher_offload (bool):
-            Keep the sharded teacher's parameters in CPU memory between uses (ZeRO-3 parameter offload). Needs the
-            teacher at stage 3 (`teacher_zero_stage=3`, or a ZeRO-3 student).
+            Keep the sharded teacher's parameters in CPU memory between uses (ZeRO-3 parameter offload, or FSDP2's
+            `CPUOffloadPolicy`). Needs a sharded teacher: at stage 3 (`teacher_zero_stage=3`, or a ZeRO-3 student)
+            under DeepSpeed, not `teacher_fsdp=False` under FSDP2.
+        teacher_fsdp (bool | None):
+            FSDP2 placement of the teacher: `True` or `None` (the default) shard it across processes like the
+            student, every unit resharded after its forward; `False` replicates it on every process (TRL's
+            placement under FSDP; for a teacher small enough that gathering it costs more than it saves). Needs an
+            FSDP2 launch (`--accelerate_config fsdp2`); FSDP1 is refused.
         check_teacher_tokenizer (bool):
             When the trainer is built, compare the teacher's tokenizer (passed as `teacher_processing_class`, or
             loaded from the teacher's path) with the student's: a probe text must encode to the same ids and every
@@ -158,7 +164,11 @@ class KDConfig(DistillationConfig):
         metadata={"help": "DeepSpeed stage of the teacher: 3 = sharded, 0 = replicated, None = TRL's default."},
     )
     teacher_offload: bool = field(
-        default=False, metadata={"help": "Offload the (stage 3) teacher's parameters to CPU memory."}
+        default=False, metadata={"help": "Offload the sharded (ZeRO-3 or FSDP2) teacher's parameters to CPU memory."}
+    )
+    teacher_fsdp: bool | None = field(
+        default=None,
+        metadata={"help": "FSDP2 placement of the teacher: True/None = sharded like the student, False = replicated."},
     )
     check_teacher_tokenizer: bool = field(
         default=True,
@@ -234,6 +244,16 @@ class KDConfig(DistillationConfig):
             raise ValueError(
                 "teacher_offload needs a sharded teacher: set teacher_zero_stage=3 (or leave it None "
                 "under a ZeRO-3 launch)."
+            )
+        if self.teacher_offload and self.teacher_fsdp is False:
+            raise ValueError(
+                "teacher_offload needs a sharded teacher, and teacher_fsdp=False replicates it: leave teacher_fsdp "
+                "None (sharded under FSDP2) or unset teacher_offload."
+            )
+        if self.teacher_zero_stage is not None and self.teacher_fsdp is not None:
+            raise ValueError(
+                "teacher_zero_stage (DeepSpeed) and teacher_fsdp (FSDP2) place the teacher under different backends: "
+                "set the one your accelerate config launches."
             )
         for name in ("top_p", "teacher_top_p"):
             value = getattr(self, name)

@@ -23,7 +23,14 @@ from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset, 
 from ..guards import NonFiniteError, check_grad_norm, finite_flags, sampling_from
 from ..losses import LMHead, TopKTeacher, chunked_kd_loss
 from ..model_card import arrange_card, distillation_section, student_base
-from ..placement import is_partitioned, load_teacher, prepare_teacher
+from ..placement import (
+    check_distributed_backend,
+    fsdp2_gathered,
+    fsdp2_units,
+    is_partitioned,
+    load_teacher,
+    prepare_teacher,
+)
 from ..registry import register_method
 from ..sampler import Rule, SamplingParams, StopStrings, backbone, block_verify_sample
 from ..teacher_cache import CACHE_COLUMNS, TeacherCacheManifest, load_teacher_cache, tokenizer_hash
@@ -177,14 +184,16 @@ class KDTrainer(DistillationTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        check_distributed_backend(self.accelerator, args)
         self.kd_vocab_size = self._check_vocabularies(teacher_model)
         if self.teacher_cache_manifest is not None:
             self._check_teacher_cache(self.teacher_cache_manifest)
         if args.check_teacher_tokenizer and teacher_model is not None:
             self._check_teacher_tokenizer(teacher_processing_class, teacher_source)
         self.teacher_model = None if teacher_model is None else prepare_teacher(teacher_model, self.accelerator, args)
-        # a teacher replicated beside a ZeRO-3 student (`teacher_zero_stage=0`) has nothing to gather
-        self._teacher_partitioned = teacher_model is not None and is_partitioned(teacher_model)
+        # a teacher replicated beside a sharded student (`teacher_zero_stage=0`, `teacher_fsdp=False`) has nothing to
+        # gather
+        self._teacher_partitioned = teacher_model is not None and is_partitioned(self.teacher_model)
         self._gather_teacher = args.ds3_gather_for_generation and self._teacher_partitioned
 
         # a streamed dataset comes back wrapped, to be checked row by row as it streams
@@ -387,7 +396,8 @@ class KDTrainer(DistillationTrainer):
         Returns:
             [`Rollout`][trl_kd.Rollout] with one completion per prompt.
         """
-        completion_ids = super()._generate_single_turn(prompt_ids, None, {})
+        with fsdp2_gathered(self.model_wrapped, self.args.ds3_gather_for_generation and not self.args.use_vllm):
+            completion_ids = super()._generate_single_turn(prompt_ids, None, {})
         return Rollout(completion_ids, [[False] * len(ids) for ids in completion_ids])
 
     def teacher_in_the_loop_rollout(self, prompt_ids: list[list[int]], rule: Rule, num_draft_tokens: int) -> Rollout:
@@ -412,6 +422,8 @@ class KDTrainer(DistillationTrainer):
             unwrap_model_for_generation(
                 self.teacher_model, self.accelerator, gather_deepspeed3_params=self._gather_teacher
             ) as teacher,
+            fsdp2_gathered(self.model_wrapped, args.ds3_gather_for_generation),
+            fsdp2_gathered(self.teacher_model, self._gather_teacher),
         ):
             out = block_verify_sample(
                 student,
@@ -446,6 +458,7 @@ class KDTrainer(DistillationTrainer):
         gather = self.args.ds3_gather_for_generation and (model is not self.teacher_model or self._gather_teacher)
         with (
             unwrap_model_for_generation(model, self.accelerator, gather_deepspeed3_params=gather) as unwrapped,
+            fsdp2_gathered(model, gather),
             torch.no_grad(),
         ):
             output = unwrapped.generate(
@@ -567,6 +580,10 @@ class KDTrainer(DistillationTrainer):
         mode = "train" if self.model.training else "eval"
         rows = self._handed["rows"]
         n = len(prompt_ids)
+        if fsdp2_units(self.model_wrapped):
+            # transformers' `generate` then runs every process until all are done (`synced_gpus`), as it does for
+            # the FSDP2 models it shards itself; accelerate's sharding doesn't mark them
+            self.model_wrapped._is_fsdp_managed_module = True
         uniforms = self._row_uniforms(n, mode)
         if mode == "eval":
             self._eval_rollouts += 1

@@ -11,6 +11,7 @@ from transformers import get_scheduler
 from ..guards import NonFiniteError, check_grad_norm, finite_flags
 from ..kd.trainer import KDTrainer, sequences
 from ..losses import LMHead, chunked_kd_loss
+from ..placement import fsdp2_gathered, fsdp2_units
 from ..registry import register_method
 from .config import PromptKDConfig
 
@@ -122,7 +123,8 @@ class PromptKDTrainer(KDTrainer):
         embedding = self._teacher.get_input_embeddings()
         n = self.args.num_prompt_tokens
         device = self.accelerator.device
-        with torch.no_grad():
+        # an FSDP2 teacher's embeddings are gathered for the read and resharded after
+        with torch.no_grad(), fsdp2_gathered(self._teacher):
             if self.args.prompt_init_text is not None:
                 ids = self._tokenizer(
                     self.args.prompt_init_text, add_special_tokens=self.args.prompt_init_special_tokens
@@ -144,6 +146,12 @@ class PromptKDTrainer(KDTrainer):
         teacher = self._teacher
         teacher.train(train)
         try:
+            if self._teacher_partitioned and fsdp2_units(teacher):
+                # through the FSDP2 root, whose forward reshards the embeddings-head unit the backbone call leaves
+                # gathered (its head never runs a forward of its own)
+                return self._forward_redirection(
+                    teacher, teacher, self._prompted_forward, teacher, input_ids, attention_mask, num_completion_tokens
+                )
             return self._prompted_forward(teacher, input_ids, attention_mask, num_completion_tokens)
         finally:
             teacher.eval()
