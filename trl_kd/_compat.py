@@ -1,4 +1,4 @@
-"""Every private TRL / transformers / DeepSpeed API trl-kd relies on, in one place.
+"""Every private TRL / transformers / DeepSpeed / FSDP2 API trl-kd relies on, in one place.
 
 `SEAMS` lists the private hooks the trainers override or call, with the parameters they are called with, and
 `INSTANCE_ATTRIBUTES` the private attributes they read, each with what trl-kd relies on. `tests/test_compat.py`
@@ -99,6 +99,27 @@ SEAMS = (
         (),
         "a module-level weak reference to the active `HfDeepSpeedConfig`, so ZeRO-3's `zero.Init` can be switched "
         "off while a replicated teacher loads, and back on after.",
+    ),
+    Seam(
+        "torch.distributed.fsdp.FSDPModule",
+        "_get_fsdp_state",
+        (),
+        "an FSDP2 unit's state: its `_lazy_init()` and its `_fsdp_param_groups`, whose `post_forward_mesh_info` is "
+        "`None` when the unit keeps its parameters gathered after forward (`fsdp2_lazy_init`, "
+        "`fsdp2_reshards_after_forward`).",
+    ),
+    Seam(
+        "torch.distributed.fsdp._fully_shard._fsdp_state.FSDPState",
+        "_lazy_init",
+        (),
+        "makes the state the root of its FSDP2 tree (FSDP2 otherwise picks the first unit to run forward).",
+    ),
+    Seam(
+        "transformers.distributed.fsdp",
+        "is_fsdp_managed_module",
+        ("module",),
+        "true for a module with `_is_fsdp_managed_module = True`; `generate` then defaults to `synced_gpus`. trl-kd "
+        "sets the flag on accelerate's FSDP2 models.",
     ),
 )
 
