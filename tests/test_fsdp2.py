@@ -51,6 +51,8 @@ SCRIPT = textwrap.dedent(
     torch.testing.assert_close(logits, expected)
     with fsdp2_gathered(model, gather=False):
         assert all(sharded())
+    from transformers.distributed.fsdp import is_fsdp_managed_module
+    assert is_fsdp_managed_module(model)  # so `generate` keeps processes in step (`synced_gpus`)
     torch.distributed.destroy_process_group()
     print("OK")
     """

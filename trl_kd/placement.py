@@ -40,10 +40,12 @@ def fsdp2_gathered(model: torch.nn.Module, gather: bool = True) -> Iterator[torc
     """Unshard every FSDP2 unit of `model` once and keep it whole for the duration, then reshard: FSDP2's counterpart
     of ZeRO-3's `GatheredParameters` for a rollout, which runs many forwards (and reads the head directly). A
     collective: every process enters it. With `gather=False` each unit is gathered in each forward by FSDP2's hooks
-    instead. A model not under FSDP2 is yielded as is."""
+    instead. Either way the model is marked as transformers marks the FSDP2 models it shards itself, so its
+    `generate` runs every process until all are done (`synced_gpus`). A model not under FSDP2 is yielded as is."""
     units = fsdp2_units(model)
     if units:
         fsdp2_lazy_init(units[0])  # the root first: a rollout may call the backbone, never the root's forward
+        model._is_fsdp_managed_module = True  # accelerate's sharding doesn't set it
     if not units or not gather:
         yield model
         return
@@ -111,8 +113,8 @@ def check_distributed_backend(accelerator: Accelerator, args: KDConfig) -> None:
 
 def prepare_teacher(teacher: PreTrainedModel, accelerator: Accelerator, args: KDConfig) -> torch.nn.Module:
     """Freeze `teacher` and place it: under DeepSpeed with `prepare_deepspeed_teacher`, under FSDP2 with
-    `prepare_fsdp2_teacher` (unless `teacher_fsdp=False`), else as accelerate places an evaluation model."""
-    check_distributed_backend(accelerator, args)
+    `prepare_fsdp2_teacher` (unless `teacher_fsdp=False`), else as accelerate places an evaluation model. The
+    trainer has refused placements its backend can't run (`check_distributed_backend`)."""
     teacher.requires_grad_(False)
     teacher.eval()
     if accelerator.state.deepspeed_plugin is not None:
@@ -153,7 +155,8 @@ def prepare_fsdp2_teacher(teacher: PreTrainedModel, accelerator: Accelerator, ar
             setattr(plugin, name, value)
     teacher.set_reshard_after_forward(True)  # accelerate keeps the embeddings-head unit whole after forward
     fsdp2_lazy_init(teacher)  # the teacher's root is its first state to run, whichever entry point runs first
-    # transformers' `generate` then keeps processes in step (`synced_gpus`), as for its own FSDP2 models
+    # transformers' `generate` keeps processes in step (`synced_gpus`) from the start, also before any rollout
+    # (`fsdp2_gathered` marks it too), e.g. in the evaluation callback's first scoring
     teacher._is_fsdp_managed_module = True
     return teacher
 

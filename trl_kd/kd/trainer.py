@@ -26,7 +26,6 @@ from ..model_card import arrange_card, distillation_section, student_base
 from ..placement import (
     check_distributed_backend,
     fsdp2_gathered,
-    fsdp2_units,
     is_partitioned,
     load_teacher,
     prepare_teacher,
@@ -580,10 +579,6 @@ class KDTrainer(DistillationTrainer):
         mode = "train" if self.model.training else "eval"
         rows = self._handed["rows"]
         n = len(prompt_ids)
-        if fsdp2_units(self.model_wrapped):
-            # transformers' `generate` then runs every process until all are done (`synced_gpus`), as it does for
-            # the FSDP2 models it shards itself; accelerate's sharding doesn't mark them
-            self.model_wrapped._is_fsdp_managed_module = True
         uniforms = self._row_uniforms(n, mode)
         if mode == "eval":
             self._eval_rollouts += 1
