@@ -19,11 +19,12 @@ Settings (each has its own teacher, trained here and cached under the trl-kd cac
 
 Every setting starts each method from the same student, SFT'd to at most about half the teacher's score, and also
 reports how far a long SFT run of that student gets (its capacity). Each method's learning rate is picked from a small
-grid on a validation split (one seed), then the method runs ``--seeds`` seeds at that rate and is scored on held-out
-test prompts. Every run writes a JSON record (``--records``); finished runs are skipped when the script is started
-again, and ``--report`` rebuilds the tables, the paired-bootstrap intervals (over prompts and seeds, against SFT and
-against on-policy GKD) and the learning-curve plots from the records alone. PromptKD also gets a diagnostic run that
-scores its prompted teacher; ``DIAGNOSTIC_METHODS`` run only when named with ``--methods``.
+grid on a validation split (``--grid-seeds`` seeds per rate, the best mean), then the method runs ``--seeds`` seeds at
+that rate and is scored on held-out test prompts. Every run writes a JSON record (``--records``); finished runs are
+skipped when the script is started again, and ``--report`` rebuilds the tables, the paired-bootstrap intervals (over
+prompts and seeds, against SFT and against on-policy GKD) and the learning-curve plots from the records alone. PromptKD
+also gets a diagnostic run that scores its prompted teacher; ``DIAGNOSTIC_METHODS`` run only when named with
+``--methods``.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from trl_kd.testing import CHAT_TEMPLATE, EOS, PAD, build_tokenizer, make_task  
 
 from plotting import pyplot  # noqa: E402
 from quality_records import foreign_records, git_commit, load_records, record_path, run_once, slug  # noqa: E402
-from quality_stats import mean_and_interval, paired_bootstrap  # noqa: E402
+from quality_stats import choose_rate, mean_and_interval, paired_bootstrap  # noqa: E402
 
 
 RECIPE_VERSION = "v2"
@@ -755,17 +756,22 @@ def run_setting(setting: Setting, args, log=print) -> None:
             capacity,
         )
     for method in methods:
-        scored = []  # (validation score, lr) of each grid point; no search with a single rate
+        scored: dict[float, list[float]] = {}  # validation scores of each grid rate, one per grid seed
         for lr in args.lr_grid if len(args.lr_grid) > 1 else []:
-            path = record_path(root, setting.name, method, 0, lr, "grid", steps)
-            record, computed = run_once(
-                path,
-                lambda lr=lr, method=method: train_one(task, method, lr, 0, steps, task.val, task.val[:32], "grid"),
-            )
-            scored.append((record["metrics"][setting.primary], lr))
-            if computed:
-                log(f"[{setting.name}] grid {method} lr {lr:g}: {setting.primary} {scored[-1][0]:.2f}")
-        best_lr = (max(scored) if better else min(scored))[1] if scored else args.lr_grid[0]
+            for seed in range(args.grid_seeds):
+                path = record_path(root, setting.name, method, seed, lr, "grid", steps)
+                record, computed = run_once(
+                    path,
+                    lambda lr=lr, method=method, seed=seed: train_one(
+                        task, method, lr, seed, steps, task.val, task.val[:32], "grid"
+                    ),
+                )
+                scored.setdefault(lr, []).append(record["metrics"][setting.primary])
+                if computed:
+                    log(
+                        f"[{setting.name}] grid {method} lr {lr:g} seed {seed}: {setting.primary} {scored[lr][-1]:.2f}"
+                    )
+        best_lr = choose_rate(scored, better) if scored else args.lr_grid[0]
         for seed in range(args.seeds):
             path = record_path(root, setting.name, method, seed, best_lr, "final", steps)
             record, computed = run_once(
@@ -808,9 +814,9 @@ def _final_runs(final: dict, grid: dict, setting: Setting) -> dict[str, list[dic
             continue
         key = max(final[method], key=lambda k: len(final[method][k]))
         on_grid = grid.get(method, {}).items()
-        scored = [(runs[0]["metrics"][setting.primary], k) for k, runs in on_grid if k[0] == key[0]]
+        scored = {k: [r["metrics"][setting.primary] for r in runs] for k, runs in on_grid if k[0] == key[0]}
         if scored:
-            best = (max(scored) if better else min(scored))[1]
+            best = choose_rate(scored, better)
             key = best if best in final[method] else key
         chosen[method] = final[method][key]
         for other, runs in final[method].items():
@@ -852,17 +858,16 @@ def report(setting: Setting, root: str, plots: str | None) -> list[str]:
         lines += [
             "",
             f"Learning-rate grid ({setting.primary} on {len(some_run['per_prompt'][setting.primary])} "
-            "validation prompts, seed 0):",
+            "validation prompts; the mean over the grid seeds, their number in brackets):",
             "",
             "| method | " + " | ".join(f"{lr:g}" for lr in rates) + " |",
             "|" + " --- |" * (len(rates) + 1),
         ]
         for method in METHODS:
             if method in grid:
-                by_lr = {lr: runs[0]["metrics"][setting.primary] for (_, lr), runs in grid[method].items()}
-                lines.append(
-                    f"| {method} | " + " | ".join(f"{by_lr[lr]:.2f}" if lr in by_lr else "–" for lr in rates) + " |"
-                )
+                by_lr = {lr: [r["metrics"][setting.primary] for r in runs] for (_, lr), runs in grid[method].items()}
+                cells = [f"{np.mean(by_lr[lr]):.2f} ({len(by_lr[lr])})" if lr in by_lr else "–" for lr in rates]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Differences in {setting.primary} (paired bootstrap over prompts and seeds, 95%; "
@@ -1029,6 +1034,9 @@ def main() -> None:
     parser.add_argument("--val-prompts", type=int, default=64, help="validation prompts (learning-rate grid)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: per setting)")
     parser.add_argument("--lr-grid", default="3e-4,1e-3,3e-3")
+    parser.add_argument(
+        "--grid-seeds", type=int, default=2, help="seeds per grid rate; the rate with the best mean is chosen"
+    )
     parser.add_argument("--capacity-steps", type=int, default=None, help="default: per setting; 0 skips it")
     parser.add_argument(
         "--student-steps",

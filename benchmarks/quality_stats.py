@@ -71,3 +71,19 @@ def mean_and_interval(scores: np.ndarray, resamples: int = 4000, level: float = 
     """A method's own mean score with the same bootstrap (its difference from zero)."""
     scores = np.asarray(scores, dtype=float)
     return paired_bootstrap(scores, np.zeros_like(scores), resamples, level, seed)
+
+
+def choose_rate(scores_by_rate: dict[float, list[float]], higher_is_better: bool) -> float:
+    """The grid rule shared by the benchmarks: every rate is run with the same seeds (at least two, so that one lucky
+    seed cannot pick the rate) and the rate with the best mean score over them is chosen; ties go to the smaller
+    rate."""
+    if not scores_by_rate:
+        raise ValueError("no grid scores to choose a rate from")
+    sign = 1.0 if higher_is_better else -1.0
+    return max(sorted(scores_by_rate), key=lambda lr: sign * float(np.mean(scores_by_rate[lr])))
+
+
+def rate_sensitive(differences: list[float]) -> bool:
+    """Whether a claim's mean difference changes sign across the learning rates it was measured at (zero counts as
+    neither sign)."""
+    return any(d > 0 for d in differences) and any(d < 0 for d in differences)

@@ -58,10 +58,24 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 
-# Hub ids the examples use, and what stands in for them here
-STUDENT_IDS = ("Qwen/Qwen2.5-0.5B-Instruct", "google/gemma-2b-it", "openai-community/gpt2", "meta-llama/Llama-3.2-1B")
-TEACHER_IDS = ("Qwen/Qwen2.5-7B-Instruct", "google/gemma-7b-it", "openai-community/gpt2-xl", "meta-llama/Llama-3.1-8B")
-DATASET_IDS = ("trl-lib/tldr",)
+# Hub ids the examples use (and the real pair that `benchmarks/real_model.py prepare` writes), and what stands in for
+# them here
+REAL_PAIR = "~/.cache/trl-kd/real-v1"
+STUDENT_IDS = (
+    "Qwen/Qwen2.5-0.5B-Instruct",
+    "google/gemma-2b-it",
+    "openai-community/gpt2",
+    "meta-llama/Llama-3.2-1B",
+    f"{REAL_PAIR}/students/pruned-8",
+)
+TEACHER_IDS = (
+    "Qwen/Qwen2.5-7B-Instruct",
+    "google/gemma-7b-it",
+    "openai-community/gpt2-xl",
+    "meta-llama/Llama-3.1-8B",
+    f"{REAL_PAIR}/teacher",
+)
+DATASET_IDS = ("trl-lib/tldr", f"{REAL_PAIR}/dataset")
 SETUP_PREFIXES = ("pip ", "python3 -m venv", "source ", "python -m pytest", "mkdocs ", "python benchmarks/", "ruff ")
 CONFIGS = (KDConfig, SpeculativeKDConfig, SwitchConfig, PromptKDConfig)
 

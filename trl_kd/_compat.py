@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -207,3 +208,18 @@ def trl_triton_available(device: torch.device) -> bool:
     from trl.kernels.chunked_logprob import _use_triton
 
     return _use_triton(device)
+
+
+# transformers 5.24 renamed gradient checkpointing to activation checkpointing; TRL 1.16's
+# `unwrap_model_for_generation` still toggles it under the old names, so every generation warned three times about
+# a call the user never made and cannot change.
+CHECKPOINTING_ALIAS_WARNING = r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated"
+
+
+@contextlib.contextmanager
+def quiet_checkpointing_aliases() -> Iterator[None]:
+    """Silence exactly transformers' FutureWarnings about the gradient-checkpointing aliases TRL calls while it
+    generates; every other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=CHECKPOINTING_ALIAS_WARNING, category=FutureWarning)
+        yield

@@ -17,6 +17,7 @@ from trl import DistillationTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
+from .._compat import quiet_checkpointing_aliases
 from ..checkpoints import load_method_state, resolve_checkpoint, save_method_state
 from ..cli import missing_folder
 from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset, tokenizer_mismatch
@@ -500,7 +501,7 @@ class KDTrainer(DistillationTrainer):
                 del self._handed[key]
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        with self._hand_over(rows=inputs) as handed:
+        with self._hand_over(rows=inputs) as handed, quiet_checkpointing_aliases():
             output = super()._generate_and_score_completions(inputs)
             teacher_masks, teacher_hidden = handed["teacher_mask"], handed.get("teacher_hidden")
             teacher_topk = handed.get("teacher_topk")
