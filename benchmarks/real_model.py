@@ -419,8 +419,11 @@ def content(ids: list[int], eos: int) -> list[int]:
     return ids[:-1] if ids and ids[-1] == eos else ids
 
 
-def score(data: RealData, model, examples: list[Example], seed: int, greedy_cache: dict | None = None) -> dict:
-    """Per-prompt metrics of ``model`` on ``examples`` (see the module docstring)."""
+def score(
+    data: RealData, model, examples: list[Example], seed: int, greedy_cache: dict | None = None, sampled: bool = True
+) -> dict:
+    """Per-prompt metrics of ``model`` on ``examples`` (see the module docstring). ``sampled=False`` skips the
+    sampled answers and their metrics (the grid chooses rates on the greedy-free primary metric)."""
     tok, teacher, budget = data.tokenizer, data.teacher, data.budget
     eos, pad = tok.eos_token_id, tok.pad_token_id
     prompts_text = [e.prompt for e in examples]
@@ -431,7 +434,6 @@ def score(data: RealData, model, examples: list[Example], seed: int, greedy_cach
         greedy, stopped = generate(model, tok, prompts_text, budget.max_new_tokens, sample=False, seed=seed)
         if greedy_cache is not None:
             greedy_cache["greedy"] = (greedy, stopped)
-    sampled, _ = generate(model, tok, prompts_text, budget.max_new_tokens, sample=True, seed=seed)
     nonempty = [g or [eos] for g in greedy]
     reference_nll = answer_token_nll(model, prompts, [e.answer_ids for e in examples], pad)
     scores = {
@@ -440,16 +442,18 @@ def score(data: RealData, model, examples: list[Example], seed: int, greedy_cach
         "student_nll_first_half": [mean_or_nan(t[: len(t) // 2]) for t in reference_nll],
         "student_nll_second_half": [mean_or_nan(t[len(t) // 2 :]) for t in reference_nll],
         "teacher_nll_greedy": answer_nll(teacher, prompts, nonempty, pad),
-        "teacher_nll_sampled": answer_nll(teacher, prompts, [s or [eos] for s in sampled], pad),
         "distinct_2": [distinct(content(g, eos), 2) for g in greedy],
         "repeated_3gram": [1.0 - distinct(content(g, eos), 3) for g in greedy],
-        "distinct_2_sampled": [distinct(content(s, eos), 2) for s in sampled],
         "rouge_l": rouge_l(
             [tok.decode(g, skip_special_tokens=True).strip() for g in greedy], [e.answer_text for e in examples]
         ),
         "stop_rate": [100.0 * s for s in stopped],
         "length": [float(len(g)) for g in greedy],
     }
+    if sampled:
+        answers, _ = generate(model, tok, prompts_text, budget.max_new_tokens, sample=True, seed=seed)
+        scores["teacher_nll_sampled"] = answer_nll(teacher, prompts, [a or [eos] for a in answers], pad)
+        scores["distinct_2_sampled"] = [distinct(content(a, eos), 2) for a in answers]
     samples = {
         "greedy": [tok.decode(g, skip_special_tokens=True) for g in greedy[:3]],
         "prompts": [e.prompt for e in examples[:3]],
@@ -647,7 +651,8 @@ def grid_run(data: RealData, name: str, lr: float, seed: int) -> dict:
     folder = run_dir(name, lr, seed, data.student_name)
     student.save_pretrained(folder)
     (folder / "run.json").write_text(json.dumps({"curve": curve, "cost": cost}))
-    return record(data, name, lr, seed, "grid", score(data, student, data.splits["val"], seed), curve, cost)
+    scored = score(data, student, data.splits["val"], seed, sampled=False)
+    return record(data, name, lr, seed, "grid", scored, curve, cost)
 
 
 def final_run(data: RealData, name: str, lr: float, seed: int) -> dict:
