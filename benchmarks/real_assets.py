@@ -151,15 +151,28 @@ def load_gguf(gguf_path: Path, pad_token: str | None = None):
     return model.eval(), tokenizer
 
 
-def gguf_to_hf(gguf_path: Path, folder: Path, pad_token: str | None = None) -> None:
-    """Write the GGUF model and its tokenizer as a normal HF folder (``from_pretrained(folder)`` reads it)."""
-    model, tokenizer = load_gguf(gguf_path, pad_token)
+def save_folder(folder: Path, *parts) -> None:
+    """``save_pretrained`` of each part (model, tokenizer) into ``folder`` through a temporary folder renamed at the
+    end, so a killed run never leaves a folder that looks complete."""
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    for part in parts:
+        part.save_pretrained(partial)
     shutil.rmtree(folder, ignore_errors=True)
     partial.replace(folder)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed at the end."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def gguf_to_hf(gguf_path: Path, folder: Path, pad_token: str | None = None) -> None:
+    """Write the GGUF model and its tokenizer as a normal HF folder (``from_pretrained(folder)`` reads it)."""
+    save_folder(folder, *load_gguf(gguf_path, pad_token))
 
 
 def evenly_spaced(total: int, keep: int) -> list[int]:

@@ -68,9 +68,11 @@ from real_assets import (  # noqa: E402
     extract_member,
     gguf_to_hf,
     prune_layers,
+    save_folder,
     sharegpt_prompts,
     split_by_hash,
     verified_wheel,
+    write_text,
 )
 
 
@@ -195,9 +197,8 @@ def prepare(args) -> None:
         if not (folder / "config.json").exists():
             keep = evenly_spaced(teacher.config.num_hidden_layers, STUDENTS[name])
             student = prune_layers(teacher, keep)
-            student.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            (folder / "kept_layers.json").write_text(json.dumps(keep))
+            save_folder(folder, student, tokenizer)
+            write_text(folder / "kept_layers.json", json.dumps(keep))
             log(f"student {name}: layers {keep}, {sum(p.numel() for p in student.parameters()):,} parameters")
         log(f"student {name}: {folder}")
     prompts_file = root / "prompts.json"
@@ -210,7 +211,7 @@ def prepare(args) -> None:
                 text = archive.read(SHAREGPT.member).decode("utf-8", errors="replace")
         prompts = sharegpt_prompts(text)
         splits = split_by_hash(prompts, SPLITS)
-        write_json(prompts_file, splits)
+        write_text(prompts_file, json.dumps(splits, indent=1))
         log(
             f"prompts: {len(prompts):,} first human turns kept, "
             + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
@@ -218,11 +219,9 @@ def prepare(args) -> None:
     splits = json.loads(prompts_file.read_text())
     dataset = root / "dataset" / "train.jsonl"
     if not dataset.exists():  # for `trl-kd <method> --dataset_name <cache>/real-v1/dataset`: prompts, as messages
-        dataset.parent.mkdir(parents=True, exist_ok=True)
-        rows = [json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n" for p in splits["train"]]
-        partial = dataset.with_name("train.jsonl.partial")
-        partial.write_text("".join(rows))
-        partial.replace(dataset)
+        write_text(
+            dataset, "".join(json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n" for p in splits["train"])
+        )
     budget = QUICK if args.quick else Budget()
     wanted = {"train": budget.train_prompts, "val": budget.val_prompts, "test": budget.test_prompts}
     for split, n in wanted.items():
@@ -231,12 +230,6 @@ def prepare(args) -> None:
         teacher_answers(teacher, tokenizer, split, splits[split][:n], budget.max_new_tokens, sample=False)
     teacher_answers(teacher, tokenizer, "test", splits["test"][: budget.test_prompts], budget.max_new_tokens, True)
     log(f"prepare: done in {time.perf_counter() - begin:.0f}s")
-
-
-def write_json(path: Path, value) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=1))
-    partial.replace(path)
 
 
 def load_teacher():
