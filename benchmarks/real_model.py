@@ -722,17 +722,23 @@ def run(args) -> None:
             path = record_path(root, "real", name, 0, 0.0, "reference")
             yield path, lambda name=name, model=model: reference_record(data, name, model, args.seeds)
         for name in names:
-            grid = {}
-            for lr in rates if len(rates) > 1 else []:
-                for seed in range(args.grid_seeds):
-                    path = record_path(root, "real", name, seed, lr, "grid", budget.steps)
-                    grid.setdefault(lr, []).append(read_record(path))
-                    yield path, lambda n=name, lr=lr, s=seed: grid_run(data, n, lr, s)
+            rates_here, grid = list(rates) if len(rates) > 1 else [], {}
+            while rates_here:
+                for lr in rates_here:
+                    for seed in range(args.grid_seeds):
+                        path = record_path(root, "real", name, seed, lr, "grid", budget.steps)
+                        grid.setdefault(lr, [None] * args.grid_seeds)[seed] = read_record(path)
+                        yield path, lambda n=name, lr=lr, s=seed: grid_run(data, n, lr, s)
+                if any(r is None for runs in grid.values() for r in runs):
+                    break
+                wider = widened_grid(grid_scores(grid), args.extend_grid)
+                if wider == rates_here:
+                    break
+                rates_here = wider
             if any(r is None for runs in grid.values() for r in runs):
                 yield None, None  # the final runs wait for this grid
                 continue
-            scores = {lr: [r["metrics"][PRIMARY] for r in runs] for lr, runs in grid.items()}
-            best = choose_rate(scores, HIGHER_IS_BETTER[PRIMARY]) if grid else rates[0]
+            best = choose_rate(grid_scores(grid), HIGHER_IS_BETTER[PRIMARY]) if grid else rates[0]
             for seed in range(args.seeds):
                 path = record_path(root, "real", name, seed, best, "final", budget.steps)
                 yield path, lambda n=name, s=seed, lr=best: final_run(data, n, lr, s)
@@ -760,6 +766,25 @@ def run(args) -> None:
             if waiting:
                 log("some runs are claimed by other processes or wait for their grids: run again to finish them")
             return
+
+
+def grid_scores(grid: dict) -> dict[float, list[float]]:
+    return {lr: [r["metrics"][PRIMARY] for r in runs] for lr, runs in grid.items()}
+
+
+def widened_grid(scores: dict[float, list[float]], limits: tuple[float, float] | None) -> list[float]:
+    """The grid's rates, with one more rate past an edge when the best mean sits on that edge (the same ratio as
+    the grid's own spacing), within ``limits``; the rates unchanged when the best is inside (or ``limits`` is None).
+    A rate chosen at the edge of its grid says only that the best rate may lie beyond it."""
+    rates = sorted(scores)
+    if limits is None or len(rates) < 2:
+        return rates
+    best, step = choose_rate(scores, HIGHER_IS_BETTER[PRIMARY]), rates[1] / rates[0]
+    if best == rates[-1] and best * step <= limits[1] * (1 + 1e-9):
+        return rates + [float(f"{best * step:.3g}")]
+    if best == rates[0] and best / step >= limits[0] * (1 - 1e-9):
+        return [float(f"{best / step:.3g}")] + rates
+    return rates
 
 
 @contextlib.contextmanager
@@ -834,7 +859,10 @@ def collect(root: Path) -> tuple[dict, dict, dict]:
             final.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r)
     chosen = {}
     for name, by_lr in final.items():
-        chosen[name] = max(by_lr.values(), key=len)  # one rate per method: the chosen one
+        runs = grid.get(name, {})
+        complete = runs and len({len(r) for r in runs.values()}) == 1
+        best = choose_rate(grid_scores(runs), HIGHER_IS_BETTER[PRIMARY]) if complete else None
+        chosen[name] = by_lr[best] if best in by_lr else max(by_lr.values(), key=len)
     return refs, chosen, grid
 
 
@@ -938,7 +966,7 @@ def grid_table(grid: dict) -> list[str]:
     ]
     for name in [m for m in METHODS if m in grid]:
         means = {lr: [r["metrics"][PRIMARY] for r in runs] for lr, runs in grid[name].items()}
-        best = choose_rate(means, HIGHER_IS_BETTER[PRIMARY]) if len(means) == len(rates) else None
+        best = choose_rate(means, HIGHER_IS_BETTER[PRIMARY])
         cells = []
         for lr in rates:
             if lr not in means:
@@ -1053,6 +1081,12 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--methods", default=None, help=f"comma-separated slugs of {[slug(m) for m in METHODS]}")
     run_parser.add_argument("--lr-grid", default="2e-5,1e-4,5e-4")
     run_parser.add_argument("--grid-seeds", type=int, default=2)
+    run_parser.add_argument(
+        "--extend-grid",
+        default="1e-6,1e-2",
+        help="LOW,HIGH: while a method's best rate is at an edge of its grid, add the next rate past it within "
+        "these limits ('none': a fixed grid)",
+    )
     run_parser.add_argument("--seeds", type=int, default=3)
     run_parser.add_argument("--steps", type=int, default=None)
     run_parser.add_argument("--threads", type=int, default=2)
@@ -1072,6 +1106,7 @@ def main(argv: list[str] | None = None) -> None:
             args.lr_grid, args.seeds, args.grid_seeds = args.lr_grid.split(",")[1], 1, 1
             args.methods = args.methods or ",".join(slug(m) for m in QUICK_METHODS)
         args.lr_grid = [float(x) for x in str(args.lr_grid).split(",")]
+        args.extend_grid = None if args.extend_grid == "none" else tuple(map(float, args.extend_grid.split(",")))
         args.methods = args.methods.split(",") if args.methods else None
         unknown = set(args.methods or ()) - {slug(m) for m in METHODS}
         if unknown:

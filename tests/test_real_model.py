@@ -305,6 +305,19 @@ def test_a_job_is_claimed_once_and_a_dead_claim_is_taken_over(tmp_path):
         assert taken_over
 
 
+def test_a_grid_whose_best_rate_is_at_an_edge_grows_past_it():
+    from real_model import widened_grid
+
+    limits = (1e-6, 1e-2)
+    # NLL, lower is better: the best rate is the largest, so the next one (same spacing, x5) is added
+    assert widened_grid({2e-5: [7.3, 7.3], 1e-4: [6.2, 6.2], 5e-4: [5.5, 5.4]}, limits) == [2e-5, 1e-4, 5e-4, 2.5e-3]
+    assert widened_grid({2e-5: [5.0, 5.0], 1e-4: [6.2, 6.2], 5e-4: [7.0, 7.0]}, limits) == [4e-6, 2e-5, 1e-4, 5e-4]
+    inside = {2e-5: [7.0, 7.0], 1e-4: [6.0, 6.0], 5e-4: [6.5, 6.5]}
+    assert widened_grid(inside, limits) == [2e-5, 1e-4, 5e-4]
+    at_limit = {2e-3: [7.0, 7.0], 1e-2: [6.0, 6.0]}
+    assert widened_grid(at_limit, limits) == [2e-3, 1e-2] and widened_grid(inside, None) == [2e-5, 1e-4, 5e-4]
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 def sharegpt_file(path: Path, n: int = 320) -> None:
     rng = np.random.default_rng(0)
