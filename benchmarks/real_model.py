@@ -1003,6 +1003,8 @@ def claims_table(final: dict, grid: dict) -> list[str]:
                 verdict += ", rate-sensitive"
             per_rate = "; ".join(f"{lr:g}: {i}" for lr, i in at_rates.items()) or "–"
             lines.append(f"| {claim} | {metric} | {chosen if chosen else '–'} | {per_rate} | {verdict} |")
+    if lines[-1].startswith("| ---"):
+        lines.append("| (no claim has both of its methods in the records yet) | | | | |")
     return lines
 
 
