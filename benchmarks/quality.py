@@ -60,6 +60,7 @@ from trl_kd.testing import CHAT_TEMPLATE, EOS, PAD, build_tokenizer, make_task  
 from plotting import pyplot  # noqa: E402
 from quality_records import foreign_records, git_commit, load_records, record_path, run_once, slug  # noqa: E402
 from quality_stats import choose_rate, mean_and_interval, paired_bootstrap  # noqa: E402
+from training import sft_step  # noqa: E402
 
 
 RECIPE_VERSION = "v2"
@@ -420,23 +421,12 @@ def sft(
     model.train()
     for step in range(steps):
         chunk = [examples[(step * batch + i) % len(examples)] for i in range(batch)]
-        rows, labels = [], []
-        for e in chunk:
-            prompt = tokenizer(e.prompt, add_special_tokens=False)["input_ids"]
-            answer = tokenizer(e.reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            rows.append(prompt + answer)
-            labels.append([-100] * len(prompt) + answer)
-        width = max(map(len, rows))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        label_ids = torch.tensor([[-100] * (width - len(lab)) + lab for lab in labels])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=label_ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in chunk]
+        answers = [
+            tokenizer(e.reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for e in chunk
+        ]
+        sft_step(model, optimizer, prompts, answers, tokenizer.pad_token_id)
         scheduler.step()
-        optimizer.zero_grad()
         if callback is not None:
             model.eval()
             callback(step + 1)

@@ -74,6 +74,7 @@ from real_assets import (  # noqa: E402
     verified_wheel,
     write_text,
 )
+from training import left_padded, sft_step  # noqa: E402
 
 
 RECIPE = "real-v1"
@@ -376,12 +377,10 @@ def answer_token_nll(model, prompts: list[list[int]], answers: list[list[int]], 
     for start in range(0, len(prompts), batch):
         chunk = answers[start : start + batch]
         rows = [p + a for p, a in zip(prompts[start : start + batch], chunk)]
-        width, longest = max(map(len, rows)), max(1, max(map(len, chunk)))
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        longest = max(1, max(map(len, chunk)))
+        ids, mask, positions = left_padded(rows, pad)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=longest + 1).logits
-        log_probs = logits[:, :-1].float().log_softmax(-1)  # slot k predicts token width - longest + k
+        log_probs = logits[:, :-1].float().log_softmax(-1)  # slot k predicts the k-th of the last `longest` tokens
         token_nll = -log_probs.gather(-1, ids[:, -longest:, None])[..., 0]
         out += [token_nll[i, longest - len(answer) :].numpy().astype(float) for i, answer in enumerate(chunk)]
     return out
@@ -537,24 +536,14 @@ def sft(model, data: RealData, rows: Dataset, lr: float, seed: int, callback) ->
     """SFT on the teacher's greedy answers (sequence-level KD): AdamW (no weight decay), constant rate, clip 1.0 (the
     trainers' settings), loss on the answer tokens, in place."""
     torch.manual_seed(seed)
-    tok, budget = data.tokenizer, data.budget
+    budget = data.budget
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     by_prompt = {e.prompt: e for e in data.splits["train"]}
     model.train()
     for step in range(budget.steps):
         chunk = [by_prompt[r["prompt"]] for r in rows.select(range(step * budget.batch, (step + 1) * budget.batch))]
-        seqs = [e.prompt_ids + e.answer_ids for e in chunk]
-        labels = [[-100] * len(e.prompt_ids) + e.answer_ids for e in chunk]
-        width = max(map(len, seqs))
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in seqs])
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-        label_ids = torch.tensor([[-100] * (width - len(s)) + s for s in labels])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=label_ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
+        prompts, answers = [e.prompt_ids for e in chunk], [e.answer_ids for e in chunk]
+        sft_step(model, optimizer, prompts, answers, data.tokenizer.pad_token_id)
         callback(step + 1)
     model.eval()
 
