@@ -50,10 +50,11 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from quality import method  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
-from trl_kd import KDTrainer, get_method  # noqa: E402
+from trl_kd import KDTrainer  # noqa: E402
 from trl_kd._compat import checkpointing_field  # noqa: E402
 from trl_kd.scripts.default import cache_base  # noqa: E402
 
@@ -100,11 +101,6 @@ class Budget:
 
 
 QUICK = Budget(steps=4, batch=2, max_new_tokens=24, train_prompts=16, val_prompts=8, test_prompts=12, curve_points=2)
-
-
-def method(name: str, overrides: dict) -> tuple:
-    registered = get_method(name)
-    return registered.trainer, registered.config, overrides
 
 
 def trl_distillation(overrides: dict) -> tuple:
@@ -328,8 +324,6 @@ class RealData:
                 Example(chat_prompt(self.tokenizer, p), a, self.tokenizer, budget.max_new_tokens)
                 for p, a in zip(prompts, answers)
             ]
-        sampled = self._answers("test", splits["test"][: budget.test_prompts], sample=True)
-        self.test_sampled = [a[: budget.max_new_tokens] for a in sampled]  # temperature 1, for diagnostics
 
     def _answers(self, split, prompts, sample):
         path = answers_file(split, sample)
