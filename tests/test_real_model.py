@@ -318,6 +318,19 @@ def test_a_grid_whose_best_rate_is_at_an_edge_grows_past_it():
     assert widened_grid(at_limit, limits) == [2e-3, 1e-2] and widened_grid(inside, None) == [2e-5, 1e-4, 5e-4]
 
 
+def test_the_budget_projection_recovers_a_power_law():
+    from real_model import steps_to_reach
+
+    # value = floor + 100 * step^-0.5 reaches floor + 5 at step 400 exactly; the first half of the curve (an early
+    # plateau here) is left out of the fit
+    floor = 0.7
+    curve = [(5, 50.0), (10, 50.0)] + [(s, floor + 100 * s**-0.5) for s in (15, 20, 30, 40)]
+    assert steps_to_reach(curve, floor + 5.0, floor) == pytest.approx(400, rel=1e-9)
+    assert steps_to_reach(curve, 30.0, floor) == 15  # already on the curve: the first step at or below it
+    assert steps_to_reach([(10, 6.0), (20, 6.0), (30, 6.5), (40, 6.5)], 3.0, floor) == float("inf")  # no fall
+    assert steps_to_reach([(40, 6.0)], 3.0, floor) is None
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 def sharegpt_file(path: Path, n: int = 320) -> None:
     rng = np.random.default_rng(0)
