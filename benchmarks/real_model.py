@@ -881,6 +881,7 @@ def report(args) -> str:
     lines += grid_table(grid)
     lines += claims_table(final, grid)
     lines += halves_table(final)
+    lines += time_to_quality_table(final)
     if args.plots:
         plot_curves(final, refs, Path(args.plots) / f"real_model_{args.student}.png")
     return "\n".join(lines)
@@ -947,14 +948,18 @@ def gap_table(refs: dict, final: dict) -> list[str]:
     return lines
 
 
-def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
-    """(step, primary metric) averaged over the runs whose curves have the same steps as the first one."""
+def mean_curve(runs: list[dict], x: str = "step") -> list[tuple[float, float]]:
+    """(``x``, primary metric) point by point, ``x`` being "step" or "seconds" (training seconds), averaged over the
+    runs whose curves have the same steps as the first one."""
     curves = [r["curve"] for r in runs if r.get("curve")]
     if not curves:
         return []
     steps = [p["step"] for p in curves[0]]
     same = [c for c in curves if [p["step"] for p in c] == steps]
-    return [(s, float(np.mean([c[i][PRIMARY] for c in same]))) for i, s in enumerate(steps)]
+    return [
+        (float(np.mean([c[i][x] for c in same])), float(np.mean([c[i][PRIMARY] for c in same])))
+        for i in range(len(steps))
+    ]
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float, floor: float) -> float | None:
@@ -1047,6 +1052,47 @@ def halves_table(final: dict, baseline: str = GKD_MIXED) -> list[str]:
             for half in ("first_half", "second_half")
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def seconds_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The training seconds at which a (seconds, value) ``curve`` first gets to ``target`` or below, linearly
+    interpolated between the two points around it (from the start, value unknown, the first point counts as is);
+    None when it never does."""
+    for i, (seconds, value) in enumerate(curve):
+        if value <= target:
+            if i == 0:
+                return seconds
+            (s0, v0) = curve[i - 1]
+            return s0 + (seconds - s0) * (v0 - target) / (v0 - value)
+    return None
+
+
+def time_to_quality_table(final: dict, baselines: tuple[str, ...] = (GKD_ON_POLICY, TRL_PEER)) -> list[str]:
+    """What reaching a baseline's final validation score costs each method in training seconds (curve evaluations
+    excluded), from the learning curves of the final runs (means over seeds)."""
+    present = [b for b in baselines if b in final and mean_curve(final[b])]
+    if not present:
+        return []
+    curves = {name: mean_curve(final[name], "seconds") for name in [m for m in METHODS if m in final]}
+    targets = {b: mean_curve(final[b])[-1][1] for b in present}
+    lines = [
+        "",
+        "Time to quality: training seconds (2-core CPU, one thread per run) until the mean validation curve reaches "
+        "each baseline's final validation score (interpolated between curve points; not reached: not within the "
+        "budget):",
+        "",
+        "| method | total training seconds | " + " | ".join(f"to {b} ({targets[b]:.3f})" for b in present) + " |",
+        "|" + " --- |" * (len(present) + 2),
+    ]
+    for name, curve in curves.items():
+        if not curve:
+            continue
+        cells = []
+        for b in present:
+            seconds = seconds_to_reach(curve, targets[b])
+            cells.append("not reached" if seconds is None else f"{seconds:.0f}")
+        lines.append(f"| {name} | {curve[-1][0]:.0f} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -331,6 +331,16 @@ def test_the_budget_projection_recovers_a_power_law():
     assert steps_to_reach([(40, 6.0)], 3.0, floor) is None
 
 
+def test_seconds_to_a_score_are_interpolated_between_curve_points():
+    from real_model import seconds_to_reach
+
+    curve = [(10.0, 8.0), (20.0, 6.0), (30.0, 5.0)]
+    assert seconds_to_reach(curve, 5.5) == pytest.approx(25.0)  # halfway from 6.0 (20 s) to 5.0 (30 s)
+    assert seconds_to_reach(curve, 6.0) == pytest.approx(20.0)
+    assert seconds_to_reach(curve, 9.0) == 10.0  # already there at the first point
+    assert seconds_to_reach(curve, 4.0) is None
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 def sharegpt_file(path: Path, n: int = 320) -> None:
     rng = np.random.default_rng(0)
@@ -391,5 +401,5 @@ def test_prepare_and_a_quick_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert fresh == [e.answer_ids for e in test]
     teacher = by_method["Teacher"]["per_prompt_by_seed"][0]
     assert teacher["student_nll"] == pytest.approx(teacher["teacher_nll_greedy"], rel=1e-5)
-    assert "vs DistillationTrainer" in out and "The papers' claims" in out
+    assert "vs DistillationTrainer" in out and "The papers' claims" in out and "Time to quality" in out
     assert (plots / "real_model_pruned-8.png").exists()
