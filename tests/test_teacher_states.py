@@ -7,7 +7,7 @@ import torch
 from trl_kd import SpeculativeKDTrainer, SwitchTrainer
 from trl_kd.testing import build_model, make_dataset
 
-from helpers import make_trainer
+from helpers import assert_close_to_rounding, make_trainer
 
 
 def sharp_pair(tokenizer):
@@ -99,10 +99,10 @@ def test_reused_states_give_the_recomputed_loss_and_gradients(tmp_path, tokenize
     recomputed = {k: v for k, v in batch.items() if k not in ("teacher_hidden", "teacher_hidden_rows")}
     recomputed_loss, recomputed_grads = loss_and_gradients(trainer, recomputed)
     assert calls[-1] == 8
-    torch.testing.assert_close(reused_loss, recomputed_loss, rtol=1e-5, atol=1e-6)
+    assert_close_to_rounding(reused_loss, recomputed_loss)
     assert reused_grads.keys() == recomputed_grads.keys() and reused_grads
     for name in reused_grads:
-        torch.testing.assert_close(reused_grads[name], recomputed_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert_close_to_rounding(reused_grads[name], recomputed_grads[name], msg=name)
 
 
 def test_training_runs_the_teacher_only_in_the_sampler(tmp_path, tokenizer):
