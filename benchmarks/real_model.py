@@ -936,14 +936,21 @@ def gap_table(refs: dict, final: dict) -> list[str]:
         closed = (before - m) / (before - teacher)
         ok = closed >= 0.8 and abs(d2 / teacher_d2 - 1) <= 0.1
         projected = steps_to_reach(mean_curve(final[name]), target, teacher)
-        projection = "–" if projected is None else f"{projected:.0f}" if np.isfinite(projected) else "not reached"
+        budget = final[name][0]["budget"]["steps"]
+        if projected is None:
+            projection = "–"
+        elif projected > 100 * budget:  # a fit this far out only says the curve has flattened
+            projection = f"over {100 * budget} (flat)" if np.isfinite(projected) else "not reached (no fall)"
+        else:
+            projection = f"{projected:.0f}"
         lines.append(
             f"| {name} | {100 * closed:.0f}% | {d2 / teacher_d2:.2f} | {'yes' if ok else 'no'} | {projection} |"
         )
     lines += [
         "",
         "The projection fits the validation curve's second half as a power law in steps of the distance to the "
-        "teacher's NLL (`steps_to_reach`): an extrapolation, which says nothing of degeneration.",
+        "teacher's NLL (`steps_to_reach`): an extrapolation, which says nothing of degeneration; beyond 100 times "
+        "the budget it only says that the curve has flattened.",
     ]
     return lines
 
