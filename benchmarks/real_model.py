@@ -712,13 +712,13 @@ def run(args) -> None:
                         path = record_path(root, "real", name, seed, lr, "grid", budget.steps)
                         grid.setdefault(lr, [None] * args.grid_seeds)[seed] = read_record(path)
                         yield path, lambda n=name, lr=lr, s=seed: grid_run(data, n, lr, s)
-                if any(r is None for runs in grid.values() for r in runs):
+                if not grid_complete(grid):
                     break
                 wider = widened_grid(grid_scores(grid), args.extend_grid)
                 if wider == rates_here:
                     break
                 rates_here = wider
-            if any(r is None for runs in grid.values() for r in runs):
+            if not grid_complete(grid):
                 yield None, None  # the final runs wait for this grid
                 continue
             best = choose_rate(grid_scores(grid), HIGHER_IS_BETTER[PRIMARY]) if grid else rates[0]
@@ -749,6 +749,11 @@ def run(args) -> None:
             if waiting:
                 log("some runs are claimed by other processes or wait for their grids: run again to finish them")
             return
+
+
+def grid_complete(grid: dict) -> bool:
+    """Every run of a method's grid (``{rate: [record or None per seed]}``) has its record."""
+    return all(r is not None for runs in grid.values() for r in runs)
 
 
 def grid_scores(grid: dict) -> dict[float, list[float]]:
@@ -997,7 +1002,7 @@ def grid_table(grid: dict) -> list[str]:
         "|" + " --- |" * (len(rates) + 1),
     ]
     for name in [m for m in METHODS if m in grid]:
-        means = {lr: [r["metrics"][PRIMARY] for r in runs] for lr, runs in grid[name].items()}
+        means = grid_scores(grid[name])
         best = choose_rate(means, HIGHER_IS_BETTER[PRIMARY])
         cells = []
         for lr in rates:
@@ -1078,11 +1083,11 @@ def seconds_to_reach(curve: list[tuple[float, float]], target: float) -> float |
 def time_to_quality_table(final: dict, baselines: tuple[str, ...] = (GKD_ON_POLICY, TRL_PEER)) -> list[str]:
     """What reaching a baseline's final validation score costs each method in training seconds (curve evaluations
     excluded), from the learning curves of the final runs (means over seeds)."""
-    present = [b for b in baselines if b in final and mean_curve(final[b])]
-    if not present:
+    targets = {b: curve[-1][1] for b in baselines if b in final and (curve := mean_curve(final[b]))}
+    if not targets:
         return []
+    present = list(targets)
     curves = {name: mean_curve(final[name], "seconds") for name in [m for m in METHODS if m in final]}
-    targets = {b: mean_curve(final[b])[-1][1] for b in present}
     lines = [
         "",
         "Time to quality: training seconds (2-core CPU, one thread per run) until the mean validation curve reaches "
