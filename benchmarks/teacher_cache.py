@@ -4,7 +4,7 @@ and what a supervised-KD step costs with it. Prints markdown tables for docs/off
     python benchmarks/teacher_cache.py            # the tiny Qwen2 pair of trl_kd.testing, teacher fine-tuned
 
 The teacher is fine-tuned on the synthetic task first (`sft_on_task`, 400 steps), so its distributions are peaked
-as a trained model's are. Sizes are the Parquet shards on disk per million completion tokens. The loss gap is the
+as a trained model's are. Sizes are the Arrow shards on disk per million completion tokens. The loss gap is the
 token-mean divergence from each cache against the live teacher's full-vocabulary divergence, on the same student
 and rows. Step times are medians (first 2 steps dropped) of interleaved runs on the same rows: `trl.SFTTrainer`
 (a plain SFT step of the student), supervised KD (`KDTrainer`, `lmbda=0`) with the live teacher, and supervised KD
@@ -65,7 +65,9 @@ def main() -> None:
         cache_teacher(teacher, tokenizer, dataset, out, k=k, max_completion_length=32, batch_size=32, progress=False)
         cache, _ = load_teacher_cache(out)
         tokens = sum(len(c) for c in cache["teacher_completion_ids"])
-        size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".parquet"))
+        size = sum(
+            os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs if f.endswith(".arrow")
+        )
         if k in KS:
             size_rows.append(f"| {k} | {size / tokens * 1e6 / 2**20:.0f} MiB |")
         # the student's and the live teacher's states at the cached positions, row by row
@@ -134,7 +136,7 @@ def main() -> None:
     ]
     shutil.rmtree(work, ignore_errors=True)
 
-    print(f"Cache size, {args.rows} rows, float16 values, ids uint16 (vocabulary {vocab}), Parquet on disk:\n")
+    print(f"Cache size, {args.rows} rows, float16 values, ids uint16 (vocabulary {vocab}), Arrow on disk:\n")
     print("| k | per million completion tokens |\n| --- | --- |\n" + "\n".join(size_rows) + "\n")
     print(
         "Token-mean divergence of the untrained student from the fine-tuned teacher over 64 rows: live (full "

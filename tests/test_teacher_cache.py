@@ -2,11 +2,16 @@
 it (with no teacher at all, and equal to the live teacher when the cache keeps the whole vocabulary)."""
 
 import copy
+import dataclasses
+import json
 import os
+import shutil
 import subprocess
 import sys
 
+import datasets
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -14,6 +19,7 @@ from trl_kd import KDConfig, KDTrainer, PromptKDConfig
 from trl_kd.teacher_cache import (
     CACHE_COLUMNS,
     MANIFEST_NAME,
+    PARQUET_SHARD_PATTERN,
     SHARD_PATTERN,
     TeacherCacheManifest,
     cache_teacher,
@@ -76,13 +82,73 @@ def test_half_precision_values(tmp_path, tokenizer, teacher):
     assert cache.features["teacher_topk_logprobs"].feature.feature.dtype == "float16"
 
 
+def test_reading_the_cache_maps_its_own_shards_and_writes_nothing(tmp_path, tokenizer, teacher):
+    """The shards are memory-mapped where they lie: no converted copy in the `datasets` cache or anywhere else."""
+    path = tmp_path / "cache"
+    write(teacher, tokenizer, make_dataset("prompt_completion", 12), path)
+    hf_cache = tmp_path / "hf-datasets-cache"
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", hf_cache)
+        cache, _ = load_teacher_cache(str(path))
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    files = [f["filename"] for f in cache.cache_files]
+    assert len(files) == 3 and all(os.path.commonpath([f, str(path)]) == str(path) for f in files)
+
+
+def test_a_parquet_cache_from_an_earlier_version_still_loads(tmp_path, tokenizer, teacher):
+    path = tmp_path / "cache"
+    write(teacher, tokenizer, make_dataset("prompt_completion", 12), path)
+    current, manifest = load_teacher_cache(str(path))
+    legacy = tmp_path / "legacy"  # the layout before Arrow shards: Parquet files, no `shard_format` in the manifest
+    legacy.mkdir()
+    fields = {k: v for k, v in dataclasses.asdict(manifest).items() if k != "shard_format"}
+    (legacy / MANIFEST_NAME).write_text(json.dumps(fields))
+    for i in range(manifest.num_shards):
+        shard = datasets.load_from_disk(str(path / SHARD_PATTERN.format(index=i)))
+        shard.to_parquet(str(legacy / PARQUET_SHARD_PATTERN.format(index=i)))
+    cache, loaded = load_teacher_cache(str(legacy))
+    assert loaded.shard_format == "parquet" and dataclasses.replace(loaded, shard_format="arrow") == manifest
+    assert cache.to_list() == current.to_list()
+    with pytest.raises(ValueError, match="other settings.*shard_format: 'parquet' vs 'arrow'"):
+        write(teacher, tokenizer, make_dataset("prompt_completion", 12), legacy)  # resuming it would mix formats
+
+
+@pytest.mark.slow
+def test_a_cache_several_times_the_memory_headroom_trains_with_flat_memory(tmp_path, tokenizer, teacher):
+    """An epoch over a cache of 18 shards (about 240 MiB: the whole vocabulary in fp32 over about 56 tokens a row)
+    holds the trainer's own memory flat: building the trainer and training raise it by less than half the cache, and
+    the steps after the first by less than an eighth, while holding the cache in memory raises it by at least half the
+    cache (the control). Memory-mapped shards are paged in by the operating system, which can drop them again."""
+    dataset = make_dataset("prompt_completion", 2200, min_len=50, max_len=60)
+    path = tmp_path / "cache"
+    settings = dict(k=len(tokenizer), value_dtype="float32", max_completion_length=64, batch_size=64, shard_rows=128)
+    manifest = write(teacher, tokenizer, dataset, path, **settings)
+    assert manifest.num_shards == 18
+    size = sum(f.stat().st_size for f in path.rglob("*.arrow"))
+    assert size > 200 * 2**20
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    script = [sys.executable, str(ROOT / "tests" / "memory" / "train_on_cache.py")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [*script, str(path), str(tmp_path / "tokenizer"), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert measured["rows"] == measured["rows_trained"] == 2200  # every row was read, in batches of 8
+    assert measured["peak"] - measured["before_trainer"] < size / 2, measured
+    assert measured["peak_after_first_step"] - measured["baseline"] < size / 8, measured
+    assert measured["held_growth"] > size / 2, measured
+
+
 def test_a_rerun_resumes_and_an_unfinished_cache_is_refused(tmp_path, tokenizer, teacher, monkeypatch):
     dataset = make_dataset("prompt_completion", 12)
     path = tmp_path / "cache"
     write(teacher, tokenizer, dataset, path)
     shards = [path / SHARD_PATTERN.format(index=i) for i in range(3)]
     before = {s: s.stat().st_mtime_ns for s in shards}
-    os.remove(shards[1])
+    shutil.rmtree(shards[1])
     with pytest.raises(ValueError, match="1 of 3 shards are missing.*shard-00001"):
         load_teacher_cache(str(path))
     import trl_kd.teacher_cache as module
@@ -141,6 +207,23 @@ def test_training_needs_no_teacher_and_changes_the_student(tmp_path, tokenizer, 
     assert all(np.isfinite(logged(trainer, "kd_loss")))
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Offline teacher cache**: top-8" in card
+
+
+@pytest.mark.parametrize("passed", [False, True])
+def test_a_messages_cache_trains_with_its_top_k_left_in_the_shards(tmp_path, tokenizer, teacher, passed):
+    """Splitting `messages` into prompt and completion writes a copy (`map`); it holds the rows' own columns only,
+    and the top-k columns are read from the shards."""
+    dataset = make_dataset("messages", 12)
+    write(teacher, tokenizer, dataset, tmp_path / "cache")
+    trainer = trainer_on(tmp_path, tokenizer, tmp_path / "cache", dataset=dataset if passed else None, max_steps=2)
+    shards = {str(p) for p in (tmp_path / "cache").rglob("data-*.arrow")}
+    files = {f["filename"] for f in trainer.train_dataset.cache_files}
+    assert len(shards) == 3 and shards <= files
+    for copy_file in files - shards:
+        with pa.memory_map(copy_file) as source:
+            assert not set(pa.ipc.open_stream(source).schema.names) & set(CACHE_COLUMNS)
+    trainer.train()
+    assert all(np.isfinite(logged(trainer, "kd_loss")))
 
 
 @pytest.mark.parametrize("lmbda", [0.0, 0.5])
@@ -207,7 +290,7 @@ def test_a_row_whose_tokens_differ_is_refused_with_its_index(tmp_path, tokenizer
     edited.mkdir()
     manifest = TeacherCacheManifest(**{**manifest.__dict__, "num_rows": 8, "shard_rows": 8})
     manifest.save(str(edited))
-    changed.to_parquet(str(edited / SHARD_PATTERN.format(index=0)))
+    changed.save_to_disk(str(edited / SHARD_PATTERN.format(index=0)))
     trainer = trainer_on(tmp_path, tokenizer, edited, per_device_train_batch_size=8, max_steps=1)
     with pytest.raises(ValueError, match="Row 3 of the teacher cache .*completion tokens differ"):
         trainer.train()

@@ -170,9 +170,9 @@ def check_prompt_lengths(
             return {}
 
         return dataset.map(check_row, with_indices=True)
+    prompts = dataset.select_columns(["prompt"])  # slicing the dataset would read every column of the rows
     for start in range(0, len(dataset), batch_size):
-        prompts = dataset[start : start + batch_size]["prompt"]
-        for offset, ids in enumerate(tokenize(prompts)):
+        for offset, ids in enumerate(tokenize(prompts[start : start + batch_size]["prompt"])):
             check(start + offset, ids)
     return dataset
 

@@ -17,12 +17,13 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, concatenate_datasets, load_from_disk
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from trl.trainer.utils import pad
 
@@ -32,7 +33,10 @@ from .sampler import backbone
 
 
 MANIFEST_NAME = "teacher_cache.json"
-SHARD_PATTERN = "shard-{index:05d}.parquet"
+SHARD_PATTERN = "shard-{index:05d}"  # a `Dataset.save_to_disk` folder
+PARQUET_SHARD_PATTERN = (
+    "shard-{index:05d}.parquet"  # caches written before the Arrow shards (`shard_format="parquet"`)
+)
 CACHE_COLUMNS = (
     "teacher_cache_row",  # the row's index in the dataset the cache was computed from
     "teacher_prompt_ids",  # the prompt's tokens the teacher saw
@@ -59,6 +63,9 @@ class TeacherCacheManifest:
         value_dtype: storage type of the log-probabilities; ids use the narrowest unsigned type for `vocab_size`.
         max_completion_length: completions were cut to this many tokens.
         seq_kd: the completions are the teacher's own samples instead of the dataset's.
+        shard_format: `"arrow"` (`Dataset.save_to_disk` folders, memory-mapped when read); a manifest without it
+            was written by an earlier trl-kd, as Parquet files, which are still read (converted into the `datasets`
+            cache on first use).
     """
 
     teacher: str
@@ -73,6 +80,7 @@ class TeacherCacheManifest:
     value_dtype: str
     max_completion_length: int
     seq_kd: bool = False
+    shard_format: str = "parquet"  # what a manifest that predates the field describes; new caches write "arrow"
 
     @property
     def num_shards(self) -> int:
@@ -194,7 +202,7 @@ def cache_teacher(
         temperature: the teacher's softmax temperature; training must use the same `loss_temperature`.
         max_completion_length: completions are cut to this many tokens, as in training.
         batch_size: rows per teacher forward.
-        shard_rows: rows per Parquet shard (the unit of resumption and of work between processes).
+        shard_rows: rows per shard (the unit of resumption and of work between processes).
         value_dtype: `"float16"` or `"float32"` storage of the log-probabilities.
         seq_kd: cache the teacher's own samples (drawn with `generation_config`) instead of the dataset's completions.
         chat_template_kwargs: passed to the chat template, as `KDConfig.chat_template_kwargs`.
@@ -230,6 +238,7 @@ def cache_teacher(
         value_dtype=value_dtype,
         max_completion_length=max_completion_length,
         seq_kd=seq_kd,
+        shard_format="arrow",
     )
     os.makedirs(output_dir, exist_ok=True)
     if os.path.exists(os.path.join(output_dir, MANIFEST_NAME)):
@@ -285,7 +294,8 @@ def cache_teacher(
             part = part.add_column(name, columns[name])
         path = os.path.join(output_dir, SHARD_PATTERN.format(index=shard))
         partial = f"{path}.{process_index}.tmp"
-        part.to_parquet(partial)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run that was killed while saving
+        part.save_to_disk(partial)
         os.replace(partial, path)  # a shard exists only once it is complete
     bar.close()
     return manifest
@@ -293,16 +303,25 @@ def cache_teacher(
 
 def load_teacher_cache(directory: str) -> tuple[Dataset, TeacherCacheManifest]:
     """The cached dataset (the original columns and the cache's, in the original row order) and its manifest.
-    Refuses a cache with a shard missing (a run that has not finished)."""
+
+    The shards are memory-mapped, not read into memory: rows are paged in from disk as training reads them. Refuses a
+    cache with a shard missing (a run that has not finished)."""
     manifest = TeacherCacheManifest.load(directory)
-    paths = [os.path.join(directory, SHARD_PATTERN.format(index=i)) for i in range(manifest.num_shards)]
+    if manifest.shard_format not in ("arrow", "parquet"):
+        raise ValueError(
+            f"The teacher cache in {directory} has shards of format {manifest.shard_format!r}, which this version of "
+            "trl-kd cannot read; upgrade trl-kd or write the cache again."
+        )
+    pattern = SHARD_PATTERN if manifest.shard_format == "arrow" else PARQUET_SHARD_PATTERN
+    paths = [os.path.join(directory, pattern.format(index=i)) for i in range(manifest.num_shards)]
     missing = [os.path.basename(p) for p in paths if not os.path.exists(p)]
     if missing:
         raise ValueError(
             f"The teacher cache in {directory} is incomplete: {len(missing)} of {len(paths)} shards are missing "
             f"(first: {missing[0]}). Run the same `cache-teacher` command again to finish it."
         )
-    return concatenate_datasets([Dataset.from_parquet(p) for p in paths]), manifest
+    read = load_from_disk if manifest.shard_format == "arrow" else Dataset.from_parquet
+    return concatenate_datasets([read(p) for p in paths]), manifest
 
 
 def _differences(a: TeacherCacheManifest, b: TeacherCacheManifest) -> str:

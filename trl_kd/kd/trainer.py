@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
@@ -156,7 +157,8 @@ class KDTrainer(DistillationTrainer):
                     f"`{argument}` {name!r} is no folder (and not a Hub id like "
                     "'Qwen/Qwen2.5-7B-Instruct'): check the path."
                 )
-        train_dataset = prepare_dataset(train_dataset, "train_dataset")
+        if self.teacher_cache_manifest is None:  # else `_with_teacher_cache` prepared it
+            train_dataset = prepare_dataset(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: prepare_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
         elif eval_dataset is not None:
@@ -228,8 +230,10 @@ class KDTrainer(DistillationTrainer):
     # ------------------------------------------------------------------------------------------------ set-up checks
     @staticmethod
     def _with_teacher_cache(train_dataset: Dataset | None, args: KDConfig) -> tuple[Dataset, TeacherCacheManifest]:
-        """The training rows with the cache's columns: the cache itself when no dataset is passed, else the passed
-        dataset (which must be the one the cache was computed from) joined with them."""
+        """The training rows, checked and in prompt-completion form, with the cache's columns joined: the cached rows
+        themselves when no dataset is passed, else the passed dataset (which must be the one the cache was computed
+        from). Only the rows' own columns are checked and converted (a `messages` dataset is split by `map`, which
+        writes a copy): the cache's columns stay memory-mapped."""
         cache, manifest = load_teacher_cache(args.teacher_cache)
         if manifest.seq_kd != args.seq_kd:
             raise ValueError(
@@ -241,14 +245,19 @@ class KDTrainer(DistillationTrainer):
                 )
             )
         if train_dataset is None:
-            return cache, manifest
-        if not isinstance(train_dataset, Dataset) or train_dataset._fingerprint != manifest.dataset_fingerprint:
+            train_dataset = cache.select_columns([c for c in cache.column_names if c not in CACHE_COLUMNS])
+        elif not isinstance(train_dataset, Dataset) or train_dataset._fingerprint != manifest.dataset_fingerprint:
             raise ValueError(
                 f"The teacher cache {args.teacher_cache} was computed from another dataset (fingerprint "
                 f"{manifest.dataset_fingerprint}, this one {getattr(train_dataset, '_fingerprint', None)}): pass "
                 "`train_dataset=None` to train on the cached rows, or cache this dataset."
             )
-        return concatenate_datasets([train_dataset, cache.select_columns(list(CACHE_COLUMNS))], axis=1), manifest
+        rows = prepare_dataset(train_dataset, "train_dataset")
+        joined = concatenate_datasets([rows, cache.select_columns(list(CACHE_COLUMNS))], axis=1)
+        # Arrays, not nested lists: a row holds completion length x k values, and the dataloader (Accelerate's
+        # `send_to_device`) walks every element of a list, which cost most of a step at k = 331.
+        arrays = [c for c in CACHE_COLUMNS if c != "teacher_cache_row"]
+        return joined.with_format("numpy", columns=arrays, output_all_columns=True), manifest
 
     def _check_teacher_cache(self, manifest: TeacherCacheManifest) -> None:
         problems = []
@@ -654,8 +663,8 @@ class KDTrainer(DistillationTrainer):
         """A cached row's completion and its teacher top-k `(ids, log-probs, tail)`, after checking that the cache
         saw the tokens this run trains on."""
         limit = self.max_completion_length
-        completion = list(row["teacher_completion_ids"])[:limit]
-        expected = {"prompt": (list(prompt_ids), list(row["teacher_prompt_ids"]))}
+        completion = np.asarray(row["teacher_completion_ids"])[:limit].tolist()
+        expected = {"prompt": (list(prompt_ids), np.asarray(row["teacher_prompt_ids"]).tolist())}
         if not self.args.seq_kd:
             expected["completion"] = (self._dataset_completion(row, prompt_ids), completion)
         for what, (ours, theirs) in expected.items():
@@ -666,10 +675,13 @@ class KDTrainer(DistillationTrainer):
                     f"tokens differ from this run's from token {at} on ({len(theirs)} cached, {len(ours)} now). The "
                     "cache was written with another tokenizer, chat template or dataset row; write it again."
                 )
-        top = (
-            torch.as_tensor(row["teacher_topk_ids"][: len(completion)], dtype=torch.long),
-            torch.as_tensor(row["teacher_topk_logprobs"][: len(completion)], dtype=torch.float32),
-            torch.as_tensor(row["teacher_tail_logprob"][: len(completion)], dtype=torch.float32),
+        top = tuple(
+            torch.tensor(np.asarray(row[name])[: len(completion)], dtype=dtype)  # a copy: the cache is read-only
+            for name, dtype in (
+                ("teacher_topk_ids", torch.long),
+                ("teacher_topk_logprobs", torch.float32),
+                ("teacher_tail_logprob", torch.float32),
+            )
         )
         return completion, top
 
