@@ -883,7 +883,7 @@ def report(args) -> str:
         lines.append(f"| {name} | {runs[0]['lr']:g} | {len(runs)} | " + " | ".join(cells) + " |")
     lines += cost_table(final)
     lines += gap_table(refs, final)
-    lines += grid_table(grid)
+    lines += grid_table(grid, {name: runs[0]["lr"] for name, runs in final.items()})
     lines += claims_table(final, grid)
     lines += halves_table(final)
     lines += time_to_quality_table(final)
@@ -990,27 +990,28 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float, floor: float) 
     return float(np.exp((np.log(target - floor) - intercept) / slope))
 
 
-def grid_table(grid: dict) -> list[str]:
+def grid_table(grid: dict, chosen: dict[str, float]) -> list[str]:
+    """Each method's grid means; in bold the rate its final runs use (`chosen`), so a grid still running has none."""
     if not grid:
         return []
     rates = sorted({lr for by_lr in grid.values() for lr in by_lr})
     lines = [
         "",
-        f"Learning-rate grid ({PRIMARY} on the validation prompts, mean over seeds; the chosen rate in bold):",
+        f"Learning-rate grid ({PRIMARY} on the validation prompts, mean over seeds, their number in brackets; in bold "
+        "the rate chosen for the final runs):",
         "",
         "| method | " + " | ".join(f"{lr:g}" for lr in rates) + " |",
         "|" + " --- |" * (len(rates) + 1),
     ]
     for name in [m for m in METHODS if m in grid]:
         means = grid_scores(grid[name])
-        best = choose_rate(means, HIGHER_IS_BETTER[PRIMARY])
         cells = []
         for lr in rates:
             if lr not in means:
                 cells.append("–")
                 continue
             text = f"{np.mean(means[lr]):.3f} ({len(means[lr])})"
-            cells.append(f"**{text}**" if lr == best else text)
+            cells.append(f"**{text}**" if lr == chosen.get(name) else text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -1,14 +1,17 @@
 """The offline teacher cache (trl_kd.teacher_cache): its size, how far its top-k loss is from the live teacher's,
 and what a supervised-KD step costs with it. Prints markdown tables for docs/offline_teacher.md.
 
-    python benchmarks/teacher_cache.py            # the tiny Qwen2 pair of trl_kd.testing, teacher fine-tuned
+    python benchmarks/teacher_cache.py              # the tiny Qwen2 pair of trl_kd.testing, teacher fine-tuned
+    python benchmarks/teacher_cache.py --pair real  # SmolLM2-135M-Instruct and its 8-layer pruned student
+                                                    # (after `python benchmarks/real_model.py prepare`)
 
-The teacher is fine-tuned on the synthetic task first (`sft_on_task`, 400 steps), so its distributions are peaked
-as a trained model's are. Sizes are the Arrow shards on disk per million completion tokens. The loss gap is the
-token-mean divergence from each cache against the live teacher's full-vocabulary divergence, on the same student
-and rows. Step times are medians (first 2 steps dropped) of interleaved runs on the same rows: `trl.SFTTrainer`
-(a plain SFT step of the student), supervised KD (`KDTrainer`, `lmbda=0`) with the live teacher, and supervised KD
-from the cache with no teacher loaded.
+Tiny pair: the teacher is fine-tuned on the synthetic task first (`sft_on_task`, 400 steps), so its distributions
+are peaked as a trained model's are; batch 8, up to 32 completion tokens. Real pair: the teacher's greedy answers to
+the real-model benchmark's train prompts as the completions; batch 4, up to 64 completion tokens. Sizes are the
+Arrow shards on disk per million completion tokens. The loss gap is the token-mean divergence from each cache against
+the live teacher's full-vocabulary divergence, on the same student and rows. Step times are medians (first 2 steps
+dropped) of interleaved runs on the same rows: `trl.SFTTrainer` (a plain SFT step of the student), supervised KD
+(`KDTrainer`, `lmbda=0`) with the live teacher, and supervised KD from the cache with no teacher loaded.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ KS = (8, 32, 64, 128)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", choices=["tiny", "real"], default="tiny")
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeat", type=int, default=3)
@@ -48,21 +52,36 @@ def main() -> None:
     from trl_kd.testing import build_model, build_tokenizer, make_dataset, sft_on_task
 
     torch.set_num_threads(2)
-    tokenizer = build_tokenizer()
-    teacher = build_model("qwen2", tokenizer, "teacher", seed=1)
-    sft_on_task(teacher, tokenizer, steps=400, min_len=6, max_len=12)
-    teacher.eval()
-    student = build_model("qwen2", tokenizer, "student", seed=0)
-    dataset = make_dataset("conversational_prompt_completion", args.rows, min_len=6, max_len=12)
+    if args.pair == "real":
+        from datasets import Dataset
+
+        from real_model import Budget, RealData
+
+        data = RealData("pruned-8", Budget(train_prompts=args.rows))
+        tokenizer, teacher, student = data.tokenizer, data.teacher, data.student
+        dataset = Dataset.from_list(
+            [{"prompt": e.prompt, "completion": e.completion_text} for e in data.splits["train"]]
+        )
+        batch, completion, ks = 4, 64, KS  # no whole-vocabulary cache: 49,152 values per token
+    else:
+        tokenizer = build_tokenizer()
+        teacher = build_model("qwen2", tokenizer, "teacher", seed=1)
+        sft_on_task(teacher, tokenizer, steps=400, min_len=6, max_len=12)
+        teacher.eval()
+        student = build_model("qwen2", tokenizer, "student", seed=0)
+        dataset = make_dataset("conversational_prompt_completion", args.rows, min_len=6, max_len=12)
+        batch, completion, ks = 8, 32, (*KS, len(tokenizer))
     work = tempfile.mkdtemp(prefix="trl-kd-cache-bench-")
     vocab = len(tokenizer)
 
     # 1. size and loss gap
     size_rows, gap_rows = [], []
     live_gap = {}
-    for k in (*KS, vocab):
+    for k in ks:
         out = os.path.join(work, f"k{k}")
-        cache_teacher(teacher, tokenizer, dataset, out, k=k, max_completion_length=32, batch_size=32, progress=False)
+        cache_teacher(
+            teacher, tokenizer, dataset, out, k=k, max_completion_length=completion, batch_size=32, progress=False
+        )
         cache, _ = load_teacher_cache(out)
         tokens = sum(len(c) for c in cache["teacher_completion_ids"])
         size = sum(
@@ -93,11 +112,11 @@ def main() -> None:
                 live_gap.setdefault(loss, {})[k] = (live.mean().item(), cached.mean().item())
     for loss, by_k in live_gap.items():
         live = by_k[KS[0]][0]
-        cells = " | ".join(f"{by_k[k][1]:.4f} ({100 * (by_k[k][1] - live) / live:+.1f}%)" for k in (*KS, vocab))
+        cells = " | ".join(f"{by_k[k][1]:.4f} ({100 * (by_k[k][1] - live) / live:+.1f}%)" for k in ks)
         gap_rows.append(f"| {loss} | {live:.4f} | {cells} |")
 
     # 2. step time: SFT, supervised KD live, supervised KD from the top-64 cache
-    common = _bench_args(args.steps, 8, 32, lmbda=0.0, beta=0.0)
+    common = _bench_args(args.steps, batch, completion, lmbda=0.0, beta=0.0)
     sft = {k: v for k, v in common.items() if k not in ("lmbda", "beta", "max_completion_length")}
     cases = {
         "trl.SFTTrainer (the same student and rows)": lambda: SFTTrainer(
@@ -138,15 +157,17 @@ def main() -> None:
 
     print(f"Cache size, {args.rows} rows, float16 values, ids uint16 (vocabulary {vocab}), Arrow on disk:\n")
     print("| k | per million completion tokens |\n| --- | --- |\n" + "\n".join(size_rows) + "\n")
+    pair = "SmolLM2-135M-Instruct and its 8-layer pruned copy" if args.pair == "real" else "the tiny pair"
     print(
-        "Token-mean divergence of the untrained student from the fine-tuned teacher over 64 rows: live (full "
+        f"Token-mean divergence of the untrained student from the teacher ({pair}) over 64 rows: live (full "
         "vocabulary), and from each cache (difference to live):\n"
     )
-    header = " | ".join(f"k = {k}" for k in (*KS, vocab))
-    print(f"| loss | live | {header} |\n| --- | --- | {' | '.join('---' for _ in (*KS, vocab))} |")
+    header = " | ".join(f"k = {k}" for k in ks)
+    print(f"| loss | live | {header} |\n| --- | --- | {' | '.join('---' for _ in ks)} |")
     print("\n".join(gap_rows) + "\n")
     print(
-        f"Step time, batch 8, up to 32 completion tokens, fp32, 2 threads, median of {args.repeat} interleaved runs:\n"
+        f"Step time ({pair}), batch {batch}, up to {completion} completion tokens, fp32, 2 threads, median of "
+        f"{args.repeat} interleaved runs:\n"
     )
     print("| trainer | step (ms) | vs SFT |\n| --- | --- | --- |\n" + "\n".join(step_rows))
 
