@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=_positive(float), default=1.0, help="the loss_temperature training uses")
     c.add_argument("--max_completion_length", type=_positive(int), default=256)
     c.add_argument("--batch_size", type=_positive(int), default=8, help="rows per teacher forward")
-    c.add_argument("--shard_rows", type=_positive(int), default=512, help="rows per Parquet shard")
+    c.add_argument("--shard_rows", type=_positive(int), default=512, help="rows per shard")
     c.add_argument("--value_dtype", choices=["float16", "float32"], default="float16")
     c.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
     c.add_argument("--tokenizer", default=None, help="the shared tokenizer (default: the teacher's)")

@@ -3,9 +3,11 @@
 [`cache_teacher`][trl_kd.teacher_cache.cache_teacher] runs the teacher over every row's prompt + completion (or over
 a completion it samples itself, `seq_kd=True`) and writes, for each completion token, the teacher's `k` most likely
 next tokens and their log-probabilities at `temperature`, plus the log of the remaining mass (the tail), next to the
-dataset's own columns. The cache is a folder of Parquet shards and a manifest
+dataset's own columns. The cache is a folder of shards and a manifest
 ([`TeacherCacheManifest`][trl_kd.teacher_cache.TeacherCacheManifest]); finished shards are skipped when the command
-is run again, and with several processes each writes its own shards. A trainer given the cache
+is run again, and with several processes each writes its own shards. A shard is a `Dataset.save_to_disk` folder of
+Arrow files, which reading memory-maps: nothing is copied, and a cache larger than memory trains with flat memory, the
+operating system paging rows in as they are read. A trainer given the cache
 (`KDConfig.teacher_cache`) trains the off-policy rows on it with the sparse losses of
 [`chunked_topk_token_divergence`][trl_kd.losses.chunked_topk_token_divergence], so no teacher needs to be in memory
 when every row is off-policy (`lmbda=0`).
@@ -34,9 +36,7 @@ from .sampler import backbone
 
 MANIFEST_NAME = "teacher_cache.json"
 SHARD_PATTERN = "shard-{index:05d}"  # a `Dataset.save_to_disk` folder
-PARQUET_SHARD_PATTERN = (
-    "shard-{index:05d}.parquet"  # caches written before the Arrow shards (`shard_format="parquet"`)
-)
+PARQUET_SHARD_PATTERN = "shard-{index:05d}.parquet"  # caches written before Arrow shards
 CACHE_COLUMNS = (
     "teacher_cache_row",  # the row's index in the dataset the cache was computed from
     "teacher_prompt_ids",  # the prompt's tokens the teacher saw
