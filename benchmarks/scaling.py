@@ -40,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
+from speed import PROFILE_PARTS  # noqa: E402
 
 from quality_records import git_commit, read_record, slug, write_record  # noqa: E402
 
@@ -61,15 +62,6 @@ TRAINERS: dict[str, tuple[str, str, dict]] = {
     REFERENCE + ", pruned-24": ("pruned-24", "trl", {"beta": 0.5, "temperature": 1.0}),
     "SKD, K=25 (paper defaults), pruned-24": ("pruned-24", "skd", {}),
 }
-PHASES = (
-    "sampling: student",
-    "sampling: teacher",
-    "teacher forward (loss)",
-    "student forward + loss",
-    "backward",
-    "optimizer",
-    "bookkeeping",
-)
 
 
 def reference_for(label: str) -> str:
@@ -116,7 +108,7 @@ def prompts(tiny: bool, n: int):
 # ------------------------------------------------------------------------------------------------------ one cell
 def run_cell(label: str, length: int, batch: int, steps: int, tiny: bool, threads: int) -> dict:
     """One trainer at one answer length and batch, in this process: ``steps`` timed steps after one warm-up step."""
-    from speed import _bench_args, _step_timer
+    from speed import _bench_args, _step_timer, step_phases
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import DistillationConfig, DistillationTrainer
@@ -209,18 +201,7 @@ def run_cell(label: str, length: int, batch: int, steps: int, tiny: bool, thread
 
     step = statistics.median(timer.times[1:])
     mean_step = statistics.mean(timer.times[1:])
-    per_step = {key: value / steps for key, value in spent.items()}
-    teacher_sampling = per_step.get("teacher forward in sampling", 0.0)
-    teacher_loss = per_step.get("teacher forward in loss", 0.0)
-    phases = {
-        "sampling: student": per_step.get("sampling", 0.0) - teacher_sampling,
-        "sampling: teacher": teacher_sampling,
-        "teacher forward (loss)": teacher_loss,
-        "student forward + loss": per_step.get("loss", 0.0) - teacher_loss,
-        "backward": per_step.get("backward", 0.0),
-        "optimizer": per_step.get("optimizer", 0.0),
-    }
-    phases["bookkeeping"] = mean_step - sum(phases.values())
+    phases = step_phases(spent, steps, mean_step)
     tokens = clock.generated_tokens - warm["tokens"]
     history = trainer.state.log_history
     return {
@@ -352,8 +333,8 @@ def report(root: Path, pair: str, plot_path: str | None) -> str:
         "Where a step goes (seconds per optimizer step, and its share), SKD and the reference, at each length "
         f"(batch {batches[len(batches) // 2]}):",
         "",
-        "| trainer | tokens | step | " + " | ".join(PHASES) + " |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in PHASES) + " |",
+        "| trainer | tokens | step | " + " | ".join(PROFILE_PARTS) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in PROFILE_PARTS) + " |",
     ]
     batch = batches[len(batches) // 2]
     for label in [label for label in labels if "SKD" in label or label.startswith(REFERENCE)]:
@@ -362,7 +343,9 @@ def report(root: Path, pair: str, plot_path: str | None) -> str:
             if cell is None:
                 continue
             total = sum(cell["phases"].values())
-            parts = " | ".join(f"{cell['phases'][p]:.2f} ({100 * cell['phases'][p] / total:.0f}%)" for p in PHASES)
+            parts = " | ".join(
+                f"{cell['phases'][p]:.2f} ({100 * cell['phases'][p] / total:.0f}%)" for p in PROFILE_PARTS
+            )
             lines.append(f"| {label} | {length} | {total:.2f} | {parts} |")
     if plot_path:
         plot_tokens_per_second(cells, labels, lengths, batches, plot_path)

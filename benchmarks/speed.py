@@ -510,6 +510,25 @@ PROFILE_PARTS = (
 )
 
 
+def step_phases(spent: dict[str, float], steps: int, step_seconds: float) -> dict[str, float]:
+    """Seconds per step in each of `PROFILE_PARTS`, from the timed regions' totals over `steps` steps (`spent`:
+    "sampling", "loss", "backward", "optimizer" and "<role> forward in <region>"); bookkeeping is the rest of
+    `step_seconds`."""
+    per_step = {key: value / steps for key, value in spent.items()}
+    teacher_sampling = per_step.get("teacher forward in sampling", 0.0)
+    teacher_loss = per_step.get("teacher forward in loss", 0.0)
+    parts = {
+        "sampling: student": per_step.get("sampling", 0.0) - teacher_sampling,
+        "sampling: teacher": teacher_sampling,
+        "teacher forward (loss)": teacher_loss,
+        "student forward + loss": per_step.get("loss", 0.0) - teacher_loss,
+        "backward": per_step.get("backward", 0.0),
+        "optimizer": per_step.get("optimizer", 0.0),
+    }
+    parts["bookkeeping"] = step_seconds - sum(parts.values())
+    return parts
+
+
 def bench_profile(steps: int = 12, batch: int = 4, completion: int = 32) -> str:
     """Where one optimizer step of every trainer goes, on the tiny random pair. Timers wrap the trainer's hooks:
     sampling (`_generate_single_turn`, split into the two models' forwards by hooks on their backbones), the loss
@@ -609,18 +628,7 @@ def bench_profile(steps: int = 12, batch: int = 4, completion: int = 32) -> str:
         spent.clear()
         trainer.train()
         step = sum(timer.times) / steps
-        per_step = {key: value / steps for key, value in spent.items()}
-        teacher_sampling = per_step.get("teacher forward in sampling", 0.0)
-        teacher_loss = per_step.get("teacher forward in loss", 0.0)
-        parts = {
-            "sampling: student": per_step.get("sampling", 0.0) - teacher_sampling,
-            "sampling: teacher": teacher_sampling,
-            "teacher forward (loss)": teacher_loss,
-            "student forward + loss": per_step.get("loss", 0.0) - teacher_loss,
-            "backward": per_step.get("backward", 0.0),
-            "optimizer": per_step.get("optimizer", 0.0),
-        }
-        parts["bookkeeping"] = step - sum(parts.values())
+        parts = step_phases(spent, steps, step)
         cells = " | ".join(f"{1000 * parts[p]:.0f} ({100 * parts[p] / step:.0f}%)" for p in PROFILE_PARTS)
         rows.append(f"| {label} | {1000 * step:.0f} | {cells} |")
     header = [
