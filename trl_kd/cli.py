@@ -19,28 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Make `parser.error` print only `prog: error: message` and exit 2: TrlParser's usage runs to hundreds of
-    lines, which buries the one that says what is wrong."""
-
-    def error(message: str):
-        parser.exit(2, f"{parser.prog}: error: {message} (see `{parser.prog} --help`)\n")
-
-    parser.error = error
-    return parser
-
-
-def missing_folder(name: str) -> bool:
-    """`name` is meant as a local path (it starts with `.`, `/` or `~`, or has more than one `/`, unlike a Hub id
-    `org/name`) and no such folder exists."""
-    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-    return local and not os.path.isdir(os.path.expanduser(name))
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (its type's name when the message is empty)."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+from .errors import first_line, missing_folder, one_line_errors
 
 
 ACCELERATE_CONFIGS = Path(__file__).parent / "accelerate_configs"

@@ -20,11 +20,17 @@ from trl.trainer.utils import pad
 
 from .._compat import quiet_checkpointing_aliases
 from ..checkpoints import load_method_state, resolve_checkpoint, save_method_state
-from ..cli import missing_folder
 from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset, tokenizer_mismatch
+from ..errors import missing_folder
 from ..guards import NonFiniteError, check_grad_norm, finite_flags, sampling_from
 from ..losses import LMHead, TopKTeacher, chunked_kd_loss
-from ..model_card import arrange_card, distillation_section, student_base
+from ..model_card import (
+    DistillationFacts,
+    arrange_card,
+    distillation_section,
+    method_hyperparameters,
+    student_base,
+)
 from ..placement import (
     check_distributed_backend,
     fsdp2_gathered,
@@ -32,7 +38,6 @@ from ..placement import (
     load_teacher,
     prepare_teacher,
 )
-from ..registry import register_method
 from ..sampler import Rule, SamplingParams, StopStrings, backbone, block_verify_sample
 from ..teacher_cache import CACHE_COLUMNS, TeacherCacheManifest, load_teacher_cache, tokenizer_hash
 from .config import KDConfig
@@ -906,11 +911,37 @@ class KDTrainer(DistillationTrainer):
         if self.is_world_process_zero() and os.path.exists(path):
             base = student_base(self.accelerator.unwrap_model(self.model).config._name_or_path)
             model_id = self.hub_model_id or self.args.hub_model_id or self.args.output_dir
-            section = distillation_section(self, dataset_name or self.dataset_name)
+            facts = self.distillation_facts()
+            facts.dataset = dataset_name or facts.dataset
+            section = distillation_section(facts)
             with open(path) as f:
                 text = f.read()
             with open(path, "w") as f:
                 f.write(arrange_card(text, base, model_id, section))
+
+    def distillation_facts(self) -> DistillationFacts:
+        """What this run's model card says about the distillation (method, paper, teacher, student, steps,
+        hyperparameters, log), as a plain value."""
+        args, cache = self.args, self.teacher_cache_manifest
+        if self.teacher_model is not None:
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            teacher_id = args.teacher_model_name_or_path or teacher.config._name_or_path or "(in-memory model)"
+            revision = args.teacher_model_revision or getattr(teacher.config, "_commit_hash", None)
+        else:  # trained from an offline teacher cache alone
+            teacher_id, revision = cache.teacher or "(in-memory model)", cache.teacher_revision
+        return DistillationFacts(
+            method=self._name,
+            paper={key: self._paper[key] for key in ("id", "title")} if self._paper else None,
+            teacher=teacher_id,
+            teacher_revision=revision,
+            student=self.accelerator.unwrap_model(self.model).config._name_or_path or "(in-memory model)",
+            steps=self.state.global_step,
+            hyperparameters=method_hyperparameters(args),
+            log_history=list(self.state.log_history),
+            dataset=self.dataset_name,
+            teacher_cache=None if cache is None else (cache.k, cache.temperature),
+            extra_lines=self.model_card_sections(),
+        )
 
     def model_card_sections(self) -> list[str]:
         """Extra markdown lines a method adds to its model card (e.g. PromptKD's teacher prompt)."""
@@ -960,7 +991,3 @@ class KDTrainer(DistillationTrainer):
             self._signature_columns = ["prompt", "completion"]
             if self.args.teacher_cache is not None:
                 self._signature_columns += list(CACHE_COLUMNS)
-
-
-# the base method: GKD (on-policy when lmbda=1); `kd` is its older name
-register_method("gkd", KDTrainer, KDConfig, example="examples/gkd.py", aliases=("kd",))

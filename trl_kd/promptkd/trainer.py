@@ -12,7 +12,6 @@ from ..guards import NonFiniteError, check_grad_norm, finite_flags
 from ..kd.trainer import KDTrainer, sequences
 from ..losses import LMHead, chunked_kd_loss
 from ..placement import fsdp2_gathered, fsdp2_units
-from ..registry import register_method
 from .config import PromptKDConfig
 
 
@@ -350,6 +349,3 @@ class PromptKDTrainer(KDTrainer):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.save_prompt_adapter(os.path.join(output_dir or self.args.output_dir, PROMPT_ADAPTER_DIR))
-
-
-register_method("promptkd", PromptKDTrainer, PromptKDConfig, example="examples/promptkd.py")

@@ -22,7 +22,7 @@ from datasets import load_dataset
 from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from ..cli import first_line, missing_folder, one_line_errors
+from ..errors import first_line, missing_folder, one_line_errors
 from ..evaluation import GenerationEvalCallback
 from ..registry import UnknownMethodError, get_method
 from . import default
