@@ -51,7 +51,7 @@ class DistillationFacts:
         paper: `{"id": arXiv id, "title": ...}` of the method's paper, or `None`.
         teacher: the teacher's Hub id or folder (`"(in-memory model)"` when it has no name).
         teacher_revision: its revision or commit hash, if known.
-        student: the student base's Hub id or folder.
+        student: the student base's Hub id or folder (`None`: a model built in memory).
         steps: optimizer steps taken.
         hyperparameters: field name -> value (see `method_hyperparameters`).
         log_history: the trainer's log rows (`trainer.state.log_history`): the training means and the final evaluation
@@ -65,7 +65,7 @@ class DistillationFacts:
     paper: dict[str, str] | None
     teacher: str
     teacher_revision: str | None
-    student: str
+    student: str | None
     steps: int
     hyperparameters: dict[str, object]
     log_history: list[dict] = field(default_factory=list)
@@ -113,7 +113,7 @@ def distillation_section(facts: DistillationFacts) -> str:
     if facts.teacher_cache is not None:
         k, temperature = facts.teacher_cache
         lines.append(f"- **Offline teacher cache**: top-{k} log-probabilities at temperature {temperature}")
-    lines.append(f"- **Student base**: `{facts.student}`")
+    lines.append(f"- **Student base**: `{facts.student or '(in-memory model)'}`")
     if facts.dataset:
         lines.append(f"- **Dataset**: `{facts.dataset}`")
     lines.append(f"- **Steps**: {facts.steps}")
@@ -176,3 +176,14 @@ def arrange_card(text: str, base: tuple[str | None, str], model_id: str, section
     if citations == -1:
         return text.rstrip("\n") + "\n" + section
     return text[:citations].rstrip("\n") + "\n" + section.rstrip("\n") + "\n\n" + text[citations + 1 :]
+
+
+def add_distillation_section(path: str, facts: DistillationFacts, model_id: str) -> None:
+    """Rewrite TRL's card at `path` (if there is one) for a distilled student: see `arrange_card`, with the
+    section built from `facts` and the base read from `facts.student`."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(arrange_card(text, student_base(facts.student), model_id, distillation_section(facts)))
