@@ -51,6 +51,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
+import trl_kd  # noqa: E402
 from trl_kd import PromptKDTrainer, get_method  # noqa: E402
 from trl_kd._compat import checkpointing_field  # noqa: E402
 from trl_kd.scripts.default import cache_base  # noqa: E402
@@ -106,6 +107,12 @@ DIAGNOSTIC_METHODS: dict[str, tuple] = {
     "Supervised KD from a top-8 teacher cache (FKL)": method("gkd", {"lmbda": 0.0, "beta": 0.0, "cache_k": 8}),
     "Supervised KD from a top-64 teacher cache (FKL)": method("gkd", {"lmbda": 0.0, "beta": 0.0, "cache_k": 64}),
 }
+# a method registered with `trl_kd.register_method` that no row above runs gets a row at its defaults, so a new
+# method is benchmarked without an edit here
+_LISTED = {spec[0] for spec in {**METHODS, **DIAGNOSTIC_METHODS}.values() if spec is not None}
+METHODS.update(
+    {f"{m.title} (defaults)": method(m.name, {}) for m in trl_kd.METHODS.values() if m.trainer not in _LISTED}
+)
 ALL_METHODS = {**METHODS, **DIAGNOSTIC_METHODS}
 SFT_BASELINE, GKD_BASELINE = "SFT on references", "GKD on-policy (lmbda 1, JSD 0.5)"
 # the papers' claims, as (claim, method, baseline) comparisons of the primary metric

@@ -114,7 +114,7 @@ def run_cell(label: str, length: int, batch: int, steps: int, tiny: bool, thread
     from trl import DistillationConfig, DistillationTrainer
 
     import trl_kd
-    from trl_kd.sampler import backbone
+    from trl_kd.losses import backbone
 
     from real_model import Clock, count_generation, logged_mean, peak_rss_mib
 

@@ -546,7 +546,7 @@ def bench_profile(steps: int = 12, batch: int = 4, completion: int = 32) -> str:
     from trl import DistillationConfig, DistillationTrainer
 
     import trl_kd
-    from trl_kd.sampler import backbone
+    from trl_kd.losses import backbone
     from trl_kd.testing import make_dataset
 
     tokenizer, student, teacher = _tiny_pair("random")

@@ -52,13 +52,17 @@ def make_trainer(
     )
 
 
-def assert_close_to_rounding(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 512, **kwargs) -> None:
+def assert_close_to_rounding(
+    actual: torch.Tensor, expected: torch.Tensor, ulps: int = 512, dtype: torch.dtype | None = None, **kwargs
+) -> None:
     """Equal up to rounding: the same quantity computed in another order (a KV cache against a full forward, reused
-    teacher states against recomputed ones) agrees within ``ulps`` units of the dtype's rounding at the largest
-    magnitude of ``expected``. A tolerance from the dtype and the magnitude, not from one machine's kernels (the
-    blocking of matrix products differs across x86 CPUs)."""
-    eps = torch.finfo(expected.dtype).eps
-    scale = max(expected.abs().max().item() if expected.numel() else 0.0, torch.finfo(expected.dtype).tiny)
+    teacher states against recomputed ones, a chunked loss against a dense one) agrees within ``ulps`` units of the
+    rounding of ``dtype`` (default: ``expected``'s; pass ``torch.float32`` when ``expected`` is a float64 reference of
+    an fp32 computation) at the largest magnitude of ``expected``. A tolerance from the dtype and the magnitude, not
+    from one machine's kernels (the blocking of matrix products differs across x86 CPUs)."""
+    dtype = dtype or expected.dtype
+    eps = torch.finfo(dtype).eps
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, torch.finfo(dtype).tiny)
     torch.testing.assert_close(actual, expected, rtol=ulps * eps, atol=ulps * eps * scale, **kwargs)
 
 

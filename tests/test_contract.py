@@ -2,6 +2,7 @@
 method registered with `register_method` is tested here without being named. Method-specific behaviour stays in the
 method's own test file."""
 
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -185,11 +186,14 @@ def toy():
     method = register_method("toy", ToyTrainer, KDConfig, paper="2306.13649", aliases=("toy_kd",))
     yield method
     unregister_method("toy")
+    if "quality" in sys.modules:  # the benchmark's method list, as it was
+        importlib.reload(sys.modules["quality"])
 
 
 def test_a_method_is_one_register_call(toy, tmp_path, tokenizer, llama_paths, capsys):
-    """Registering a trainer and config is all it takes for the CLI, the example runner (`trl_kd.scripts.main`,
-    behind `trl-kd <method>`) and this contract to pick a method up."""
+    """Registering a trainer and config, in this file only, is all it takes for the CLI (`trl-kd --help`, `trl-kd
+    toy --help`), the example runner (`trl_kd.scripts.main`, behind `trl-kd <method>`), the model card, the quality
+    benchmark's method list and this contract to pick a method up."""
     from trl_kd.cli import build_parser, main
 
     assert [p.values[0] for p in contract_cases()][-1] == "toy" and get_method("toy_kd") is toy
@@ -198,6 +202,12 @@ def test_a_method_is_one_register_call(toy, tmp_path, tokenizer, llama_paths, ca
     check_model_card("toy", tmp_path / "c", tokenizer, llama_paths["student"])
     check_resume_matches_an_uninterrupted_run("toy", tmp_path / "d", tokenizer)
     assert "toy" in build_parser().format_help()
+    with pytest.raises(SystemExit) as exit_:
+        main(["toy", "--help"])
+    assert exit_.value.code == 0 and "usage: trl-kd toy" in capsys.readouterr().out
+    import quality  # the quality benchmark's method list
+
+    assert "Toy KD (defaults)" in importlib.reload(quality).METHODS
 
     data = jsonl_dataset(tmp_path / "data", make_dataset("prompt_completion", 8))
     output_dir = tmp_path / "toy-run"

@@ -192,6 +192,80 @@ def test_cli_names_a_missing_teacher_folder(tmp_path, llama_paths, capsys):
     assert f"--teacher_model_name_or_path {tmp_path / 'no-teacher'}: no such folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flag,name,expected",
+    [
+        (
+            "--teacher_model_name_or_path",
+            "models/no-such-teacher",
+            "read as a Hub id (offline: HF_HUB_OFFLINE is set), since there is no local folder of that name, and it "
+            "is not in the local Hub cache",
+        ),
+        ("--model_name_or_path", "no-org/no-such-student", "read as a Hub id"),
+        ("--dataset_name", "./no-such-data", "no such folder, and it cannot be loaded"),
+        ("--dataset_name", "no-org/no-such-data", "read as a Hub id (offline: HF_HUB_OFFLINE is set)"),
+    ],
+)
+def test_cli_names_what_cannot_be_found_and_how_it_was_read(flag, name, expected, tmp_path, llama_paths, capsys):
+    """A model or dataset that cannot be found ends the command in one line that names it and says whether it was
+    read as a folder or a Hub id, instead of the Hub client's "couldn't connect" (tests run offline)."""
+    from trl_kd.cli import main
+
+    flags = {
+        "--model_name_or_path": llama_paths["student"],
+        "--teacher_model_name_or_path": llama_paths["teacher"],
+        "--dataset_name": "x",
+        "--output_dir": str(tmp_path / "out"),
+        flag: name,
+    }
+    with pytest.raises(SystemExit) as exit_:
+        main(["gkd", *[item for pair in flags.items() for item in pair]])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trl-kd gkd: error:")]
+    assert exit_.value.code == 2
+    assert len(errors) == 1 and errors[0].startswith(f"trl-kd gkd: error: {flag} {name}: {expected}")
+
+
+@pytest.mark.parametrize("command", ["plan", "cache-teacher"])
+def test_the_other_commands_name_what_cannot_be_found(command, tmp_path, llama_paths, capsys):
+    from trl_kd.cli import main
+
+    if command == "plan":
+        argv = ["plan", "--student", llama_paths["student"], "--teacher", "org/no-teacher", "--gpus", "1"]
+        argv += ["--gpu-memory", "8"]
+        expected = "--teacher org/no-teacher: read as a Hub id"
+    else:
+        argv = ["cache-teacher", "--teacher", llama_paths["teacher"], "--dataset_name", "./no-data"]
+        argv += ["--output_dir", str(tmp_path / "cache")]
+        expected = "--dataset_name ./no-data: no such folder, and it cannot be loaded"
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert exit_.value.code == 2
+    assert len(errors) == 1 and f"error: {expected}" in errors[0]
+
+
+def test_a_missing_hub_model_online_is_named(monkeypatch):
+    """Online, a Hub id that names no repository is reported as such (the Hub client is replaced: tests have no
+    network)."""
+    import huggingface_hub
+
+    from trl_kd.errors import missing_model
+
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "repo_exists", lambda name: name == "org/real")
+    assert missing_model("org/real") is None
+    assert missing_model("org/none") == (
+        "read as a Hub id, since there is no local folder of that name, and the Hub has no such model (or it is "
+        "private or gated: `hf auth login`)"
+    )
+
+    def unreachable(name):
+        raise ConnectionError("Max retries exceeded\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "repo_exists", unreachable)
+    assert missing_model("org/real").endswith("and the Hub could not be asked: Max retries exceeded")
+
+
 def test_cli_a_bad_dataset_is_one_line(tmp_path, llama_paths, capsys):
     """An error the trainer raises at construction (here: a row without a prompt) ends the command in one line."""
 

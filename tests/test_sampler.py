@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from trl_kd.losses import backbone
 from trl_kd.sampler import (
     DivergenceThresholdRule,
     OnPolicyRule,
@@ -14,7 +15,6 @@ from trl_kd.sampler import (
     StopStrings,
     TeacherOnlyRule,
     TopKRule,
-    backbone,
     block_verify_sample,
     next_draft_length,
     reference_sample,

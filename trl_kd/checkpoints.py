@@ -94,3 +94,34 @@ def resolve_checkpoint(
             "resume_from_checkpoint=True to pick the newest complete one."
         )
     return folder
+
+
+class MethodStateCheckpoints:
+    """Mixin for a `transformers.Trainer` whose method keeps training state beyond the model, optimizer and scheduler:
+    the state is written first in every checkpoint, atomically, and restored on resume."""
+
+    def method_state_dict(self) -> dict[str, Any]:
+        """Training state of a method beyond the model, optimizer and scheduler (e.g. a calibrated threshold, a soft
+        prompt and its optimizer), saved in every checkpoint as `trl_kd_state.pt` and restored on resume."""
+        return {}
+
+    def load_method_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `method_state_dict` returned."""
+
+    @property
+    def has_method_state(self) -> bool:
+        """Whether this method keeps training state of its own (it overrides `method_state_dict`)."""
+        return type(self).method_state_dict is not MethodStateCheckpoints.method_state_dict
+
+    def _save_checkpoint(self, model, trial):
+        # first, atomically: `trainer_state.json`, written last by super(), then marks the checkpoint complete
+        state = self.method_state_dict() if self.has_method_state else {}
+        if state and self.args.should_save:
+            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            save_method_state(state, os.path.join(self._get_output_dir(trial=trial), checkpoint))
+        super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.has_method_state:
+            self.load_method_state_dict(load_method_state(checkpoint))

@@ -19,28 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Make `parser.error` print only `prog: error: message` and exit 2: TrlParser's usage runs to hundreds of
-    lines, which buries the one that says what is wrong."""
-
-    def error(message: str):
-        parser.exit(2, f"{parser.prog}: error: {message} (see `{parser.prog} --help`)\n")
-
-    parser.error = error
-    return parser
-
-
-def missing_folder(name: str) -> bool:
-    """`name` is meant as a local path (it starts with `.`, `/` or `~`, or has more than one `/`, unlike a Hub id
-    `org/name`) and no such folder exists."""
-    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-    return local and not os.path.isdir(os.path.expanduser(name))
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (its type's name when the message is empty)."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+from .errors import first_line, missing_model, one_line_errors, read_as
 
 
 ACCELERATE_CONFIGS = Path(__file__).parent / "accelerate_configs"
@@ -114,8 +93,9 @@ def _plan(args: argparse.Namespace) -> None:
     kwargs = {"trust_remote_code": args.trust_remote_code}
     models = {}
     for flag, name in (("--student", args.student), ("--teacher", args.teacher)):
-        if missing_folder(name):
-            args.parser.error(f"{flag} {name}: no such folder (a Hub id looks like 'Qwen/Qwen2.5-0.5B-Instruct')")
+        problem = missing_model(name)
+        if problem:
+            args.parser.error(f"{flag} {name}: {problem}")
         try:
             models[flag] = ModelSpec.from_pretrained(name, **kwargs)
         except (OSError, ValueError) as error:  # no such folder or Hub id, no config.json, not a causal LM, ...
@@ -151,15 +131,23 @@ def _cache_teacher(args: argparse.Namespace) -> None:
 
     from .teacher_cache import cache_teacher
 
+    for flag, name in (("--teacher", args.teacher), ("--tokenizer", args.tokenizer)):
+        problem = missing_model(name) if name else None
+        if problem:
+            args.parser.error(f"{flag} {name}: {problem}")
+    name = args.dataset_name
+    try:
+        if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_info.json")):
+            dataset = load_from_disk(name)  # a `Dataset.save_to_disk` folder
+        else:
+            dataset = load_dataset(name, args.dataset_config, split=args.dataset_split)
+    except (OSError, ValueError) as error:  # not found, offline, no loader for its files, ...
+        args.parser.error(f"--dataset_name {name}: {read_as(name)}, and it cannot be loaded: {first_line(error)}")
     # one process, or each process of `accelerate launch` / torchrun (gloo processes on a machine without a GPU)
     state = PartialState(cpu=not torch.cuda.is_available())
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
     dtype = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype[args.dtype]).to(state.device).eval()
-    if os.path.isdir(args.dataset_name) and os.path.exists(os.path.join(args.dataset_name, "dataset_info.json")):
-        dataset = load_from_disk(args.dataset_name)  # a `Dataset.save_to_disk` folder
-    else:
-        dataset = load_dataset(args.dataset_name, args.dataset_config, split=args.dataset_split)
     generation = None
     if args.seq_kd:
         generation = GenerationConfig(
@@ -261,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq_kd", action="store_true", help="cache the teacher's own samples instead")
     c.add_argument("--teacher_temperature", type=_positive(float), default=1.0, help="sampling, with --seq_kd")
     c.add_argument("--teacher_top_p", type=_positive(float), default=1.0, help="sampling, with --seq_kd")
-    c.set_defaults(func=_cache_teacher)
+    c.set_defaults(func=_cache_teacher, parser=c)
     return parser
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from datasets import Dataset, IterableDataset
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,32 @@ def prepare_dataset(
     return dataset.map(_split_messages, remove_columns=["messages"])
 
 
+def prompt_length_limit(
+    context_limits: dict[str, int], max_completion_length: int, max_prompt_length: int | None, prefix_tokens: int = 0
+) -> int | None:
+    """The longest prompt a row may have: `max_prompt_length`, else the smallest model context (by role, as
+    `KDTrainer.position_limits` gives them) less the completion; `None` when neither is known. Refuses settings that
+    leave no room for a prompt, naming the fix. `prefix_tokens` (a teacher's soft prompt) is only named in the
+    message: the teacher's limit already excludes it."""
+    for role, context in context_limits.items():
+        room = f"the {role}'s context of {context} tokens"
+        if role == "teacher" and prefix_tokens:
+            room += f" (left after its {prefix_tokens} soft-prompt tokens)"
+        if context - max_completion_length <= 0:
+            raise ValueError(
+                f"`max_completion_length` ({max_completion_length}) leaves no room for a prompt in {room}. Lower "
+                f"`max_completion_length` (e.g. `max_completion_length={max(context // 2, 1)}`)."
+            )
+        if max_prompt_length is not None and max_prompt_length + max_completion_length > context:
+            raise ValueError(
+                f"`max_prompt_length` ({max_prompt_length}) + `max_completion_length` ({max_completion_length}) "
+                f"exceeds {room}. Lower `max_prompt_length` to at most {context - max_completion_length}."
+            )
+    if max_prompt_length is not None:
+        return max_prompt_length
+    return min(context_limits.values()) - max_completion_length if context_limits else None
+
+
 def check_prompt_lengths(
     dataset: Dataset | IterableDataset,
     tokenize: Callable[[list[Any]], list[list[int]]],
@@ -244,3 +271,63 @@ def tokenizer_mismatch(student: PreTrainedTokenizerBase, teacher: PreTrainedToke
         if ours_id != theirs_id:
             return f"the special token {token!r} is id {ours_id} for the student and {theirs_id} for the teacher"
     return None
+
+
+def check_vocabularies(tokenizer: PreTrainedTokenizerBase, **models: PreTrainedModel | None) -> int:
+    """The size of the vocabulary the distributions are compared over (the tokenizer's), after checking that every
+    model (by role, e.g. `student=`, `teacher=`; `None`: no such model) can score each of its tokens."""
+    tokenizer_size = len(tokenizer)
+    for role, model in models.items():
+        if model is None:  # e.g. no teacher: an offline cache stands in for it
+            continue
+        vocab = model.config.get_text_config().vocab_size
+        if vocab < tokenizer_size:
+            raise ValueError(
+                f"The {role} model has a vocabulary of {vocab} tokens but the tokenizer has {tokenizer_size}, so "
+                f"the {role} cannot score every token. Teacher and student must share the tokenizer (same model "
+                "family); if you added tokens, call `model.resize_token_embeddings(len(tokenizer))` on both. For "
+                "models with different tokenizers use cross-tokenizer distillation (TRL's GOLD trainer)."
+            )
+    return tokenizer_size
+
+
+def check_teacher_tokenizer(
+    student_tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase | None,
+    source: str | None,
+) -> None:
+    """Refuse a teacher whose tokenizer disagrees with the student's (see `KDConfig.check_teacher_tokenizer`). The
+    teacher's tokenizer is `teacher_tokenizer`, else the one saved with the teacher at `source`, if it can be
+    loaded; when neither is there, a warning says the check was skipped."""
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if teacher_tokenizer is None and source and os.path.isdir(source):
+        if not any(os.path.exists(os.path.join(source, name)) for name in tokenizer_files):
+            # `AutoTokenizer` would build an empty tokenizer from the model config alone
+            logger.warning(
+                "The teacher's folder %s holds no tokenizer, so it was not compared with the "
+                "student's; pass `teacher_processing_class` to compare them.",
+                source,
+            )
+            return
+    if teacher_tokenizer is None and source:
+        from transformers import AutoTokenizer
+
+        try:
+            teacher_tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as error:  # no tokenizer files, offline, ...
+            logger.warning(
+                "Could not load the teacher's tokenizer from %s (%s), so it was not compared with the "
+                "student's; pass `teacher_processing_class` to compare them.",
+                source,
+                type(error).__name__,
+            )
+    if teacher_tokenizer is None:
+        return
+    problem = tokenizer_mismatch(student_tokenizer, getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer))
+    if problem is not None:
+        raise ValueError(
+            f"The teacher's tokenizer{f' ({source})' if source else ''} does not match the student's: {problem}. "
+            "The teacher's distributions would be over other tokens. Use a teacher of the student's model family "
+            "(the same tokenizer), or TRL's GOLD trainer for cross-tokenizer distillation; if the two tokenizers "
+            "assign the same ids on purpose, set `check_teacher_tokenizer=False`."
+        )

@@ -9,6 +9,19 @@ import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 
+def teacher_tokens_by_position(
+    completion_mask: torch.Tensor, teacher_mask: torch.Tensor, buckets: int
+) -> torch.Tensor:
+    """`(2, buckets)`: per relative position bucket of the responses, the teacher's tokens (row 0) and all tokens
+    (row 1). Bucket `b` of a response of length `L` holds its positions `t` with `floor(buckets * t / L) == b`."""
+    mask = completion_mask.float()
+    lengths = mask.sum(1, keepdim=True).clamp(min=1)
+    positions = torch.arange(mask.shape[1], device=mask.device)[None]
+    bucket = torch.floor(positions * buckets / lengths).clamp(max=buckets - 1).long()
+    one_hot = torch.nn.functional.one_hot(bucket, buckets).float() * mask[..., None]
+    return torch.stack([(one_hot * teacher_mask.float()[..., None]).sum((0, 1)), one_hot.sum((0, 1))])
+
+
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean ROUGE-L F1 x 100 with stemming (the `rouge-score` package, as in MiniLLM/DistiLLM/SWITCH/PromptKD)."""
     try:

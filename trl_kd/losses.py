@@ -37,6 +37,48 @@ LOSS_TYPES: tuple[str, ...] = ("jsd", "skew_fkl", "skew_rkl", "tvd")
 _TILE_ELEMENTS = 2**24
 
 
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer under a causal LM's head (looking through a PEFT wrapper): what returns the final hidden
+    states the head projects."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.base_model
+
+
+def response_hidden_states(
+    model: torch.nn.Module,
+    attention_mask: torch.Tensor,
+    num_completion_tokens: int,
+    *,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The final hidden states that predict the last `num_completion_tokens` tokens of left-padded `prompt +
+    completion` sequences, shape `(B, C, H)`: the backbone only (no vocabulary projection), with position ids counted
+    from each row's first real token, so that left padding does not shift positions (it matters for absolute-position
+    models such as GPT-2). Give `input_ids`, or `inputs_embeds` (e.g. with a soft prompt in front)."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = backbone(model)(
+        input_ids=input_ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    return hidden[:, -num_completion_tokens - 1 : -1]
+
+
+def stack_rows(per_row: list[torch.Tensor | None], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row `(len, H)` states (`None` for a row without) as one `(B, width, H)` tensor, zero past each row's
+    length and for rows without, and which rows have them, `(B,)`."""
+    example = next(states for states in per_row if states is not None)
+    stacked = example.new_zeros(len(per_row), width, example.shape[-1])
+    for i, states in enumerate(per_row):
+        if states is not None:
+            stacked[i, : len(states)] = states
+    return stacked, torch.tensor([states is not None for states in per_row], device=example.device)
+
+
 def _kl_from_logs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """``KL(a || b)`` per row from log-probabilities; ``0 * log 0`` counts as 0, and a NaN stays NaN."""
     a = log_a.exp()

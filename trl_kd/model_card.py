@@ -13,14 +13,10 @@ import re
 import shlex
 import statistics
 import sys
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING
 
 from trl import DistillationConfig
-
-
-if TYPE_CHECKING:
-    from .kd.trainer import KDTrainer
 
 
 # TrainingArguments fields worth showing besides the method's own
@@ -43,6 +39,39 @@ _TRAINING_FIELDS = (
     "seed",
 )
 _PACKAGES = ("trl-kd", "trl", "transformers", "torch", "accelerate", "peft", "datasets", "deepspeed")
+
+
+@dataclass
+class DistillationFacts:
+    """What a distilled model's card says about its training, as plain values: each trainer fills one in
+    [`KDTrainer.distillation_facts`][trl_kd.KDTrainer.distillation_facts], and the card is written from it alone.
+
+    Attributes:
+        method: the method's display name, e.g. `"Speculative KD"`.
+        paper: `{"id": arXiv id, "title": ...}` of the method's paper, or `None`.
+        teacher: the teacher's Hub id or folder (`"(in-memory model)"` when it has no name).
+        teacher_revision: its revision or commit hash, if known.
+        student: the student base's Hub id or folder (`None`: a model built in memory).
+        steps: optimizer steps taken.
+        hyperparameters: field name -> value (see `method_hyperparameters`).
+        log_history: the trainer's log rows (`trainer.state.log_history`): the training means and the final evaluation
+            are read from them.
+        dataset: the dataset's name, if known.
+        teacher_cache: `(k, temperature)` of the offline teacher cache trained on, if any.
+        extra_lines: markdown lines the method adds at the end (e.g. PromptKD's teacher prompt).
+    """
+
+    method: str
+    paper: dict[str, str] | None
+    teacher: str
+    teacher_revision: str | None
+    student: str | None
+    steps: int
+    hyperparameters: dict[str, object]
+    log_history: list[dict] = field(default_factory=list)
+    dataset: str | None = None
+    teacher_cache: tuple[int, float] | None = None
+    extra_lines: list[str] = field(default_factory=list)
 
 
 def method_hyperparameters(args: DistillationConfig) -> dict[str, object]:
@@ -70,35 +99,24 @@ def framework_versions() -> dict[str, str | None]:
     return found
 
 
-def distillation_section(trainer: KDTrainer, dataset_name: str | None = None) -> str:
+def distillation_section(facts: DistillationFacts) -> str:
     """Markdown appended to TRL's model card."""
-    args = trainer.args
-    cache = trainer.teacher_cache_manifest
-    if trainer.teacher_model is not None:
-        teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
-        teacher_id = args.teacher_model_name_or_path or teacher.config._name_or_path or "(in-memory model)"
-        revision = args.teacher_model_revision or getattr(teacher.config, "_commit_hash", None)
-    else:  # trained from an offline teacher cache alone
-        teacher_id, revision = cache.teacher or "(in-memory model)", cache.teacher_revision
-    student_id = trainer.accelerator.unwrap_model(trainer.model).config._name_or_path or "(in-memory model)"
-    history = trainer.state.log_history
-    paper = trainer._paper
+    history = facts.log_history
+    paper = facts.paper
     lines = ["", "## Distillation", ""]
     if paper:
-        lines.append(
-            f"- **Method**: {trainer._name} — [{paper['title']}](https://huggingface.co/papers/{paper['id']})"
-        )
+        lines.append(f"- **Method**: {facts.method} — [{paper['title']}](https://huggingface.co/papers/{paper['id']})")
     else:
-        lines.append(f"- **Method**: {trainer._name}")
-    lines.append(f"- **Teacher**: `{teacher_id}`" + (f" (revision `{revision}`)" if revision else ""))
-    if cache is not None:
-        lines.append(
-            f"- **Offline teacher cache**: top-{cache.k} log-probabilities at temperature {cache.temperature}"
-        )
-    lines.append(f"- **Student base**: `{student_id}`")
-    if dataset_name:
-        lines.append(f"- **Dataset**: `{dataset_name}`")
-    lines.append(f"- **Steps**: {trainer.state.global_step}")
+        lines.append(f"- **Method**: {facts.method}")
+    revision = facts.teacher_revision
+    lines.append(f"- **Teacher**: `{facts.teacher}`" + (f" (revision `{revision}`)" if revision else ""))
+    if facts.teacher_cache is not None:
+        k, temperature = facts.teacher_cache
+        lines.append(f"- **Offline teacher cache**: top-{k} log-probabilities at temperature {temperature}")
+    lines.append(f"- **Student base**: `{facts.student or '(in-memory model)'}`")
+    if facts.dataset:
+        lines.append(f"- **Dataset**: `{facts.dataset}`")
+    lines.append(f"- **Steps**: {facts.steps}")
     last_tokens = next((row["num_tokens"] for row in reversed(history) if "num_tokens" in row), None)
     if last_tokens is not None:
         lines.append(f"- **Training tokens** (prompts and completions): {int(last_tokens):,}")
@@ -115,11 +133,11 @@ def distillation_section(trainer: KDTrainer, dataset_name: str | None = None) ->
         lines += ["", "### Evaluation", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(evaluation.items())]
     lines += ["", "### Hyperparameters", "", "| field | value |", "| --- | --- |"]
-    lines += [f"| `{k}` | `{v}` |" for k, v in method_hyperparameters(args).items()]
+    lines += [f"| `{k}` | `{v}` |" for k, v in facts.hyperparameters.items()]
     versions = ", ".join(f"{name} {v}" for name, v in framework_versions().items() if v is not None)
     lines += ["", f"Framework versions: {versions}.", ""]
     lines += ["Launch command:", "", "```bash", shlex.join([sys.executable.split("/")[-1], *sys.argv]), "```", ""]
-    lines += trainer.model_card_sections()
+    lines += facts.extra_lines
     return "\n".join(lines)
 
 
@@ -158,3 +176,14 @@ def arrange_card(text: str, base: tuple[str | None, str], model_id: str, section
     if citations == -1:
         return text.rstrip("\n") + "\n" + section
     return text[:citations].rstrip("\n") + "\n" + section.rstrip("\n") + "\n\n" + text[citations + 1 :]
+
+
+def add_distillation_section(path: str, facts: DistillationFacts, model_id: str) -> None:
+    """Rewrite TRL's card at `path` (if there is one) for a distilled student: see `arrange_card`, with the
+    section built from `facts` and the base read from `facts.student`."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(arrange_card(text, student_base(facts.student), model_id, distillation_section(facts)))

@@ -1,9 +1,11 @@
-"""The registry of distillation methods: one `register_method` call per method, next to its trainer, and everything
-that lists methods reads it (the `trl-kd` command, the example scripts, the tests, the benchmarks).
+"""The registry of distillation methods: one `register_method` call per method, in its package's `__init__.py`, and
+everything that lists methods reads it (the `trl-kd` command, the example scripts, the tests, the benchmarks).
 
+    # trl_kd/switch/__init__.py
     register_method("switch", SwitchTrainer, SwitchConfig, paper="2410.19503", example="examples/switch.py")
 
-Modelled on PEFT's `register_peft_method`: a new method is its config, its trainer and this one call.
+Modelled on PEFT's `register_peft_method`: a new method is its config, its trainer and this one call. The registry
+sits at the bottom of the package and imports no trainer.
 """
 
 from __future__ import annotations
@@ -72,9 +74,6 @@ def register_method(
     Registering the same trainer again under the same name is a no-op; a name or alias taken by another method is
     refused.
     """
-    from .kd.config import KDConfig
-    from .kd.trainer import KDTrainer  # here, not at the top: the trainer modules register themselves on import
-
     aliases = tuple(aliases)
     for word in (name, *aliases):
         if not _NAME.match(word) or word in RESERVED_NAMES:
@@ -82,14 +81,16 @@ def register_method(
                 f"Method name {word!r} must be lowercase letters, digits and '_', start with a letter, and not be one "
                 f"of the `trl-kd` commands {RESERVED_NAMES}."
             )
-    if not (isinstance(trainer, type) and issubclass(trainer, KDTrainer)):
+    # what the rest of trl-kd relies on, checked without importing the trainers (they import this module)
+    accepted = getattr(trainer, "config_class", None)
+    if not (isinstance(trainer, type) and callable(getattr(trainer, "distillation_facts", None))):
         raise TypeError(f"trainer must be a subclass of trl_kd.KDTrainer, got {trainer!r}.")
-    if not (isinstance(config, type) and dataclasses.is_dataclass(config) and issubclass(config, KDConfig)):
+    if not (isinstance(config, type) and dataclasses.is_dataclass(config) and isinstance(accepted, type)):
         raise TypeError(f"config must be a dataclass subclass of trl_kd.KDConfig, got {config!r}.")
-    if not issubclass(config, trainer.config_class):
+    if not issubclass(config, accepted):
         raise TypeError(
-            f"{trainer.__name__} accepts {trainer.config_class.__name__} (its `config_class`), and {config.__name__} "
-            "is not one: set `config_class` on the trainer."
+            f"{trainer.__name__} accepts {accepted.__name__} (its `config_class`), and {config.__name__} is not one: "
+            "set `config_class` on the trainer."
         )
     paper = paper or (getattr(trainer, "_paper", None) or {}).get("id")
     method = Method(name, trainer, config, paper, example, aliases)

@@ -22,11 +22,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 
 from ._compat import cache_argument
 from .guards import check_sampling_probs
-from .losses import LMHead, divergence
+from .losses import LMHead, backbone, divergence
 
 
 @dataclass(frozen=True)
@@ -291,6 +291,27 @@ def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int, device) ->
     return ids.to(device), mask.to(device)
 
 
+def generate_completions(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    generation_config: GenerationConfig,
+    *,
+    pad_token_id: int,
+    eos_token_ids: Sequence[int],
+    device: torch.device | str | None = None,
+) -> list[list[int]]:
+    """One completion per prompt from `model.generate` over the left-padded prompts (no teacher in the loop), each
+    cut after its first EOS. The prompts go to `device` (default: that of the model's first parameter)."""
+    device = device if device is not None else next(model.parameters()).device
+    input_ids, attention_mask = _left_pad(prompt_ids, pad_token_id, device)
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
+    completions = []
+    for row in output[:, input_ids.shape[1] :].tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in eos_token_ids), len(row))
+        completions.append(row[:end])
+    return completions
+
+
 def _forward(model, input_ids, slot_mask, positions, cache) -> torch.Tensor:
     out = model(
         input_ids=input_ids,
@@ -300,14 +321,6 @@ def _forward(model, input_ids, slot_mask, positions, cache) -> torch.Tensor:
         **{cache_argument(model): cache},
     )
     return out.logits.float()
-
-
-def backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformer under a causal LM's head (looking through a PEFT wrapper): what returns the final hidden
-    states the head projects."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model.base_model
 
 
 def _backbone_forward(model, input_ids, slot_mask, positions, cache) -> torch.Tensor:
@@ -359,6 +372,211 @@ def _apply_stop_strings(
         if end is not None:
             lengths[row] = end
             done[row] = True
+
+
+@dataclass
+class _Verdict:
+    """What one round of the rule decided, per row still in the batch (phase 3)."""
+
+    first_reject: torch.Tensor  # first rejected block slot, `gamma` if none
+    accepted: torch.Tensor  # drafted tokens kept
+    replaced: torch.Tensor  # whether the teacher's replacement follows them
+    num_kept: torch.Tensor  # accepted + replaced
+    written: torch.Tensor  # (rows, gamma): the kept tokens, the replacement after them
+    ended_on_eos: torch.Tensor  # the kept draft ends on an EOS
+    budget: torch.Tensor  # tokens the row could still write (0 for finished rows)
+    active: torch.Tensor  # the row was unfinished when the round began
+    start: torch.Tensor  # the row's length before the round
+    last: torch.Tensor  # the last token kept (the next pending token where any was kept)
+
+
+class _BlockVerifier:
+    """The state of one `block_verify_sample` call: the batch's KV caches and its output buffers, and one method per
+    phase of a round (SKD's Algorithm 1, batched): the student drafts, the teacher verifies, the rule accepts or the
+    teacher replaces, then the per-row bookkeeping."""
+
+    def __init__(
+        self,
+        student,
+        teacher,
+        prompt_ids,
+        *,
+        max_new_tokens,
+        eos_token_ids,
+        pad_token_id,
+        vocab_size,
+        keep_teacher_hidden,
+    ):
+        self.student, self.teacher, self.vocab_size = student, teacher, vocab_size
+        self.max_new_tokens, self.keep_teacher_hidden = max_new_tokens, keep_teacher_hidden
+        self.device = device = next(student.parameters()).device
+        batch = self.batch = len(prompt_ids)
+        ids, slot_mask = _left_pad(prompt_ids, pad_token_id, device)
+        self.student_cache, self.teacher_cache = DynamicCache(), DynamicCache()
+        positions = (slot_mask.cumsum(-1) - 1).clamp(min=0)
+        self.counts = dict.fromkeys(
+            ("drafted", "accepted", "replaced", "proposed", "student_forwards", "teacher_forwards", "rounds"), 0
+        )
+        # the teacher's prompt (all but its last token) joins the first verification: one teacher forward fewer
+        self.teacher_prefix = None
+        if ids.shape[1] > 1:  # prefill everything but the last prompt token, which becomes the pending token
+            _backbone_forward(student, ids[:, :-1], slot_mask[:, :-1], positions[:, :-1], self.student_cache)
+            self.counts["student_forwards"] += 1
+            self.teacher_prefix = ids[:, :-1], positions[:, :-1]
+        self.slot_mask = slot_mask[:, :-1]
+        self.pending = ids[:, -1]
+        self.next_position = positions[:, -1]  # position of the pending token
+        self.rows = torch.arange(batch, device=device)  # original index of each row still in the batch
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        # outputs live in fixed buffers so that a round's bookkeeping is a few tensor ops whatever the batch size
+        self.tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        self.by_teacher = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+        self.totals = torch.zeros(3, dtype=torch.long, device=device)  # accepted, replaced, proposed
+        self.teacher_hidden: torch.Tensor | None = None  # (batch, max_new_tokens, H), allocated at the first round
+
+    def cut(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.vocab_size is None else logits[..., : self.vocab_size]
+
+    def draft(self, gamma: int, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phase 1: the student drafts `gamma` tokens `(rows, gamma)`, keeping the logits each was drawn from."""
+        self.counts["rounds"] += 1
+        draft, student_logits = [], []
+        token = self.pending
+        for j in range(gamma):
+            self.slot_mask = torch.cat([self.slot_mask, self.slot_mask.new_ones(len(self.rows), 1)], dim=1)
+            position = (self.next_position + j)[:, None]
+            logits = self.cut(_forward(self.student, token[:, None], self.slot_mask, position, self.student_cache))
+            self.counts["student_forwards"] += 1
+            token = params.sample(logits[:, -1])
+            draft.append(token)
+            student_logits.append(logits[:, -1])
+        return torch.stack(draft, 1), torch.stack(student_logits, 1)
+
+    def verify(self, draft_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Phase 2: one teacher forward over pending + draft[:-1]: its logits at every drafted position (and with
+        `keep_teacher_hidden` its hidden states there)."""
+        gamma = draft_ids.shape[1]
+        teacher_input = torch.cat([self.pending[:, None], draft_ids[:, :-1]], dim=1)
+        teacher_positions = self.next_position[:, None] + torch.arange(gamma, device=self.device)
+        if self.teacher_prefix is not None:
+            teacher_input = torch.cat([self.teacher_prefix[0], teacher_input], dim=1)
+            teacher_positions = torch.cat([self.teacher_prefix[1], teacher_positions], dim=1)
+            self.teacher_prefix = None
+        self.counts["teacher_forwards"] += 1
+        args = (self.teacher, teacher_input, self.slot_mask, teacher_positions, self.teacher_cache)
+        if self.keep_teacher_hidden:
+            return _forward_with_hidden(*args, self.vocab_size, gamma)
+        return self.cut(_forward(*args)[:, -gamma:]), None
+
+    def proposal(self, student_logits, teacher_logits, draft_ids) -> Proposal:
+        offsets = torch.arange(draft_ids.shape[1], device=self.device)
+        positions = self.lengths[self.rows][:, None] + offsets
+        return Proposal(student_logits, teacher_logits, draft_ids, positions, self.rows)
+
+    def accept_or_replace(self, proposal: Proposal, rule: Rule, teacher_params: SamplingParams) -> _Verdict:
+        """Phase 3: each row keeps its draft up to the rule's first rejection, its first EOS (included) or its
+        budget; where the rule rejected, the teacher samples the replacement."""
+        draft_ids, gamma = proposal.draft, proposal.draft.shape[1]
+        offsets = torch.arange(gamma, device=self.device)
+        reject = rule.reject(proposal).to(self.device)
+        first_reject = torch.where(reject.any(1), reject.float().argmax(1), gamma)
+        at_reject = proposal.teacher_logits[
+            torch.arange(len(self.rows), device=self.device), first_reject.clamp(max=gamma - 1)
+        ]
+        replacement = teacher_params.sample(at_reject, source="teacher")
+        active = ~self.done[self.rows]
+        budget = torch.where(active, self.max_new_tokens - self.lengths[self.rows], 0)
+        draft_eos = torch.isin(draft_ids, self.eos)
+        first_eos = torch.where(draft_eos.any(1), draft_eos.float().argmax(1), gamma)
+        accepted = torch.minimum(torch.minimum(first_reject, first_eos + 1), budget)
+        ended_on_eos = first_eos < accepted
+        replaced = (first_reject < gamma) & (accepted == first_reject) & (accepted < budget) & ~ended_on_eos
+        num_kept = accepted + replaced.long()
+        written = torch.where(offsets < accepted[:, None], draft_ids, replacement[:, None])
+        last = written.gather(1, (num_kept - 1).clamp(min=0)[:, None]).squeeze(1)
+        start = self.lengths[self.rows]
+        return _Verdict(first_reject, accepted, replaced, num_kept, written, ended_on_eos, budget, active, start, last)
+
+    def record(self, verdict: _Verdict, hidden: torch.Tensor | None) -> None:
+        """Phase 4, per row: write the kept tokens, who wrote them (and the teacher's states), the lengths, which
+        rows are done, the counters."""
+        gamma = verdict.written.shape[1]
+        offsets = torch.arange(gamma, device=self.device)
+        rows, num_kept, row_lengths = self.rows, verdict.num_kept, verdict.start
+        keep = offsets < num_kept[:, None]
+        index = (row_lengths[:, None] + offsets).clamp(max=self.max_new_tokens - 1)
+        row_index = rows[:, None].expand_as(index)
+        self.tokens[row_index[keep], index[keep]] = verdict.written[keep]
+        by_teacher = (offsets[None] == verdict.accepted[:, None]).expand_as(keep)
+        self.by_teacher[row_index[keep], index[keep]] = by_teacher[keep]
+        if hidden is not None:  # the state at block slot j predicts the token kept at j (same prefix)
+            if self.teacher_hidden is None:
+                self.teacher_hidden = hidden.new_zeros(self.batch, self.max_new_tokens, hidden.shape[-1])
+            self.teacher_hidden[row_index[keep], index[keep]] = hidden[keep]
+        self.lengths[rows] = row_lengths + num_kept
+        ended = verdict.active & (num_kept > 0) & torch.isin(verdict.last, self.eos)
+        self.done[rows] |= (self.lengths[rows] >= self.max_new_tokens) | ended
+        self.totals += torch.stack([verdict.accepted.sum(), verdict.replaced.sum(), gamma * verdict.active.sum()])
+
+    def apply_stop_strings(self, stop: StopStrings, verdict: _Verdict) -> None:
+        wrote = verdict.num_kept > 0
+        _apply_stop_strings(stop, self.tokens, self.lengths, self.done, self.rows[wrote], verdict.start[wrote])
+
+    def advance_caches(self, verdict: _Verdict) -> None:
+        """Cache slots: pending + the kept draft tokens stay visible, the rest is masked or cropped; the last kept
+        token becomes the pending one."""
+        gamma = verdict.written.shape[1]
+        offsets = torch.arange(gamma, device=self.device)
+        new_valid = verdict.num_kept.clamp(1, gamma)
+        self.slot_mask[:, -gamma:] = (offsets[None, :] < new_valid[:, None]).long()
+        surplus = gamma - int(new_valid.max())
+        if surplus > 0:
+            self.student_cache.crop(-surplus)
+            self.teacher_cache.crop(-surplus)
+            self.slot_mask = self.slot_mask[:, :-surplus]
+        self.pending = torch.where(verdict.num_kept > 0, verdict.last, self.pending)
+        self.next_position = self.next_position + verdict.num_kept
+
+    def next_draft_length(self, gamma: int, verdict: _Verdict, max_draft_tokens: int) -> int:
+        """The adaptive draft length from the rows whose block the rule ended (not an EOS or the budget), and those
+        of them that kept all of it."""
+        cut_by_budget = verdict.budget < torch.minimum(
+            verdict.first_reject + 1, torch.full_like(verdict.first_reject, gamma)
+        )
+        judged = verdict.active & ~verdict.ended_on_eos & ~cut_by_budget
+        fully = judged & (verdict.first_reject >= gamma)
+        unfinished = ~self.done[self.rows]
+        if not bool(unfinished.any()):  # only forwards in step with other processes are left: no preference
+            return max_draft_tokens
+        remaining = int((self.max_new_tokens - self.lengths[self.rows][unfinished]).max())
+        return next_draft_length(gamma, int(fully.sum()), int(judged.sum()), min(max_draft_tokens, remaining))
+
+    def drop_finished_rows(self) -> None:
+        keep_rows = ~self.done[self.rows]
+        if not bool(keep_rows.all()) and bool(keep_rows.any()):
+            index = keep_rows.nonzero().squeeze(1)
+            self.student_cache.batch_select_indices(index)
+            self.teacher_cache.batch_select_indices(index)
+            self.rows, self.slot_mask = self.rows[index], self.slot_mask[index]
+            self.pending, self.next_position = self.pending[index], self.next_position[index]
+
+    def output(self) -> SampleOutput:
+        counts = self.counts
+        counts["accepted"], counts["replaced"], counts["proposed"] = self.totals.tolist()
+        counts["drafted"] = counts["accepted"] + counts["replaced"]
+        lengths = self.lengths.tolist()
+        completions = [row[:n] for row, n in zip(self.tokens.tolist(), lengths)]
+        teacher_mask = [row[:n] for row, n in zip(self.by_teacher.tolist(), lengths)]
+        kept_hidden = None
+        if self.keep_teacher_hidden:
+            hidden = self.teacher_hidden
+            if hidden is None:  # no round ran (every row finished at once): nothing was kept
+                width = self.teacher.config.get_text_config().hidden_size
+                hidden = torch.zeros(self.batch, self.max_new_tokens, width, device=self.device)
+            kept_hidden = [hidden[i, :n] for i, n in enumerate(lengths)]
+        return SampleOutput(completions, teacher_mask, counts, kept_hidden)
 
 
 @torch.no_grad()
@@ -422,149 +640,35 @@ def block_verify_sample(
         raise ValueError("adaptive_draft with sync_continue needs sync_draft_length, so processes draft alike.")
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("Every prompt needs at least one token.")
-    device = next(student.parameters()).device
-    batch = len(prompt_ids)
-    gamma = num_draft_tokens
-    rule.start(batch, max_new_tokens)
-
-    ids, slot_mask = _left_pad(prompt_ids, pad_token_id, device)
-    student_cache, teacher_cache = DynamicCache(), DynamicCache()
-    positions = (slot_mask.cumsum(-1) - 1).clamp(min=0)
-    counts = dict.fromkeys(
-        ("drafted", "accepted", "replaced", "proposed", "student_forwards", "teacher_forwards", "rounds"), 0
+    rule.start(len(prompt_ids), max_new_tokens)
+    sampler = _BlockVerifier(
+        student,
+        teacher,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=eos_token_ids,
+        pad_token_id=pad_token_id,
+        vocab_size=vocab_size,
+        keep_teacher_hidden=keep_teacher_hidden,
     )
-
-    def cut(logits: torch.Tensor) -> torch.Tensor:
-        return logits if vocab_size is None else logits[..., :vocab_size]
-
-    def teacher_forward(input_ids, mask, position_ids, last: int):
-        """Logits (and with `keep_teacher_hidden` the hidden states) of the last `last` input positions."""
-        if keep_teacher_hidden:
-            return _forward_with_hidden(teacher, input_ids, mask, position_ids, teacher_cache, vocab_size, last)
-        return cut(_forward(teacher, input_ids, mask, position_ids, teacher_cache)[:, -last:]), None
-
-    # the teacher's prompt (all but its last token) joins the first verification: one teacher forward fewer
-    teacher_prefix = None
-    if ids.shape[1] > 1:  # prefill everything but the last prompt token, which becomes the pending token
-        _backbone_forward(student, ids[:, :-1], slot_mask[:, :-1], positions[:, :-1], student_cache)
-        counts["student_forwards"] += 1
-        teacher_prefix = ids[:, :-1], positions[:, :-1]
-    slot_mask = slot_mask[:, :-1]
-    pending = ids[:, -1]
-    next_position = positions[:, -1]  # position of the pending token
-    rows = torch.arange(batch, device=device)  # original index of each row still in the batch
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    # outputs live in fixed buffers so that a round's bookkeeping is a few tensor ops whatever the batch size
-    tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    by_teacher = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)
-    lengths = torch.zeros(batch, dtype=torch.long, device=device)
-    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
-    totals = torch.zeros(3, dtype=torch.long, device=device)  # accepted, replaced, proposed
-    teacher_hidden: torch.Tensor | None = None  # (batch, max_new_tokens, H), allocated at the first round
-
-    while sync_continue(not bool(done.all())) if sync_continue is not None else not bool(done.all()):
-        counts["rounds"] += 1
-        offsets = torch.arange(gamma, device=device)
-        # 1. the student drafts gamma tokens, keeping the logits each was drawn from
-        draft, student_logits = [], []
-        token = pending
-        for j in range(gamma):
-            slot_mask = torch.cat([slot_mask, slot_mask.new_ones(len(rows), 1)], dim=1)
-            logits = cut(_forward(student, token[:, None], slot_mask, (next_position + j)[:, None], student_cache))
-            counts["student_forwards"] += 1
-            token = student_params.sample(logits[:, -1])
-            draft.append(token)
-            student_logits.append(logits[:, -1])
-        draft_ids = torch.stack(draft, 1)
-        # 2. the teacher scores pending + draft[:-1] in one forward: logits for every drafted position
-        teacher_input = torch.cat([pending[:, None], draft_ids[:, :-1]], dim=1)
-        teacher_positions = next_position[:, None] + offsets
-        if teacher_prefix is not None:
-            teacher_input = torch.cat([teacher_prefix[0], teacher_input], dim=1)
-            teacher_positions = torch.cat([teacher_prefix[1], teacher_positions], dim=1)
-            teacher_prefix = None
-        teacher_logits, hidden = teacher_forward(teacher_input, slot_mask, teacher_positions, gamma)
-        counts["teacher_forwards"] += 1
-        row_lengths = lengths[rows]
-        response_positions = row_lengths[:, None] + offsets
-        proposal = Proposal(torch.stack(student_logits, 1), teacher_logits, draft_ids, response_positions, rows)
-        # 3. first rejection per row; the teacher samples a replacement there
-        reject = rule.reject(proposal).to(device)
-        first_reject = torch.where(reject.any(1), reject.float().argmax(1), gamma)
-        at_reject = teacher_logits[torch.arange(len(rows), device=device), first_reject.clamp(max=gamma - 1)]
-        replacement = teacher_params.sample(at_reject, source="teacher")
-
-        # keep the draft up to the first rejection, the first EOS (included) or the budget; then the replacement
-        active = ~done[rows]
-        budget = torch.where(active, max_new_tokens - row_lengths, 0)
-        draft_eos = torch.isin(draft_ids, eos)
-        first_eos = torch.where(draft_eos.any(1), draft_eos.float().argmax(1), gamma)
-        accepted = torch.minimum(torch.minimum(first_reject, first_eos + 1), budget)
-        ended_on_eos = first_eos < accepted
-        replaced = (first_reject < gamma) & (accepted == first_reject) & (accepted < budget) & ~ended_on_eos
-        num_kept = accepted + replaced.long()
-        written = torch.where(offsets < accepted[:, None], draft_ids, replacement[:, None])
-        keep = offsets < num_kept[:, None]
-        index = (row_lengths[:, None] + offsets).clamp(max=max_new_tokens - 1)
-        row_index = rows[:, None].expand_as(index)
-        tokens[row_index[keep], index[keep]] = written[keep]
-        by_teacher[row_index[keep], index[keep]] = (offsets[None] == accepted[:, None]).expand_as(keep)[keep]
-        if hidden is not None:  # the state at block slot j predicts the token kept at j (same prefix)
-            if teacher_hidden is None:
-                teacher_hidden = hidden.new_zeros(batch, max_new_tokens, hidden.shape[-1])
-            teacher_hidden[row_index[keep], index[keep]] = hidden[keep]
-        lengths[rows] = row_lengths + num_kept
-        last = written.gather(1, (num_kept - 1).clamp(min=0)[:, None]).squeeze(1)
-        done[rows] |= (lengths[rows] >= max_new_tokens) | (active & (num_kept > 0) & torch.isin(last, eos))
-        totals += torch.stack([accepted.sum(), replaced.sum(), gamma * active.sum()])
-        rule.update(proposal, num_kept)
+    gamma = num_draft_tokens
+    while sync_continue(not bool(sampler.done.all())) if sync_continue is not None else not bool(sampler.done.all()):
+        draft_ids, student_logits = sampler.draft(gamma, student_params)  # 1. the student drafts gamma tokens
+        teacher_logits, hidden = sampler.verify(draft_ids)  # 2. one teacher forward scores every drafted position
+        proposal = sampler.proposal(student_logits, teacher_logits, draft_ids)
+        verdict = sampler.accept_or_replace(proposal, rule, teacher_params)  # 3. first rejection: a teacher token
+        sampler.record(verdict, hidden)  # 4. per-row bookkeeping
+        rule.update(proposal, verdict.num_kept)
         if stop is not None:
-            _apply_stop_strings(stop, tokens, lengths, done, rows[num_kept > 0], row_lengths[num_kept > 0])
-
-        # 4. cache slots: pending + the accepted draft tokens stay visible, the rest is masked or cropped
-        new_valid = num_kept.clamp(1, gamma)
-        slot_mask[:, -gamma:] = (offsets[None, :] < new_valid[:, None]).long()
-        surplus = gamma - int(new_valid.max())
-        if surplus > 0:
-            student_cache.crop(-surplus)
-            teacher_cache.crop(-surplus)
-            slot_mask = slot_mask[:, :-surplus]
-        pending = torch.where(num_kept > 0, last, pending)
-        next_position = next_position + num_kept
+            sampler.apply_stop_strings(stop, verdict)
+        sampler.advance_caches(verdict)
         if adaptive_draft:
-            # rows whose block the rule ended (not an EOS or the budget), and those of them that kept all of it
-            cut_by_budget = budget < torch.minimum(first_reject + 1, torch.full_like(first_reject, gamma))
-            judged = active & ~ended_on_eos & ~cut_by_budget
-            fully = judged & (first_reject >= gamma)
-            unfinished = ~done[rows]
-            if bool(unfinished.any()):
-                remaining = int((max_new_tokens - lengths[rows][unfinished]).max())
-                gamma = next_draft_length(gamma, int(fully.sum()), int(judged.sum()), min(max_draft_tokens, remaining))
-            else:  # only forwards in step with other processes are left: no preference
-                gamma = max_draft_tokens
+            gamma = sampler.next_draft_length(gamma, verdict, max_draft_tokens)
             if sync_draft_length is not None:
                 gamma = sync_draft_length(gamma)
-
         if sync_continue is None:  # finished rows leave the batch
-            keep_rows = ~done[rows]
-            if not bool(keep_rows.all()) and bool(keep_rows.any()):
-                index = keep_rows.nonzero().squeeze(1)
-                student_cache.batch_select_indices(index)
-                teacher_cache.batch_select_indices(index)
-                rows, slot_mask = rows[index], slot_mask[index]
-                pending, next_position = pending[index], next_position[index]
-    counts["accepted"], counts["replaced"], counts["proposed"] = totals.tolist()
-    lengths_list = lengths.tolist()
-    completions = [row[:n] for row, n in zip(tokens.tolist(), lengths_list)]
-    teacher_mask = [row[:n] for row, n in zip(by_teacher.tolist(), lengths_list)]
-    counts["drafted"] = counts["accepted"] + counts["replaced"]
-    kept_hidden = None
-    if keep_teacher_hidden:
-        width = teacher.config.get_text_config().hidden_size if teacher_hidden is None else teacher_hidden.shape[-1]
-        if teacher_hidden is None:  # no round ran (every row finished at once): nothing was kept
-            teacher_hidden = torch.zeros(batch, max_new_tokens, width, device=device)
-        kept_hidden = [teacher_hidden[i, :n] for i, n in enumerate(lengths_list)]
-    return SampleOutput(completions, teacher_mask, counts, kept_hidden)
+            sampler.drop_finished_rows()
+    return sampler.output()
 
 
 @torch.no_grad()

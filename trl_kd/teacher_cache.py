@@ -30,8 +30,8 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from trl.trainer.utils import pad
 
 from .data import completion_token_ids, prepare_dataset
-from .losses import LMHead
-from .sampler import backbone
+from .losses import LMHead, response_hidden_states
+from .sampler import generate_completions
 
 
 MANIFEST_NAME = "teacher_cache.json"
@@ -155,12 +155,7 @@ def teacher_topk(
     completions, completion_mask = _pad([c or [pad_token_id] for c in completion_ids], pad_token_id, left=False)
     input_ids = torch.cat([prompts, completions], 1).to(device)
     attention_mask = torch.cat([prompt_mask, completion_mask], 1).to(device)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    width = completions.shape[1]
-    hidden = backbone(teacher)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
-    ).last_hidden_state
-    hidden = hidden[:, -width - 1 : -1]
+    hidden = response_hidden_states(teacher, attention_mask, completions.shape[1], input_ids=input_ids)
     head = LMHead.from_model(teacher)
     out = []
     for row, completion in zip(hidden, completion_ids):
@@ -262,7 +257,9 @@ def cache_teacher(
             batch = [rows[i] for i in range(batch_start, min(batch_start + batch_size, stop))]
             prompts = [prompt_token_ids(tokenizer, row["prompt"], chat_template_kwargs) for row in batch]
             if seq_kd:
-                completions = _sample(teacher, tokenizer, prompts, generation_config, eos, max_completion_length)
+                config = GenerationConfig(**{**generation_config.to_dict(), "max_new_tokens": max_completion_length})
+                pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+                completions = generate_completions(teacher, prompts, config, pad_token_id=pad_id, eos_token_ids=eos)
             else:
                 completions = [
                     completion_token_ids(
@@ -324,21 +321,125 @@ def load_teacher_cache(directory: str) -> tuple[Dataset, TeacherCacheManifest]:
     return concatenate_datasets([read(p) for p in paths]), manifest
 
 
+class OfflineTeacher:
+    """A teacher cache as a trainer uses it: the training rows with the cache's columns joined, checked against the
+    run, and asked for the teacher's top-k log-probabilities of a batch the way the live teacher is asked for its
+    forward. Rows are checked once, as training reads them; the cache's columns stay memory-mapped.
+
+    Args:
+        path: the cache folder (`KDConfig.teacher_cache`).
+        seq_kd: whether the run trains on teacher samples (`KDConfig.seq_kd`); the cache must hold the same kind.
+    """
+
+    def __init__(self, path: str, seq_kd: bool):
+        self.path, self.seq_kd = path, seq_kd
+        self.cache, self.manifest = load_teacher_cache(path)
+        if self.manifest.seq_kd != seq_kd:
+            raise ValueError(
+                f"The teacher cache {path} holds "
+                + (
+                    "teacher samples (it was written with seq_kd): set `seq_kd=True`."
+                    if self.manifest.seq_kd
+                    else "dataset completions, not teacher samples: set `seq_kd=False` or cache with `--seq_kd`."
+                )
+            )
+
+    def training_rows(self, train_dataset: Dataset | None) -> Dataset:
+        """The training rows, checked and in prompt-completion form, with the cache's columns joined: the cached rows
+        themselves when no dataset is passed, else the passed dataset (which must be the one the cache was computed
+        from). Only the rows' own columns are converted (a `messages` dataset is split by `map`, which writes a
+        copy)."""
+        cache, manifest = self.cache, self.manifest
+        if train_dataset is None:
+            train_dataset = cache.select_columns([c for c in cache.column_names if c not in CACHE_COLUMNS])
+        elif not isinstance(train_dataset, Dataset) or train_dataset._fingerprint != manifest.dataset_fingerprint:
+            raise ValueError(
+                f"The teacher cache {self.path} was computed from another dataset (fingerprint "
+                f"{manifest.dataset_fingerprint}, this one {getattr(train_dataset, '_fingerprint', None)}): pass "
+                "`train_dataset=None` to train on the cached rows, or cache this dataset."
+            )
+        rows = prepare_dataset(train_dataset, "train_dataset")
+        joined = concatenate_datasets([rows, cache.select_columns(list(CACHE_COLUMNS))], axis=1)
+        # Arrays, not nested lists: a row holds completion length x k values, and the dataloader (Accelerate's
+        # `send_to_device`) walks every element of a list, which cost most of a step at k = 331.
+        arrays = [c for c in CACHE_COLUMNS if c != "teacher_cache_row"]
+        return joined.with_format("numpy", columns=arrays, output_all_columns=True)
+
+    def check(
+        self, tokenizer: PreTrainedTokenizerBase, loss_temperature: float, vocab_size: int, max_completion_length: int
+    ) -> None:
+        """Refuse a cache that does not fit the run, with every reason and its fix."""
+        manifest, problems = self.manifest, []
+        if manifest.tokenizer_hash != tokenizer_hash(tokenizer):
+            problems.append("its tokenizer is not the student's (another vocabulary, special tokens or chat template)")
+        if not math.isclose(manifest.temperature, loss_temperature):
+            problems.append(
+                f"it holds the teacher at temperature {manifest.temperature}, and `loss_temperature` is "
+                f"{loss_temperature} (set it to {manifest.temperature})"
+            )
+        if manifest.vocab_size != vocab_size:
+            problems.append(f"its vocabulary has {manifest.vocab_size} tokens, the tokenizer {vocab_size}")
+        if manifest.max_completion_length < max_completion_length:
+            problems.append(
+                f"its completions were cut to {manifest.max_completion_length} tokens, and `max_completion_length` is "
+                f"{max_completion_length} (lower it, or cache again)"
+            )
+        if problems:
+            raise ValueError(f"The teacher cache {self.path} does not fit this run: {'; '.join(problems)}.")
+
+    @staticmethod
+    def is_cached(row: dict[str, Any]) -> bool:
+        return "teacher_topk_ids" in row
+
+    def completion(
+        self, row: dict[str, Any], prompt_ids: list[int], dataset_completion: list[int] | None, limit: int
+    ) -> tuple[list[int], tuple[torch.Tensor, ...]]:
+        """A cached row's completion (at most `limit` tokens) and its teacher top-k `(ids, log-probs, tail)`, after
+        checking that the cache saw the tokens this run trains on: `prompt_ids`, and `dataset_completion` (this
+        run's tokens of the row's completion; `None` for teacher samples)."""
+        completion = np.asarray(row["teacher_completion_ids"])[:limit].tolist()
+        expected = {"prompt": (list(prompt_ids), np.asarray(row["teacher_prompt_ids"]).tolist())}
+        if dataset_completion is not None:
+            expected["completion"] = (dataset_completion, completion)
+        for what, (ours, theirs) in expected.items():
+            if ours != theirs:
+                at = next((j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                raise ValueError(
+                    f"Row {row['teacher_cache_row']} of the teacher cache {self.path}: its {what} tokens differ from "
+                    f"this run's from token {at} on ({len(theirs)} cached, {len(ours)} now). The cache was written "
+                    "with another tokenizer, chat template or dataset row; write it again."
+                )
+        top = tuple(
+            torch.tensor(np.asarray(row[name])[: len(completion)], dtype=dtype)  # a copy: the cache is read-only
+            for name, dtype in (
+                ("teacher_topk_ids", torch.long),
+                ("teacher_topk_logprobs", torch.float32),
+                ("teacher_tail_logprob", torch.float32),
+            )
+        )
+        return completion, top
+
+    def batch(
+        self, per_row: list[tuple[torch.Tensor, ...] | None], width: int, device: torch.device | str
+    ) -> dict[str, torch.Tensor]:
+        """The rows' teacher top-k as batch tensors `(B, width, k)` (`teacher_topk_ids`, `teacher_topk_logprobs`)
+        and `(B, width)` (`teacher_tail_logprob`), zero past each completion, and which rows have them,
+        `teacher_topk_rows` `(B,)`: what the loss reads instead of a teacher forward."""
+        k, n = self.manifest.k, len(per_row)
+        ids = torch.zeros(n, width, k, dtype=torch.long)
+        log_probs = torch.zeros(n, width, k)
+        tail = torch.zeros(n, width)
+        for i, top in enumerate(per_row):
+            if top is not None:
+                length = len(top[0])
+                ids[i, :length], log_probs[i, :length], tail[i, :length] = top
+        rows = torch.tensor([top is not None for top in per_row])
+        tensors = {"teacher_topk_ids": ids, "teacher_topk_logprobs": log_probs, "teacher_tail_logprob": tail}
+        return {**{key: value.to(device) for key, value in tensors.items()}, "teacher_topk_rows": rows.to(device)}
+
+
 def _differences(a: TeacherCacheManifest, b: TeacherCacheManifest) -> str:
     return ", ".join(f"{k}: {v!r} vs {getattr(b, k)!r}" for k, v in asdict(a).items() if getattr(b, k) != v)
-
-
-def _sample(teacher, tokenizer, prompts, generation_config, eos, max_new_tokens) -> list[list[int]]:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = _pad(prompts, pad, left=True)
-    device = next(teacher.parameters()).device
-    config = GenerationConfig(**{**generation_config.to_dict(), "max_new_tokens": max_new_tokens})
-    output = teacher.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-    completions = []
-    for row in output[:, ids.shape[1] :].tolist():
-        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
-        completions.append(row[:end])
-    return completions
 
 
 def _progress(total: int, enabled: bool):

@@ -9,22 +9,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from datasets import Dataset, IterableDataset, concatenate_datasets
+from datasets import Dataset, IterableDataset
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DistillationTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from .._compat import quiet_checkpointing_aliases
-from ..checkpoints import load_method_state, resolve_checkpoint, save_method_state
-from ..cli import missing_folder
-from ..data import check_prompt_lengths, completion_token_ids, prepare_dataset, tokenizer_mismatch
+from ..checkpoints import MethodStateCheckpoints, resolve_checkpoint
+from ..data import (
+    check_prompt_lengths,
+    check_teacher_tokenizer,
+    check_vocabularies,
+    completion_token_ids,
+    prepare_dataset,
+    prompt_length_limit,
+)
+from ..errors import missing_folder
+from ..evaluation import teacher_tokens_by_position
 from ..guards import NonFiniteError, check_grad_norm, finite_flags, sampling_from
-from ..losses import LMHead, TopKTeacher, chunked_kd_loss
-from ..model_card import arrange_card, distillation_section, student_base
+from ..losses import LMHead, TopKTeacher, chunked_kd_loss, response_hidden_states, stack_rows
+from ..model_card import DistillationFacts, add_distillation_section, method_hyperparameters
 from ..placement import (
     check_distributed_backend,
     fsdp2_gathered,
@@ -32,9 +38,8 @@ from ..placement import (
     load_teacher,
     prepare_teacher,
 )
-from ..registry import register_method
-from ..sampler import Rule, SamplingParams, StopStrings, backbone, block_verify_sample
-from ..teacher_cache import CACHE_COLUMNS, TeacherCacheManifest, load_teacher_cache, tokenizer_hash
+from ..sampler import Rule, SamplingParams, StopStrings, block_verify_sample, generate_completions
+from ..teacher_cache import CACHE_COLUMNS, OfflineTeacher
 from .config import KDConfig
 
 
@@ -68,7 +73,7 @@ def sequences(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     return input_ids, attention_mask, inputs["completion_ids"].shape[1]
 
 
-class KDTrainer(DistillationTrainer):
+class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
     r"""Generalized knowledge distillation (GKD) on top of `trl.DistillationTrainer`.
 
     From *On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes* (Agarwal et al., ICLR
@@ -140,9 +145,9 @@ class KDTrainer(DistillationTrainer):
                 f"`args` must be a {self.config_class.__name__} (or a subclass), got {type(args).__name__}."
             )
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        self.teacher_cache_manifest = None
-        if args.teacher_cache is not None:
-            train_dataset, self.teacher_cache_manifest = self._with_teacher_cache(train_dataset, args)
+        self.offline_teacher = None if args.teacher_cache is None else OfflineTeacher(args.teacher_cache, args.seq_kd)
+        if self.offline_teacher is not None:
+            train_dataset = self.offline_teacher.training_rows(train_dataset)
         if teacher_model is None and not (args.teacher_cache is not None and args.lmbda == 0):
             raise ValueError(
                 "No teacher: pass `teacher_model` or set `teacher_model_name_or_path` in the config (training without "
@@ -157,7 +162,7 @@ class KDTrainer(DistillationTrainer):
                     f"`{argument}` {name!r} is no folder (and not a Hub id like "
                     "'Qwen/Qwen2.5-7B-Instruct'): check the path."
                 )
-        if self.teacher_cache_manifest is None:  # else `_with_teacher_cache` prepared it
+        if self.offline_teacher is None:  # else `training_rows` prepared it
             train_dataset = prepare_dataset(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: prepare_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
@@ -187,11 +192,13 @@ class KDTrainer(DistillationTrainer):
             peft_config=peft_config,
         )
         check_distributed_backend(self.accelerator, args)
-        self.kd_vocab_size = self._check_vocabularies(teacher_model)
-        if self.teacher_cache_manifest is not None:
-            self._check_teacher_cache(self.teacher_cache_manifest)
+        self.kd_vocab_size = check_vocabularies(self._tokenizer, student=self.model, teacher=teacher_model)
+        if self.offline_teacher is not None:
+            self.offline_teacher.check(
+                self._tokenizer, args.loss_temperature, self.kd_vocab_size, self.max_completion_length
+            )
         if args.check_teacher_tokenizer and teacher_model is not None:
-            self._check_teacher_tokenizer(teacher_processing_class, teacher_source)
+            check_teacher_tokenizer(self._tokenizer, teacher_processing_class, teacher_source)
         self.teacher_model = None if teacher_model is None else prepare_teacher(teacher_model, self.accelerator, args)
         # a teacher replicated beside a sharded student (`teacher_zero_stage=0`, `teacher_fsdp=False`) has nothing to
         # gather
@@ -228,110 +235,6 @@ class KDTrainer(DistillationTrainer):
         self.dataset_name: str | None = None  # shown in the model card; the example scripts set it
 
     # ------------------------------------------------------------------------------------------------ set-up checks
-    @staticmethod
-    def _with_teacher_cache(train_dataset: Dataset | None, args: KDConfig) -> tuple[Dataset, TeacherCacheManifest]:
-        """The training rows, checked and in prompt-completion form, with the cache's columns joined: the cached rows
-        themselves when no dataset is passed, else the passed dataset (which must be the one the cache was computed
-        from). Only the rows' own columns are checked and converted (a `messages` dataset is split by `map`, which
-        writes a copy): the cache's columns stay memory-mapped."""
-        cache, manifest = load_teacher_cache(args.teacher_cache)
-        if manifest.seq_kd != args.seq_kd:
-            raise ValueError(
-                f"The teacher cache {args.teacher_cache} holds "
-                + (
-                    "teacher samples (it was written with seq_kd): set `seq_kd=True`."
-                    if manifest.seq_kd
-                    else "dataset completions, not teacher samples: set `seq_kd=False` or cache with `--seq_kd`."
-                )
-            )
-        if train_dataset is None:
-            train_dataset = cache.select_columns([c for c in cache.column_names if c not in CACHE_COLUMNS])
-        elif not isinstance(train_dataset, Dataset) or train_dataset._fingerprint != manifest.dataset_fingerprint:
-            raise ValueError(
-                f"The teacher cache {args.teacher_cache} was computed from another dataset (fingerprint "
-                f"{manifest.dataset_fingerprint}, this one {getattr(train_dataset, '_fingerprint', None)}): pass "
-                "`train_dataset=None` to train on the cached rows, or cache this dataset."
-            )
-        rows = prepare_dataset(train_dataset, "train_dataset")
-        joined = concatenate_datasets([rows, cache.select_columns(list(CACHE_COLUMNS))], axis=1)
-        # Arrays, not nested lists: a row holds completion length x k values, and the dataloader (Accelerate's
-        # `send_to_device`) walks every element of a list, which cost most of a step at k = 331.
-        arrays = [c for c in CACHE_COLUMNS if c != "teacher_cache_row"]
-        return joined.with_format("numpy", columns=arrays, output_all_columns=True), manifest
-
-    def _check_teacher_cache(self, manifest: TeacherCacheManifest) -> None:
-        problems = []
-        if manifest.tokenizer_hash != tokenizer_hash(self._tokenizer):
-            problems.append("its tokenizer is not the student's (another vocabulary, special tokens or chat template)")
-        if not math.isclose(manifest.temperature, self.args.loss_temperature):
-            problems.append(
-                f"it holds the teacher at temperature {manifest.temperature}, and `loss_temperature` is "
-                f"{self.args.loss_temperature} (set it to {manifest.temperature})"
-            )
-        if manifest.vocab_size != self.kd_vocab_size:
-            problems.append(f"its vocabulary has {manifest.vocab_size} tokens, the tokenizer {self.kd_vocab_size}")
-        if manifest.max_completion_length < self.max_completion_length:
-            problems.append(
-                f"its completions were cut to {manifest.max_completion_length} tokens, and `max_completion_length` is "
-                f"{self.max_completion_length} (lower it, or cache again)"
-            )
-        if problems:
-            raise ValueError(
-                f"The teacher cache {self.args.teacher_cache} does not fit this run: {'; '.join(problems)}."
-            )
-
-    def _check_vocabularies(self, teacher_model: PreTrainedModel | None) -> int:
-        """Return the size of the vocabulary the distributions are compared over (the tokenizer's)."""
-        tokenizer_size = len(self._tokenizer)
-        for role, model in (("student", self.model), ("teacher", teacher_model)):
-            if model is None:  # no teacher: an offline cache stands in for it
-                continue
-            vocab = model.config.get_text_config().vocab_size
-            if vocab < tokenizer_size:
-                raise ValueError(
-                    f"The {role} model has a vocabulary of {vocab} tokens but the tokenizer has {tokenizer_size}, so "
-                    f"the {role} cannot score every token. Teacher and student must share the tokenizer (same model "
-                    "family); if you added tokens, call `model.resize_token_embeddings(len(tokenizer))` on both. For "
-                    "models with different tokenizers use cross-tokenizer distillation (TRL's GOLD trainer)."
-                )
-        return tokenizer_size
-
-    def _check_teacher_tokenizer(self, teacher_tokenizer: PreTrainedTokenizerBase | None, source: str | None) -> None:
-        """Refuse a teacher whose tokenizer disagrees with the student's (see `KDConfig.check_teacher_tokenizer`);
-        the teacher's tokenizer is `teacher_tokenizer`, else the one saved with the teacher, if it can be loaded."""
-        tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-        if teacher_tokenizer is None and source and os.path.isdir(source):
-            if not any(os.path.exists(os.path.join(source, name)) for name in tokenizer_files):
-                # `AutoTokenizer` would build an empty tokenizer from the model config alone
-                logger.warning(
-                    "The teacher's folder %s holds no tokenizer, so it was not compared with the "
-                    "student's; pass `teacher_processing_class` to compare them.",
-                    source,
-                )
-                return
-        if teacher_tokenizer is None and source:
-            from transformers import AutoTokenizer
-
-            try:
-                teacher_tokenizer = AutoTokenizer.from_pretrained(source)
-            except Exception as error:  # no tokenizer files, offline, ...
-                logger.warning(
-                    "Could not load the teacher's tokenizer from %s (%s), so it was not compared with the "
-                    "student's; pass `teacher_processing_class` to compare them.",
-                    source,
-                    type(error).__name__,
-                )
-        if teacher_tokenizer is None:
-            return
-        problem = tokenizer_mismatch(self._tokenizer, getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer))
-        if problem is not None:
-            raise ValueError(
-                f"The teacher's tokenizer{f' ({source})' if source else ''} does not match the student's: {problem}. "
-                "The teacher's distributions would be over other tokens. Use a teacher of the student's model family "
-                "(the same tokenizer), or TRL's GOLD trainer for cross-tokenizer distillation; if the two tokenizers "
-                "assign the same ids on purpose, set `check_teacher_tokenizer=False`."
-            )
-
     def _padding_token_ids(self, model: PreTrainedModel) -> list[int]:
         return list(range(self.kd_vocab_size, model.config.get_text_config().vocab_size))
 
@@ -350,32 +253,18 @@ class KDTrainer(DistillationTrainer):
         return limits
 
     def _check_prompt_lengths(self, dataset: Dataset | IterableDataset, name: str) -> Dataset | IterableDataset:
-        completion = self.args.max_completion_length
+        args = self.args
         limits = self.position_limits()
-        for role, context in limits.items():
-            room = f"the {role}'s context of {context} tokens"
-            if role == "teacher" and self.teacher_prefix_tokens:
-                room += f" (left after its {self.teacher_prefix_tokens} soft-prompt tokens)"
-            if context - completion <= 0:
-                raise ValueError(
-                    f"`max_completion_length` ({completion}) leaves no room for a prompt in {room}. Lower "
-                    f"`max_completion_length` (e.g. `max_completion_length={max(context // 2, 1)}`)."
-                )
-            if self.args.max_prompt_length is not None and self.args.max_prompt_length + completion > context:
-                raise ValueError(
-                    f"`max_prompt_length` ({self.args.max_prompt_length}) + `max_completion_length` ({completion}) "
-                    f"exceeds {room}. Lower `max_prompt_length` to at most {context - completion}."
-                )
-        limit = self.args.max_prompt_length
+        limit = prompt_length_limit(
+            limits, args.max_completion_length, args.max_prompt_length, self.teacher_prefix_tokens
+        )
         if limit is None:
-            if not limits:
-                logger.warning(
-                    "Neither model's config names a context length (`max_position_embeddings` or `n_positions`), so "
-                    "the prompts of %s were not checked against one; set `max_prompt_length` to check them.",
-                    name,
-                )
-                return dataset
-            limit = min(limits.values()) - completion
+            logger.warning(
+                "Neither model's config names a context length (`max_position_embeddings` or `n_positions`), so "
+                "the prompts of %s were not checked against one; set `max_prompt_length` to check them.",
+                name,
+            )
+            return dataset
         return check_prompt_lengths(dataset, lambda prompts: self._tokenize_prompts(prompts)[0], limit, name)
 
     # ------------------------------------------------------------------------------------------------------ rollouts
@@ -460,24 +349,20 @@ class KDTrainer(DistillationTrainer):
     ) -> list[list[int]]:
         """Sample one completion per prompt from `model` (e.g. the teacher engine) with `transformers.generate`,
         cut after the first EOS. Gathers ZeRO-3 parameters as TRL does for the student."""
-        device = self.accelerator.device
-        prompts = [torch.tensor(ids) for ids in prompt_ids]
-        input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
-        attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left").to(device)
         gather = self.args.ds3_gather_for_generation and (model is not self.teacher_model or self._gather_teacher)
         with (
             unwrap_model_for_generation(model, self.accelerator, gather_deepspeed3_params=gather) as unwrapped,
             fsdp2_gathered(model, gather),
             torch.no_grad(),
         ):
-            output = unwrapped.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
+            return generate_completions(
+                unwrapped,
+                prompt_ids,
+                generation_config,
+                pad_token_id=self._tokenizer.pad_token_id,
+                eos_token_ids=self.eos_token_ids,
+                device=self.accelerator.device,
             )
-        completions = []
-        for row in output[:, input_ids.shape[1] :].tolist():
-            end = next((i + 1 for i, token in enumerate(row) if token in self.eos_token_ids), len(row))
-            completions.append(row[:end])
-        return completions
 
     def _row_uniforms(self, n: int, mode: str) -> torch.Tensor:
         # Seeded by (seed, step, process) rather than the global RNG, so decisions are reproducible from the seed and
@@ -520,9 +405,10 @@ class KDTrainer(DistillationTrainer):
         teacher_mask = torch.nn.functional.pad(teacher_mask, (0, width - teacher_mask.shape[1]))
         output["teacher_mask"] = teacher_mask.to(self.accelerator.device)
         if teacher_hidden is not None:
-            output["teacher_hidden"], output["teacher_hidden_rows"] = self._stack_teacher_hidden(teacher_hidden, width)
+            # split into micro-batches with the rest of the batch
+            output["teacher_hidden"], output["teacher_hidden_rows"] = stack_rows(teacher_hidden, width)
         if teacher_topk is not None:
-            output.update(self._stack_teacher_topk(teacher_topk, width))
+            output.update(self.offline_teacher.batch(teacher_topk, width, self.accelerator.device))
         mode = "train" if self.model.training else "eval"
         # sequences with a response token, over the whole generation batch of every process (as TRL counts tokens)
         has_tokens = (output["completion_mask"].sum(1) > 0).sum()
@@ -534,51 +420,12 @@ class KDTrainer(DistillationTrainer):
             self._log_teacher_fraction_by_position(mode, output["completion_mask"], output["teacher_mask"])
         return output
 
-    def _stack_teacher_hidden(
-        self, per_row: list[torch.Tensor | None], width: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sampler's teacher states as a `(B, width, H)` batch tensor (zeros past each completion and for rows
-        without states) and which rows have them, `(B,)`; split into micro-batches with the rest of the batch."""
-        example = next(hidden for hidden in per_row if hidden is not None)
-        stacked = example.new_zeros(len(per_row), width, example.shape[-1])
-        for i, hidden in enumerate(per_row):
-            if hidden is not None:
-                stacked[i, : len(hidden)] = hidden
-        rows = torch.tensor([hidden is not None for hidden in per_row], device=example.device)
-        return stacked, rows
-
-    def _stack_teacher_topk(
-        self, per_row: list[tuple[torch.Tensor, ...] | None], width: int
-    ) -> dict[str, torch.Tensor]:
-        """The cached rows' teacher top-k as batch tensors `(B, width, k)` (ids, log-probs) and `(B, width)` (tail),
-        and which rows have them, `(B,)`."""
-        k, device, n = self.teacher_cache_manifest.k, self.accelerator.device, len(per_row)
-        ids = torch.zeros(n, width, k, dtype=torch.long)
-        log_probs = torch.zeros(n, width, k)
-        tail = torch.zeros(n, width)
-        for i, top in enumerate(per_row):
-            if top is not None:
-                length = len(top[0])
-                ids[i, :length], log_probs[i, :length], tail[i, :length] = top
-        rows = torch.tensor([top is not None for top in per_row])
-        tensors = {"teacher_topk_ids": ids, "teacher_topk_logprobs": log_probs, "teacher_tail_logprob": tail}
-        return {**{key: value.to(device) for key, value in tensors.items()}, "teacher_topk_rows": rows.to(device)}
-
     def _log_teacher_fraction_by_position(self, mode: str, completion_mask: torch.Tensor, teacher_mask: torch.Tensor):
-        # Bucket b of a response of length L holds its positions t with floor(buckets * t / L) == b.
         buckets = self.position_buckets
-        mask = completion_mask.float()
-        lengths = mask.sum(1, keepdim=True).clamp(min=1)
-        positions = torch.arange(mask.shape[1], device=mask.device)[None]
-        bucket = torch.floor(positions * buckets / lengths).clamp(max=buckets - 1).long()
-        one_hot = torch.nn.functional.one_hot(bucket, buckets).float() * mask[..., None]
-        sums = torch.stack([(one_hot * teacher_mask.float()[..., None]).sum((0, 1)), one_hot.sum((0, 1))])
-        sums = self.accelerator.reduce(sums, "sum").cpu()
-        for b in range(buckets):
-            if sums[1, b] > 0:
-                self._metrics[mode][f"teacher_token_fraction/bucket_{b + 1}_of_{buckets}"].append(
-                    (sums[0, b] / sums[1, b]).item()
-                )
+        sums = self.accelerator.reduce(teacher_tokens_by_position(completion_mask, teacher_mask, buckets), "sum")
+        for b, (teacher, total) in enumerate(sums.cpu().T.tolist()):
+            if total > 0:
+                self._metrics[mode][f"teacher_token_fraction/bucket_{b + 1}_of_{buckets}"].append(teacher / total)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
         # Called by TRL once per generation batch, inside `_generate_and_score_completions`, which hands over the
@@ -598,7 +445,7 @@ class KDTrainer(DistillationTrainer):
         ]
         student_rows = [i for i in range(n) if on_policy[i]]
         # rows of an offline teacher cache read their completion (and, in the loss, the teacher) from it
-        cached = [self.teacher_cache_manifest is not None and "teacher_topk_ids" in row for row in rows]
+        cached = [self.offline_teacher is not None and self.offline_teacher.is_cached(row) for row in rows]
         teacher_rows = [i for i in range(n) if not on_policy[i] and self.args.seq_kd and not cached[i]]
 
         completions: list[list[int]] = [[] for _ in range(n)]
@@ -634,7 +481,10 @@ class KDTrainer(DistillationTrainer):
             if on_policy[i]:
                 continue
             if cached[i]:
-                completions[i], teacher_topk[i] = self._cached_completion(rows[i], prompt_ids[i])
+                ours = None if self.args.seq_kd else self._dataset_completion(rows[i], prompt_ids[i])
+                completions[i], teacher_topk[i] = self.offline_teacher.completion(
+                    rows[i], prompt_ids[i], ours, self.max_completion_length
+                )
                 teacher_mask[i] = [self.args.seq_kd] * len(completions[i])
             elif not self.args.seq_kd:
                 completions[i] = self._dataset_completion(rows[i], prompt_ids[i])
@@ -659,32 +509,6 @@ class KDTrainer(DistillationTrainer):
             self.chat_template_kwargs,
         )
 
-    def _cached_completion(self, row: dict[str, Any], prompt_ids: list[int]) -> tuple[list[int], tuple]:
-        """A cached row's completion and its teacher top-k `(ids, log-probs, tail)`, after checking that the cache
-        saw the tokens this run trains on."""
-        limit = self.max_completion_length
-        completion = np.asarray(row["teacher_completion_ids"])[:limit].tolist()
-        expected = {"prompt": (list(prompt_ids), np.asarray(row["teacher_prompt_ids"]).tolist())}
-        if not self.args.seq_kd:
-            expected["completion"] = (self._dataset_completion(row, prompt_ids), completion)
-        for what, (ours, theirs) in expected.items():
-            if ours != theirs:
-                at = next((j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-                raise ValueError(
-                    f"Row {row['teacher_cache_row']} of the teacher cache {self.args.teacher_cache}: its {what} "
-                    f"tokens differ from this run's from token {at} on ({len(theirs)} cached, {len(ours)} now). The "
-                    "cache was written with another tokenizer, chat template or dataset row; write it again."
-                )
-        top = tuple(
-            torch.tensor(np.asarray(row[name])[: len(completion)], dtype=dtype)  # a copy: the cache is read-only
-            for name, dtype in (
-                ("teacher_topk_ids", torch.long),
-                ("teacher_topk_logprobs", torch.float32),
-                ("teacher_tail_logprob", torch.float32),
-            )
-        )
-        return completion, top
-
     def _log_rollout_stats(self, mode: str, num_on_policy: int, num_rows: int, counts: dict[str, int]) -> None:
         keys = sorted(counts)
         # Every process reaches this point; processes without on-policy rows contribute zeros. The key set is the
@@ -703,16 +527,9 @@ class KDTrainer(DistillationTrainer):
     def hidden_states(
         model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion_tokens: int
     ) -> torch.Tensor:
-        """Last hidden states that predict the `num_completion_tokens` completion tokens, shape `(B, C, H)`.
-
-        Runs the backbone only (no vocabulary projection), with position ids counted from the first real token so
-        that left padding doesn't shift positions (it matters for absolute-position models such as GPT-2).
-        """
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = backbone(model)(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        return hidden[:, -num_completion_tokens - 1 : -1]
+        """Last hidden states that predict the `num_completion_tokens` completion tokens, shape `(B, C, H)` (see
+        [`response_hidden_states`][trl_kd.losses.response_hidden_states])."""
+        return response_hidden_states(model, attention_mask, num_completion_tokens, input_ids=input_ids)
 
     def teacher_hidden_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion_tokens: int
@@ -902,15 +719,36 @@ class KDTrainer(DistillationTrainer):
         "Distillation" section before the citations: method, teacher and revision, dataset, hyperparameters,
         teacher-token fraction and acceptance, final evaluation, versions and the launch command."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        path = os.path.join(self.args.output_dir, "README.md")
-        if self.is_world_process_zero() and os.path.exists(path):
-            base = student_base(self.accelerator.unwrap_model(self.model).config._name_or_path)
+        if self.is_world_process_zero():
+            facts = self.distillation_facts()
+            facts.dataset = dataset_name or facts.dataset
             model_id = self.hub_model_id or self.args.hub_model_id or self.args.output_dir
-            section = distillation_section(self, dataset_name or self.dataset_name)
-            with open(path) as f:
-                text = f.read()
-            with open(path, "w") as f:
-                f.write(arrange_card(text, base, model_id, section))
+            add_distillation_section(os.path.join(self.args.output_dir, "README.md"), facts, model_id)
+
+    def distillation_facts(self) -> DistillationFacts:
+        """What this run's model card says about the distillation (method, paper, teacher, student, steps,
+        hyperparameters, log), as a plain value."""
+        args = self.args
+        cache = None if self.offline_teacher is None else self.offline_teacher.manifest
+        if self.teacher_model is not None:
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            teacher_id = args.teacher_model_name_or_path or teacher.config._name_or_path or "(in-memory model)"
+            revision = args.teacher_model_revision or getattr(teacher.config, "_commit_hash", None)
+        else:  # trained from an offline teacher cache alone
+            teacher_id, revision = cache.teacher or "(in-memory model)", cache.teacher_revision
+        return DistillationFacts(
+            method=self._name,
+            paper={key: self._paper[key] for key in ("id", "title")} if self._paper else None,
+            teacher=teacher_id,
+            teacher_revision=revision,
+            student=self.accelerator.unwrap_model(self.model).config._name_or_path or None,
+            steps=self.state.global_step,
+            hyperparameters=method_hyperparameters(args),
+            log_history=list(self.state.log_history),
+            dataset=self.dataset_name,
+            teacher_cache=None if cache is None else (cache.k, cache.temperature),
+            extra_lines=self.model_card_sections(),
+        )
 
     def model_card_sections(self) -> list[str]:
         """Extra markdown lines a method adds to its model card (e.g. PromptKD's teacher prompt)."""
@@ -928,39 +766,8 @@ class KDTrainer(DistillationTrainer):
         self.create_model_card(model_name=name)
         return output
 
-    # ------------------------------------------------------------------------------------------------ checkpoints
-    def method_state_dict(self) -> dict[str, Any]:
-        """Training state of a method beyond the model, optimizer and scheduler (e.g. a calibrated threshold, a soft
-        prompt and its optimizer), saved in every checkpoint as `trl_kd_state.pt` and restored on resume."""
-        return {}
-
-    def load_method_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what [`~KDTrainer.method_state_dict`] returned."""
-
-    @property
-    def has_method_state(self) -> bool:
-        """Whether this method keeps training state of its own (it overrides `method_state_dict`)."""
-        return type(self).method_state_dict is not KDTrainer.method_state_dict
-
-    def _save_checkpoint(self, model, trial):
-        # first, atomically: `trainer_state.json`, written last by super(), then marks the checkpoint complete
-        state = self.method_state_dict() if self.has_method_state else {}
-        if state and self.args.should_save:
-            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            save_method_state(state, os.path.join(self._get_output_dir(trial=trial), checkpoint))
-        super()._save_checkpoint(model, trial)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.has_method_state:
-            self.load_method_state_dict(load_method_state(checkpoint))
-
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["prompt", "completion"]
             if self.args.teacher_cache is not None:
                 self._signature_columns += list(CACHE_COLUMNS)
-
-
-# the base method: GKD (on-policy when lmbda=1); `kd` is its older name
-register_method("gkd", KDTrainer, KDConfig, example="examples/gkd.py", aliases=("kd",))

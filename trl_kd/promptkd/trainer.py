@@ -10,9 +10,8 @@ from transformers import get_scheduler
 
 from ..guards import NonFiniteError, check_grad_norm, finite_flags
 from ..kd.trainer import KDTrainer, sequences
-from ..losses import LMHead, chunked_kd_loss
+from ..losses import LMHead, chunked_kd_loss, response_hidden_states
 from ..placement import fsdp2_gathered, fsdp2_units
-from ..registry import register_method
 from .config import PromptKDConfig
 
 
@@ -161,14 +160,9 @@ class PromptKDTrainer(KDTrainer):
         batch = input_ids.shape[0]
         prompt = self.soft_prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         mask = torch.cat([attention_mask.new_ones(batch, prompt.shape[1]), attention_mask], dim=1)
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = teacher.base_model(
-            inputs_embeds=torch.cat([prompt, embeds], dim=1),
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state
-        return hidden[:, -num_completion_tokens - 1 : -1]
+        return response_hidden_states(
+            teacher, mask, num_completion_tokens, inputs_embeds=torch.cat([prompt, embeds], dim=1)
+        )
 
     def teacher_hidden_states(self, input_ids, attention_mask, num_completion_tokens):
         """The student learns from the prompted teacher."""
@@ -350,6 +344,3 @@ class PromptKDTrainer(KDTrainer):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.save_prompt_adapter(os.path.join(output_dir or self.args.output_dir, PROMPT_ADAPTER_DIR))
-
-
-register_method("promptkd", PromptKDTrainer, PromptKDConfig, example="examples/promptkd.py")

@@ -22,7 +22,7 @@ from datasets import load_dataset
 from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from ..cli import first_line, missing_folder, one_line_errors
+from ..errors import first_line, missing_model, one_line_errors, read_as
 from ..evaluation import GenerationEvalCallback
 from ..registry import UnknownMethodError, get_method
 from . import default
@@ -52,9 +52,11 @@ def _recipe_keys(argv: list[str], parser) -> set[str]:
     return set(recipe)
 
 
-def _check_model_path(parser, flag: str, name: str | None) -> None:
-    if name and missing_folder(name):
-        parser.error(f"{flag} {name}: no such folder (a Hub id looks like 'Qwen/Qwen2.5-0.5B-Instruct')")
+def _check_model_path(parser, flag: str, name: str | None, revision: str | None = None) -> None:
+    """Stop before any loading when a model cannot be found, naming it and how it was read (folder or Hub id)."""
+    problem = missing_model(name, revision) if name else None
+    if problem:
+        parser.error(f"{flag} {name}: {problem}")
 
 
 def _parse(parser, argv: list[str]):
@@ -127,10 +129,19 @@ def main(method: str, argv: list[str] | None = None) -> str:
             )
         if not script_args.dataset_name:
             parser.error("--dataset_name is required with --model_name_or_path.")
-        _check_model_path(parser, "--model_name_or_path", model_args.model_name_or_path)
+        _check_model_path(parser, "--model_name_or_path", model_args.model_name_or_path, model_args.model_revision)
         if training_args.teacher_model_name_or_path:
-            _check_model_path(parser, "--teacher_model_name_or_path", training_args.teacher_model_name_or_path)
-        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+            _check_model_path(
+                parser,
+                "--teacher_model_name_or_path",
+                training_args.teacher_model_name_or_path,
+                training_args.teacher_model_revision,
+            )
+        try:
+            dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+        except (OSError, ValueError) as error:  # not found, offline, no loader for its files, ...
+            name = script_args.dataset_name
+            parser.error(f"--dataset_name {name}: {read_as(name)}, and it cannot be loaded: {first_line(error)}")
         train_dataset = dataset[script_args.dataset_train_split]
         eval_dataset = dataset[script_args.dataset_test_split] if script_args.dataset_test_split in dataset else None
         tokenizer = AutoTokenizer.from_pretrained(

@@ -3,7 +3,6 @@ from __future__ import annotations
 import textwrap
 
 from ..kd.trainer import KDTrainer, Rollout
-from ..registry import register_method
 from ..sampler import SamplingParams, TopKRule
 from .config import SpeculativeKDConfig
 
@@ -82,6 +81,3 @@ class SpeculativeKDTrainer(KDTrainer):
             student_params=self.student_sampling_params,
         )
         return self.teacher_in_the_loop_rollout(prompt_ids, rule, self.args.num_draft_tokens)
-
-
-register_method("skd", SpeculativeKDTrainer, SpeculativeKDConfig, example="examples/skd.py")

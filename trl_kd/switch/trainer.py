@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from ..kd.trainer import KDTrainer, Rollout
-from ..registry import register_method
 from ..sampler import DivergenceThresholdRule, SamplingParams
 from .config import SwitchConfig
 
@@ -222,6 +221,3 @@ class SwitchTrainer(KDTrainer):
         self.switch_control = state.get("switch_control")
         if self.switch_control is None and self.calibrated and self.args.target_teacher_fraction is not None:
             self.switch_control = math.log(self.switch_scale)  # a checkpoint from before the controller existed
-
-
-register_method("switch", SwitchTrainer, SwitchConfig, example="examples/switch.py")
