@@ -61,11 +61,9 @@ def missing_model(name: str, revision: str | None = None) -> str | None:
         if _offline():
             files = ("config.json", "adapter_config.json")
             cached = (huggingface_hub.try_to_load_from_cache(name, f, revision=revision) for f in files)
-            return (
-                None
-                if any(isinstance(path, str) for path in cached)
-                else f"{read_as(name)}, and it is not in the local Hub cache"
-            )
+            if any(isinstance(path, str) for path in cached):
+                return None
+            return f"{read_as(name)}, and it is not in the local Hub cache"
         if huggingface_hub.repo_exists(name):
             return None
     except Exception as error:  # no connection, a malformed id, ...: what the Hub client said
