@@ -246,6 +246,9 @@ def cache_teacher(
     elif process_index == 0:
         manifest.save(output_dir)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if seq_kd:
+        sampling = GenerationConfig(**{**generation_config.to_dict(), "max_new_tokens": max_completion_length})
     teacher.eval()
     mine = [i for i in range(manifest.num_shards) if i % num_processes == process_index]
     todo = [i for i in mine if not os.path.exists(os.path.join(output_dir, SHARD_PATTERN.format(index=i)))]
@@ -257,9 +260,7 @@ def cache_teacher(
             batch = [rows[i] for i in range(batch_start, min(batch_start + batch_size, stop))]
             prompts = [prompt_token_ids(tokenizer, row["prompt"], chat_template_kwargs) for row in batch]
             if seq_kd:
-                config = GenerationConfig(**{**generation_config.to_dict(), "max_new_tokens": max_completion_length})
-                pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-                completions = generate_completions(teacher, prompts, config, pad_token_id=pad_id, eos_token_ids=eos)
+                completions = generate_completions(teacher, prompts, sampling, pad_token_id=pad_id, eos_token_ids=eos)
             else:
                 completions = [
                     completion_token_ids(
@@ -273,9 +274,8 @@ def cache_teacher(
                     )
                     for row, ids in zip(batch, prompts)
                 ]
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             top = teacher_topk(
-                teacher, prompts, completions, k=k, temperature=temperature, vocab_size=vocab_size, pad_token_id=pad
+                teacher, prompts, completions, k=k, temperature=temperature, vocab_size=vocab_size, pad_token_id=pad_id
             )
             ids_type = id_dtype(vocab_size)
             for offset, (ids, completion, (top_ids, values, tail)) in enumerate(zip(prompts, completions, top)):
@@ -332,7 +332,7 @@ class OfflineTeacher:
     """
 
     def __init__(self, path: str, seq_kd: bool):
-        self.path, self.seq_kd = path, seq_kd
+        self.path = path
         self.cache, self.manifest = load_teacher_cache(path)
         if self.manifest.seq_kd != seq_kd:
             raise ValueError(
