@@ -2,6 +2,7 @@
 method registered with `register_method` is tested here without being named. Method-specific behaviour stays in the
 method's own test file."""
 
+import dataclasses
 import importlib
 import re
 import sys
@@ -82,6 +83,16 @@ def check_bad_shared_values_are_refused(name, tmp_path):
     ):
         with pytest.raises(ValueError, match=match):
             make_args(tmp_path, method.config, **overrides)
+    # every field of the method's config that lists `choices` refuses a value outside them, by name (checked from
+    # the field metadata, so a new method's fields are covered without code of its own)
+    trl_fields = {f.name for f in dataclasses.fields(DistillationConfig)}
+    listed = [f for f in dataclasses.fields(method.config) if "choices" in f.metadata and f.name not in trl_fields]
+    assert {"loss_type", "loss_normalization"} <= {f.name for f in listed}
+    assert name != "toy" or "toy_writer" in {f.name for f in listed}
+    for f in listed:
+        with pytest.raises(ValueError, match=f"{f.name} must be one of"):
+            make_args(tmp_path, method.config, **{f.name: "not-a-choice"})
+        make_args(tmp_path, method.config, **{f.name: list(f.metadata["choices"])[-1]})
 
 
 def check_lora_student_trains(name, tmp_path, tokenizer):
@@ -174,16 +185,26 @@ def test_the_base_method_has_one_name_and_an_alias():
 
 
 # ----------------------------------------------------------------------------------------------- a new method
+@dataclasses.dataclass
+class ToyConfig(KDConfig):
+    """A method's own setting with fixed values: `choices` in its metadata is all it takes to have it checked."""
+
+    toy_writer: str = dataclasses.field(
+        default="student", metadata={"help": "Who writes the toy's tokens.", "choices": ["student", "nobody"]}
+    )
+
+
 class ToyTrainer(KDTrainer):
     """A method in one class: on-policy GKD whose rollout is the base one (what a new method starts from)."""
 
     _name = "Toy KD"
     _tag_names = [*KDTrainer._tag_names, "toy"]
+    config_class = ToyConfig
 
 
 @pytest.fixture
 def toy():
-    method = register_method("toy", ToyTrainer, KDConfig, paper="2306.13649", aliases=("toy_kd",))
+    method = register_method("toy", ToyTrainer, ToyConfig, paper="2306.13649", aliases=("toy_kd",))
     yield method
     unregister_method("toy")
     if "quality" in sys.modules:  # the benchmark's method list, as it was
@@ -268,7 +289,6 @@ ENUM_FIELDS = (
 @pytest.mark.parametrize("name", contract_cases())
 def test_enum_like_fields_list_their_values_in_the_cli(name):
     """Every fixed-value field declares `choices`, so `--help` lists them and the parser refuses other values."""
-    import dataclasses
 
     from trl import TrlParser
 

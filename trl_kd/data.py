@@ -147,6 +147,14 @@ def prepare_dataset(
     return dataset.map(_split_messages, remove_columns=["messages"])
 
 
+def each_dataset(check: Callable[[Any, str], Any], datasets: Any, name: str) -> Any:
+    """`check(dataset, name)` on a dataset, or on each dataset of a dict (TRL's `eval_dataset` may be either, named
+    `name[key]`); `None` stays `None`."""
+    if isinstance(datasets, dict):
+        return {key: check(dataset, f"{name}[{key!r}]") for key, dataset in datasets.items()}
+    return None if datasets is None else check(datasets, name)
+
+
 def prompt_length_limit(
     context_limits: dict[str, int], max_completion_length: int, max_prompt_length: int | None, prefix_tokens: int = 0
 ) -> int | None:

@@ -22,6 +22,33 @@ def teacher_tokens_by_position(
     return torch.stack([(one_hot * teacher_mask.float()[..., None]).sum((0, 1)), one_hot.sum((0, 1))])
 
 
+def teacher_fraction_by_position(
+    accelerator, completion_mask: torch.Tensor, teacher_mask: torch.Tensor, buckets: int
+) -> dict[str, float]:
+    """`teacher_token_fraction/bucket_<b>_of_<n>` over every process's responses (a collective); empty buckets are
+    left out."""
+    sums = accelerator.reduce(teacher_tokens_by_position(completion_mask, teacher_mask, buckets), "sum")
+    return {
+        f"teacher_token_fraction/bucket_{b + 1}_of_{buckets}": teacher / total
+        for b, (teacher, total) in enumerate(sums.cpu().T.tolist())
+        if total > 0
+    }
+
+
+def rollout_metrics(accelerator, num_on_policy: int, num_rows: int, counts: dict[str, int]) -> dict[str, float]:
+    """`on_policy_fraction`, the sampler's counters as `rollout/<key>` and `acceptance_rate` (when it drafted), summed
+    over processes (a collective: every process passes the same keys, with zeros where it had no on-policy row)."""
+    keys = sorted(counts)
+    local = torch.tensor([num_on_policy, num_rows, *(counts.get(k, 0) for k in keys)], dtype=torch.float64)
+    total = accelerator.reduce(local.to(accelerator.device), "sum").cpu()
+    summed = dict(zip(keys, total[2:].tolist()))
+    metrics = {"on_policy_fraction": (total[0] / total[1]).item()}
+    metrics.update({f"rollout/{key}": value for key, value in summed.items()})
+    if summed.get("drafted"):
+        metrics["acceptance_rate"] = summed["accepted"] / summed["drafted"]
+    return metrics
+
+
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean ROUGE-L F1 x 100 with stemming (the `rouge-score` package, as in MiniLLM/DistiLLM/SWITCH/PromptKD)."""
     try:

@@ -1,9 +1,10 @@
-"""Finite-value guards: training stops at the first NaN or inf, names where it came from, and saves nothing after it.
+"""Guards: a config refuses a value outside its field's `choices`; training stops at the first NaN or inf, names where
+it came from, and saves nothing after it.
 
-The checks ride on values the trainers already compute: the config when it is built, the probabilities each sampler
-draws from, the gathered `kd_loss` of every micro-batch (already read for logging), the hidden states of both models
-in the loss (a flag, read only when the loss is not finite) and the gradient norm `transformers` computes before each
-optimizer step. See docs/failure_modes.md.
+The finite checks ride on values the trainers already compute: the config when it is built, the probabilities each
+sampler draws from, the gathered `kd_loss` of every micro-batch (already read for logging), the hidden states of both
+models in the loss (a flag, read only when the loss is not finite) and the gradient norm `transformers` computes before
+each optimizer step. See docs/failure_modes.md.
 """
 
 from __future__ import annotations
@@ -53,6 +54,31 @@ def check_finite_fields(config, allow_inf: tuple[str, ...] = ()) -> None:
             if f.name in allow_inf and value == math.inf:
                 continue
             raise ValueError(f"{f.name} must be a finite number, got {value}.")
+
+
+def check_choices(config) -> None:
+    """Refuse a value outside the `choices` in its field's metadata, naming the field, for every field declared
+    below TRL (trl-kd's configs and any subclass; TRL's and `transformers`' own fields are theirs to check)."""
+    ours = {
+        name
+        for cls in type(config).__mro__
+        if cls.__module__.split(".")[0] not in ("trl", "transformers", "builtins")
+        for name in vars(cls).get("__annotations__", {})
+    }
+    for f in dataclasses.fields(config):
+        if f.name in ours and "choices" in f.metadata:
+            allowed = tuple(f.metadata["choices"])
+            if getattr(config, f.name) not in allowed:
+                raise ValueError(f"{f.name} must be one of {allowed}, got {getattr(config, f.name)!r}.")
+
+
+def non_finite_source(accelerator, flags: torch.Tensor | None) -> str:
+    """From `finite_flags(student_hidden, teacher_hidden)`: `"teacher"` or `"student"` if that model's hidden states
+    were not finite on some process, else `"loss"`. A collective: every process must call it."""
+    if flags is None:
+        return "loss"
+    student_ok, teacher_ok = accelerator.gather(flags[None]).min(0).values.tolist()
+    return "teacher" if not teacher_ok else "student" if not student_ok else "loss"
 
 
 def check_sampling_probs(probs: torch.Tensor, source: str) -> None:

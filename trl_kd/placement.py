@@ -1,6 +1,7 @@
 """Where the teacher lives: loaded once, frozen, and placed beside the student (replicated, or sharded and offloaded
 with DeepSpeed ZeRO-3 or FSDP2), next to the planner that estimates each placement's memory (`trl_kd.planner`).
-Also the FSDP2 counterpart of ZeRO-3's gather for generation (`fsdp2_gathered`)."""
+Also the FSDP2 counterpart of ZeRO-3's gather for generation (`fsdp2_gathered`), and the two small collectives the
+trainers decide with (`any_process`, `smallest_over_processes`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,18 @@ from ._compat import fsdp2_lazy_init, fsdp2_reshards_after_forward, zero3_init_d
 
 if TYPE_CHECKING:
     from .kd.config import KDConfig
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """`flag` on any process; with several processes a collective, so every process must call it."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.gather(torch.tensor([flag], device=accelerator.device)).any())
+
+
+def smallest_over_processes(accelerator: Accelerator, value: int) -> int:
+    """The smallest `value` over all processes (a collective)."""
+    return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).min())
 
 
 def is_partitioned(model: torch.nn.Module) -> bool:
@@ -61,9 +74,18 @@ def fsdp2_gathered(model: torch.nn.Module, gather: bool = True) -> Iterator[torc
             unit.reshard()
 
 
-def load_teacher(name_or_path: str, args: KDConfig) -> PreTrainedModel:
+def load_teacher(name_or_path: str | PreTrainedModel, args: KDConfig) -> PreTrainedModel:
     """The teacher named by `name_or_path`, loaded with `teacher_model_init_kwargs` and `teacher_model_revision`. Under
-    a ZeRO-3 launch with `teacher_zero_stage=0` it is loaded whole (not partitioned by `zero.Init`)."""
+    a ZeRO-3 launch with `teacher_zero_stage=0` it is loaded whole (not partitioned by `zero.Init`). A model already
+    loaded comes back as it is, and `teacher_model_init_kwargs` is then refused (it would be silently ignored)."""
+    if not isinstance(name_or_path, str):
+        if args.teacher_model_init_kwargs is not None:  # TRL's error
+            raise ValueError(
+                "You passed teacher_model_init_kwargs to the config, but your teacher_model is already instantiated. "
+                "Pass the teacher by name or path to have it loaded with these kwargs, or unset "
+                "teacher_model_init_kwargs (and e.g. call `teacher.to(torch.float16)` yourself)."
+            )
+        return name_or_path
     kwargs = dict(args.teacher_model_init_kwargs or {})
     dtype = kwargs.get("dtype")
     kwargs["dtype"] = dtype if dtype in ("auto", None) or isinstance(dtype, torch.dtype) else getattr(torch, dtype)

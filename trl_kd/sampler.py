@@ -55,6 +55,12 @@ class SamplingParams:
             logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
         return logits.log_softmax(-1)
 
+    def generation_config(self, **kwargs) -> GenerationConfig:
+        """These settings as a `transformers.GenerationConfig` for `generate`, over `kwargs` (e.g. TRL's
+        `generation_kwargs`, `max_new_tokens`, `suppress_tokens`)."""
+        sampling = {"do_sample": not self.greedy, "temperature": self.temperature, "top_p": self.top_p}
+        return GenerationConfig(**{**kwargs, **sampling, "top_k": self.top_k}, disable_compile=True)
+
     def sample(
         self, logits: torch.Tensor, generator: torch.Generator | None = None, source: str = "student"
     ) -> torch.Tensor:

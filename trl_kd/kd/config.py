@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from trl import DistillationConfig
 
 from .._compat import checkpointing_field
-from ..guards import check_finite_fields
+from ..guards import check_choices, check_finite_fields
 from ..losses import LOSS_TYPES
 
 
@@ -193,14 +193,13 @@ class KDConfig(DistillationConfig):
     def __post_init__(self):
         # first: NaN slips through comparisons such as `loss_temperature <= 0`
         check_finite_fields(self, self._INF_ALLOWED)
+        check_choices(self)  # every subclass's fields too: one place for all `choices`
         checkpointing = checkpointing_field()
         if self.gradient_checkpointing is None and getattr(self, checkpointing) is None:
             setattr(self, checkpointing, True)
         super().__post_init__()
         if not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"lmbda must be in [0, 1], got {self.lmbda}.")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
         if not 0.0 < self.skew_alpha < 1.0:
             raise ValueError(f"skew_alpha must be in (0, 1), got {self.skew_alpha}.")
         if self.loss_temperature <= 0:
@@ -221,10 +220,6 @@ class KDConfig(DistillationConfig):
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
         if self.teacher_top_k < 0:
             raise ValueError(f"teacher_top_k must be >= 0 (0 = off), got {self.teacher_top_k}.")
-        if self.loss_normalization not in LOSS_NORMALIZATIONS:
-            raise ValueError(
-                f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {self.loss_normalization!r}."
-            )
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
         if self.stop_strings is not None and (

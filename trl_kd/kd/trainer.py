@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -23,20 +24,23 @@ from ..data import (
     check_teacher_tokenizer,
     check_vocabularies,
     completion_token_ids,
+    each_dataset,
     prepare_dataset,
     prompt_length_limit,
 )
 from ..errors import missing_folder
-from ..evaluation import teacher_tokens_by_position
-from ..guards import NonFiniteError, check_grad_norm, finite_flags, sampling_from
+from ..evaluation import rollout_metrics, teacher_fraction_by_position
+from ..guards import NonFiniteError, check_grad_norm, finite_flags, non_finite_source, sampling_from
 from ..losses import LMHead, TopKTeacher, chunked_kd_loss, response_hidden_states, stack_rows
 from ..model_card import DistillationFacts, add_distillation_section, method_hyperparameters
 from ..placement import (
+    any_process,
     check_distributed_backend,
     fsdp2_gathered,
     is_partitioned,
     load_teacher,
     prepare_teacher,
+    smallest_over_processes,
 )
 from ..sampler import Rule, SamplingParams, StopStrings, block_verify_sample, generate_completions
 from ..teacher_cache import CACHE_COLUMNS, OfflineTeacher
@@ -164,19 +168,9 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
                 )
         if self.offline_teacher is None:  # else `training_rows` prepared it
             train_dataset = prepare_dataset(train_dataset, "train_dataset")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {k: prepare_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
-        elif eval_dataset is not None:
-            eval_dataset = prepare_dataset(eval_dataset, "eval_dataset")
-        if isinstance(teacher_model, str):
+        eval_dataset = each_dataset(prepare_dataset, eval_dataset, "eval_dataset")
+        if teacher_model is not None:
             teacher_model = load_teacher(teacher_model, args)
-        elif args.teacher_model_init_kwargs is not None:
-            # TRL's error: the kwargs would be silently ignored for a teacher that is already loaded
-            raise ValueError(
-                "You passed teacher_model_init_kwargs to the config, but your teacher_model is already instantiated. "
-                "Pass the teacher by name or path to have it loaded with these kwargs, or unset "
-                "teacher_model_init_kwargs (and e.g. call `teacher.to(torch.float16)` yourself)."
-            )
 
         # The teacher is prepared below, after our own vocabulary check (TRL's refuses differently padded heads).
         super().__init__(
@@ -207,27 +201,13 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
 
         # a streamed dataset comes back wrapped, to be checked row by row as it streams
         self.train_dataset = self._check_prompt_lengths(self.train_dataset, "train_dataset")
-        if isinstance(self.eval_dataset, dict):
-            self.eval_dataset = {
-                key: self._check_prompt_lengths(dataset, f"eval_dataset[{key!r}]")
-                for key, dataset in self.eval_dataset.items()
-            }
-        elif self.eval_dataset is not None:
-            self.eval_dataset = self._check_prompt_lengths(self.eval_dataset, "eval_dataset")
+        self.eval_dataset = each_dataset(self._check_prompt_lengths, self.eval_dataset, "eval_dataset")
 
         # Tokens beyond the tokenizer (embedding padding) are never sampled.
         self.generation_config.suppress_tokens = self._padding_token_ids(self.model) or None
-        teacher_sampling = self.teacher_sampling_params
-        self.teacher_generation_config = GenerationConfig(
-            **{
-                **self.generation_kwargs,
-                "do_sample": not teacher_sampling.greedy,
-                "temperature": teacher_sampling.temperature,
-                "top_p": teacher_sampling.top_p,
-                "top_k": teacher_sampling.top_k,
-                "suppress_tokens": (teacher_model is not None and self._padding_token_ids(teacher_model)) or None,
-            },
-            disable_compile=True,
+        self.teacher_generation_config = self.teacher_sampling_params.generation_config(
+            **self.generation_kwargs,
+            suppress_tokens=(teacher_model is not None and self._padding_token_ids(teacher_model)) or None,
         )
         self.stop_strings = StopStrings(self._tokenizer, args.stop_strings) if args.stop_strings else None
         self._eval_rollouts = 0
@@ -309,7 +289,8 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         args = self.args
         sync, sync_draft_length = None, None
         if self.accelerator.num_processes > 1:
-            sync, sync_draft_length = self._any_process, self._smallest_over_processes
+            sync = functools.partial(any_process, self.accelerator)
+            sync_draft_length = functools.partial(smallest_over_processes, self.accelerator)
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
@@ -372,14 +353,6 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         generator = torch.Generator().manual_seed(zlib.crc32(key))
         return torch.rand(n, generator=generator)
 
-    def _any_process(self, flag: bool) -> bool:
-        if self.accelerator.num_processes == 1:
-            return flag
-        return bool(self.accelerator.gather(torch.tensor([flag], device=self.accelerator.device)).any())
-
-    def _smallest_over_processes(self, value: int) -> int:
-        return int(self.accelerator.gather(torch.tensor([value], device=self.accelerator.device)).min())
-
     @contextlib.contextmanager
     def _hand_over(self, **values: Any) -> Iterator[dict[str, Any]]:
         """Values a hook leaves for a hook TRL calls inside it, which TRL passes no argument for (the batch rows to
@@ -417,15 +390,15 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         total_tokens = self.accelerator.gather(output["completion_mask"].sum()).sum()
         self._metrics[mode]["teacher_token_fraction"].append((teacher_tokens / total_tokens.clamp(min=1)).item())
         if self.position_buckets:
-            self._log_teacher_fraction_by_position(mode, output["completion_mask"], output["teacher_mask"])
+            by_position = teacher_fraction_by_position(
+                self.accelerator, output["completion_mask"], output["teacher_mask"], self.position_buckets
+            )
+            self._log_metrics(mode, by_position)
         return output
 
-    def _log_teacher_fraction_by_position(self, mode: str, completion_mask: torch.Tensor, teacher_mask: torch.Tensor):
-        buckets = self.position_buckets
-        sums = self.accelerator.reduce(teacher_tokens_by_position(completion_mask, teacher_mask, buckets), "sum")
-        for b, (teacher, total) in enumerate(sums.cpu().T.tolist()):
-            if total > 0:
-                self._metrics[mode][f"teacher_token_fraction/bucket_{b + 1}_of_{buckets}"].append(teacher / total)
+    def _log_metrics(self, mode: str, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
         # Called by TRL once per generation batch, inside `_generate_and_score_completions`, which hands over the
@@ -452,7 +425,7 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         teacher_mask: list[list[bool]] = [[] for _ in range(n)]
         teacher_hidden: list[torch.Tensor | None] = [None] * n
         counts: dict[str, int] = {}
-        if self._any_process(bool(student_rows)):
+        if any_process(self.accelerator, bool(student_rows)):
             with sampling_from("student", self.state.global_step + 1):
                 rollout = self.rollout([prompt_ids[i] for i in (student_rows or [0])])
             # the counters' keys even from a dummy rollout: every process reduces the same key set
@@ -463,7 +436,7 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
                 if rollout.teacher_hidden is not None:
                     for i, hidden in zip(student_rows, rollout.teacher_hidden):
                         teacher_hidden[i] = hidden
-        if self._any_process(bool(teacher_rows)):
+        if any_process(self.accelerator, bool(teacher_rows)):
             with sampling_from("teacher", self.state.global_step + 1):
                 sampled = self.sample_from(
                     self.teacher_model, [prompt_ids[i] for i in (teacher_rows or [0])], self.teacher_generation_config
@@ -495,7 +468,8 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
             self._handed["teacher_hidden"] = teacher_hidden
         if any(top is not None for top in teacher_topk):
             self._handed["teacher_topk"] = teacher_topk
-        self._log_rollout_stats(mode, len(student_rows), n, counts)
+        # every process gets here, with the same counter keys (a dummy rollout where it had no on-policy row)
+        self._log_metrics(mode, rollout_metrics(self.accelerator, len(student_rows), n, counts))
         return completions
 
     def _dataset_completion(self, row: dict[str, Any], prompt_ids: list[int]) -> list[int]:
@@ -508,19 +482,6 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
             self.max_completion_length,
             self.chat_template_kwargs,
         )
-
-    def _log_rollout_stats(self, mode: str, num_on_policy: int, num_rows: int, counts: dict[str, int]) -> None:
-        keys = sorted(counts)
-        # Every process reaches this point; processes without on-policy rows contribute zeros. The key set is the
-        # same on every process: all of them ran the same rollout method (a dummy one where no row is on-policy).
-        local = torch.tensor([num_on_policy, num_rows, *(counts.get(k, 0) for k in keys)], dtype=torch.float64)
-        total = self.accelerator.reduce(local.to(self.accelerator.device), "sum").cpu()
-        self._metrics[mode]["on_policy_fraction"].append((total[0] / total[1]).item())
-        summed = dict(zip(keys, total[2:].tolist()))
-        for key, value in summed.items():
-            self._metrics[mode][f"rollout/{key}"].append(value)
-        if summed.get("drafted"):
-            self._metrics[mode]["acceptance_rate"].append(summed["accepted"] / summed["drafted"])
 
     # ---------------------------------------------------------------------------------------------------------- loss
     @staticmethod
@@ -597,7 +558,7 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         needs_forward = bool(missing.numel())
         # a sharded teacher's forward is a collective: all processes run one, or none (decided before any returns)
         if self._teacher_partitioned:
-            needs_forward = self._any_process(needs_forward)
+            needs_forward = any_process(self.accelerator, needs_forward)
         if kept is None and cached is None:  # every row needs the teacher
             return self.teacher_hidden_states(input_ids, attention_mask, num_completion_tokens)
         if kept is not None:
@@ -688,24 +649,12 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         divergence_sum, num_tokens = (self.accelerator.gather_for_metrics(t.reshape(1)).sum() for t in sums)
         mode = "train" if self.model.training else "eval"
         kd_loss = (divergence_sum / num_tokens.clamp(min=1)).item()
-        if not math.isfinite(kd_loss):  # gathered, so every process decides alike
-            self._raise_non_finite_loss(hidden_finite)
+        if not math.isfinite(kd_loss):  # gathered, so every process decides alike (and calls the collective)
+            source = non_finite_source(self.accelerator, hidden_finite)
+            what = f"{source} hidden states" if source != "loss" else "distillation loss"
+            raise NonFiniteError(source, what, self.state.global_step + 1)
         self._metrics[mode]["kd_loss"].append(kd_loss)
         return output
-
-    def _raise_non_finite_loss(self, hidden_finite: torch.Tensor | None):
-        # every process sees the same gathered kd_loss, so all of them get here together
-        source = self._non_finite_source(hidden_finite)
-        what = {"teacher": "teacher hidden states", "student": "student hidden states", "loss": "distillation loss"}
-        raise NonFiniteError(source, what[source], self.state.global_step + 1)
-
-    def _non_finite_source(self, flags: torch.Tensor | None) -> str:
-        """From `finite_flags(student_hidden, teacher_hidden)`: `"teacher"` or `"student"` if that model's hidden
-        states were not finite on some process, else `"loss"`. A collective: every process must call it."""
-        if flags is None:
-            return "loss"
-        student_ok, teacher_ok = self.accelerator.gather(flags[None]).min(0).values.tolist()
-        return "teacher" if not teacher_ok else "student" if not student_ok else "loss"
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)

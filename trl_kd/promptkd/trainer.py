@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import get_scheduler
 
-from ..guards import NonFiniteError, check_grad_norm, finite_flags
+from ..guards import NonFiniteError, check_grad_norm, finite_flags, non_finite_source
 from ..kd.trainer import KDTrainer, sequences
 from ..losses import LMHead, chunked_kd_loss, response_hidden_states
 from ..placement import fsdp2_gathered, fsdp2_units
@@ -234,7 +234,7 @@ class PromptKDTrainer(KDTrainer):
         if not sums.isfinite().all():  # reduced, so every process decides alike
             # the teacher's side is both the plain and the prompted teacher
             teacher_side = torch.cat([teacher_hidden.flatten(), prompted.flatten().to(teacher_hidden)])
-            source = self._non_finite_source(finite_flags(student_hidden, teacher_side))
+            source = non_finite_source(self.accelerator, finite_flags(student_hidden, teacher_side))
             raise NonFiniteError(source, "prompt loss (PromptKD's prompt step)", self.state.global_step + 1)
         if self.prompt_learning_rate > 0:
             (to_student[0] + weight * to_teacher[0]).backward()

@@ -109,14 +109,6 @@ class SpeculativeKDConfig(KDConfig):
         super().__post_init__()
         if self.acceptance_top_k < 0:
             raise ValueError(f"acceptance_top_k must be >= 0, got {self.acceptance_top_k}.")
-        choices = {
-            "acceptance_on": ACCEPTANCE_ON,
-            "acceptance_test": ACCEPTANCE_TESTS,
-            "draft_sampling": DRAFT_SAMPLING,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if self.num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}.")
         self.check_teacher_in_the_loop("SpeculativeKDTrainer")

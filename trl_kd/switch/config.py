@@ -100,15 +100,6 @@ class SwitchConfig(KDConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        choices = {
-            "switch_schedule": SCHEDULES,
-            "switch_decay_unit": DECAY_UNITS,
-            "switch_divergence": SWITCH_DIVERGENCES,
-            "switch_mode": SWITCH_MODES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if math.isnan(self.switch_threshold) or self.switch_threshold < 0:
             raise ValueError(f"switch_threshold must be >= 0 (inf allowed), got {self.switch_threshold}.")
         if not 0 <= self.switch_decay < math.inf:
