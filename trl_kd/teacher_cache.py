@@ -30,7 +30,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from trl.trainer.utils import pad
 
 from .data import completion_token_ids, prepare_dataset
-from .losses import LMHead, response_hidden_states
+from .losses import LMHead, TopKTeacher, response_hidden_states
 from .sampler import generate_completions
 
 
@@ -436,6 +436,18 @@ class OfflineTeacher:
         rows = torch.tensor([top is not None for top in per_row])
         tensors = {"teacher_topk_ids": ids, "teacher_topk_logprobs": log_probs, "teacher_tail_logprob": tail}
         return {**{key: value.to(device) for key, value in tensors.items()}, "teacher_topk_rows": rows.to(device)}
+
+
+def cached_topk(inputs: dict[str, torch.Tensor]) -> TopKTeacher | None:
+    """The cached teacher of a (micro-)batch that `OfflineTeacher.batch` filled, for the loss; `None` without one."""
+    if "teacher_topk_rows" not in inputs:
+        return None
+    return TopKTeacher(
+        inputs["teacher_topk_ids"],
+        inputs["teacher_topk_logprobs"],
+        inputs["teacher_tail_logprob"],
+        inputs["teacher_topk_rows"],
+    )
 
 
 def _differences(a: TeacherCacheManifest, b: TeacherCacheManifest) -> str:

@@ -31,7 +31,7 @@ from ..data import (
 from ..errors import missing_folder
 from ..evaluation import rollout_metrics, teacher_fraction_by_position
 from ..guards import NonFiniteError, check_grad_norm, finite_flags, non_finite_source, sampling_from
-from ..losses import LMHead, TopKTeacher, chunked_kd_loss, response_hidden_states, stack_rows
+from ..losses import LMHead, chunked_kd_loss, response_hidden_states, stack_rows
 from ..model_card import DistillationFacts, add_distillation_section, method_hyperparameters
 from ..placement import (
     any_process,
@@ -43,7 +43,7 @@ from ..placement import (
     smallest_over_processes,
 )
 from ..sampler import Rule, SamplingParams, StopStrings, block_verify_sample, generate_completions
-from ..teacher_cache import CACHE_COLUMNS, OfflineTeacher
+from ..teacher_cache import CACHE_COLUMNS, OfflineTeacher, cached_topk
 from .config import KDConfig
 
 
@@ -610,14 +610,6 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         token_weights, denominator = self.loss_normalizer(inputs, num_items_in_batch)
         # read only if the loss is not finite, to name the source (no sync on a healthy step)
         self._handed["hidden_finite"] = finite_flags(student_hidden, teacher_hidden)
-        cached = None
-        if "teacher_topk_rows" in inputs:
-            cached = TopKTeacher(
-                inputs["teacher_topk_ids"],
-                inputs["teacher_topk_logprobs"],
-                inputs["teacher_tail_logprob"],
-                inputs["teacher_topk_rows"],
-            )
         return chunked_kd_loss(
             student_hidden,
             teacher_hidden.to(student_hidden.device),
@@ -632,7 +624,7 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
             num_items_in_batch=denominator,
             chunk_size=self.args.loss_chunk_size,
             token_weights=token_weights,
-            teacher_topk=cached,
+            teacher_topk=cached_topk(inputs),
         )
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
