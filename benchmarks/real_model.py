@@ -50,7 +50,6 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from quality import method  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
@@ -59,6 +58,7 @@ from trl_kd._compat import checkpointing_field  # noqa: E402
 from trl_kd.scripts.default import cache_base  # noqa: E402
 
 from plotting import pyplot  # noqa: E402
+from quality_methods import method  # noqa: E402
 from quality_records import git_commit, load_records, read_record, record_path, run_once, slug  # noqa: E402
 from quality_stats import choose_rate, mean_and_interval, paired_bootstrap, rate_sensitive  # noqa: E402
 from real_assets import (  # noqa: E402

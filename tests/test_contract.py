@@ -207,8 +207,8 @@ def toy():
     method = register_method("toy", ToyTrainer, ToyConfig, paper="2306.13649", aliases=("toy_kd",))
     yield method
     unregister_method("toy")
-    if "quality" in sys.modules:  # the benchmark's method list, as it was
-        importlib.reload(sys.modules["quality"])
+    if "quality_methods" in sys.modules:  # the benchmark's method list, as it was
+        importlib.reload(sys.modules["quality_methods"])
 
 
 def test_a_method_is_one_register_call(toy, tmp_path, tokenizer, llama_paths, capsys):
@@ -226,9 +226,9 @@ def test_a_method_is_one_register_call(toy, tmp_path, tokenizer, llama_paths, ca
     with pytest.raises(SystemExit) as exit_:
         main(["toy", "--help"])
     assert exit_.value.code == 0 and "usage: trl-kd toy" in capsys.readouterr().out
-    import quality  # the quality benchmark's method list
+    import quality_methods  # the quality benchmark's method list
 
-    assert "Toy KD (defaults)" in importlib.reload(quality).METHODS
+    assert "Toy KD (defaults)" in importlib.reload(quality_methods).METHODS
 
     data = jsonl_dataset(tmp_path / "data", make_dataset("prompt_completion", 8))
     output_dir = tmp_path / "toy-run"

@@ -167,7 +167,9 @@ def test_a_legacy_teacher_record_is_rescored(tmp_path, monkeypatch):
 def test_length_buckets_split_at_the_quantiles_and_pair_with_gkd():
     """Six prompts of 2, 4 and 6 reference tokens; a method 1, 2 and 3 points above GKD on them: three buckets with
     exactly those differences (point intervals, since the gain is the same on every prompt and seed)."""
-    import quality  # the benchmark module (it imports torch and trl_kd)
+    import quality_report
+    from quality_methods import GKD_BASELINE
+    from quality_settings import SETTINGS
 
     lengths = [2.0, 6.0, 4.0, 2.0, 4.0, 6.0]
     gain = [1.0, 3.0, 2.0, 1.0, 2.0, 3.0]
@@ -184,13 +186,13 @@ def test_length_buckets_split_at_the_quantiles_and_pair_with_gkd():
         {**r, "per_prompt": {**r["per_prompt"], "rouge_l": list(np.add(r["per_prompt"]["rouge_l"], gain))}}
         for r in gkd
     ]
-    lines = quality.length_buckets(quality.SETTINGS["exact"], {quality.GKD_BASELINE: gkd, "SKD (K=25, FKL)": method})
+    lines = quality_report.length_buckets(SETTINGS["exact"], {GKD_BASELINE: gkd, "SKD (K=25, FKL)": method})
     header = next(line for line in lines if line.startswith("| method |"))
     assert header == "| method | 2-2 tokens | 4-4 tokens | 6-6 tokens |"
     row = next(line for line in lines if line.startswith("| SKD"))
     assert "(+1.0 [+1.0, +1.0])" in row and "(+2.0 [+2.0, +2.0])" in row and "(+3.0 [+3.0, +3.0])" in row
-    gkd_row = next(line for line in lines if line.startswith(f"| {quality.GKD_BASELINE}"))
+    gkd_row = next(line for line in lines if line.startswith(f"| {GKD_BASELINE}"))
     expected = [
         np.mean([r["per_prompt"]["rouge_l"][i] for r in gkd for i in range(6) if lengths[i] == n]) for n in (2, 4, 6)
     ]
-    assert gkd_row == f"| {quality.GKD_BASELINE} | " + " | ".join(f"{m:.1f}" for m in expected) + " |"
+    assert gkd_row == f"| {GKD_BASELINE} | " + " | ".join(f"{m:.1f}" for m in expected) + " |"
