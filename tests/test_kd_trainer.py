@@ -492,10 +492,12 @@ def test_a_teacher_folder_without_a_tokenizer_is_not_compared(tmp_path, tokenize
     assert f"The teacher's folder {teacher_dir} holds no tokenizer" in caplog.text
 
 
-def test_a_missing_model_folder_is_named(tmp_path, tokenizer):
-    """The Hub client would say "Repo id must be in the form 'repo_name'" about a local path that does not exist."""
+def test_a_missing_model_is_named_with_how_it_was_read(tmp_path, tokenizer, monkeypatch):
+    """The Hub client would say "Repo id must be in the form 'repo_name'" about a local path that does not exist, and
+    "We couldn't connect" about a Hub id offline: the trainer names the model and how it read the name, before
+    anything loads."""
     missing = str(tmp_path / "no-teacher")
-    with pytest.raises(ValueError, match=rf"`teacher_model` '{re.escape(missing)}' is no folder"):
+    with pytest.raises(ValueError, match=rf"`teacher_model` '{re.escape(missing)}': no such folder"):
         KDTrainer(
             model=build_model("qwen2", tokenizer, "student"),
             teacher_model=missing,
@@ -503,10 +505,22 @@ def test_a_missing_model_folder_is_named(tmp_path, tokenizer):
             train_dataset=make_dataset("prompt_only", 8),
             processing_class=tokenizer,
         )
-    with pytest.raises(ValueError, match=r"`model` './no-student' is no folder"):
+    with pytest.raises(ValueError, match=r"`model` './no-student': no such folder"):
         KDTrainer(
             model="./no-student",
             teacher_model=build_model("qwen2", tokenizer, "teacher"),
+            args=make_args(tmp_path),
+            train_dataset=make_dataset("prompt_only", 8),
+            processing_class=tokenizer,
+        )
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    with pytest.raises(ValueError, match=r"`teacher_model` 'org/no-teacher': read as a Hub id \(offline.*not in the"):
+        KDTrainer(
+            model=build_model("qwen2", tokenizer, "student"),
+            teacher_model="org/no-teacher",
             args=make_args(tmp_path),
             train_dataset=make_dataset("prompt_only", 8),
             processing_class=tokenizer,

@@ -47,16 +47,19 @@ def read_as(name: str) -> str:
     return f"read as a Hub id{offline}, since there is no local folder of that name"
 
 
-def missing_model(name: str, revision: str | None = None) -> str | None:
+def missing_model(name: str, revision: str | None = None, ask_hub: bool = True) -> str | None:
     """Why the model `name` cannot be found, in words that say how it was read, or `None` when it can be (a local
     folder that exists, or a Hub repository that exists or is in the local Hub cache). A Hub id is only checked for
-    existence: one request online, none offline."""
+    existence: one request online (none with `ask_hub=False`, which leaves an online Hub id to its loader), none
+    offline."""
     import huggingface_hub
 
     if os.path.isdir(os.path.expanduser(name)):
         return None
     if missing_folder(name):
         return "no such folder (a Hub id looks like 'Qwen/Qwen2.5-0.5B-Instruct')"
+    if not ask_hub and not _offline():
+        return None
     try:
         if _offline():
             files = ("config.json", "adapter_config.json")

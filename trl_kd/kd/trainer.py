@@ -28,7 +28,7 @@ from ..data import (
     prepare_dataset,
     prompt_length_limit,
 )
-from ..errors import missing_folder
+from ..errors import missing_model
 from ..evaluation import rollout_metrics, teacher_fraction_by_position
 from ..guards import NonFiniteError, check_grad_norm, finite_flags, non_finite_source, sampling_from
 from ..losses import LMHead, chunked_kd_loss, response_hidden_states, stack_rows
@@ -160,12 +160,14 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         teacher_source = teacher_model
         if teacher_model is not None and not isinstance(teacher_model, str):
             teacher_source = teacher_model.config._name_or_path
-        for argument, name in (("model", model), ("teacher_model", teacher_model)):
-            if isinstance(name, str) and missing_folder(name):
-                raise ValueError(
-                    f"`{argument}` {name!r} is no folder (and not a Hub id like "
-                    "'Qwen/Qwen2.5-7B-Instruct'): check the path."
-                )
+        # before anything loads: a local name that is no folder, or (offline) a Hub id not in the cache
+        for argument, name, revision in (
+            ("model", model, (args.model_init_kwargs or {}).get("revision")),
+            ("teacher_model", teacher_model, args.teacher_model_revision),
+        ):
+            problem = missing_model(name, revision, ask_hub=False) if isinstance(name, str) else None
+            if problem:
+                raise ValueError(f"`{argument}` {name!r}: {problem}.")
         if self.offline_teacher is None:  # else `training_rows` prepared it
             train_dataset = prepare_dataset(train_dataset, "train_dataset")
         eval_dataset = each_dataset(prepare_dataset, eval_dataset, "eval_dataset")
