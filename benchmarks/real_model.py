@@ -854,6 +854,15 @@ def collect(root: Path) -> tuple[dict, dict, dict]:
     return refs, chosen, grid
 
 
+def chosen_rate(root: Path, method: str) -> float | None:
+    """The rate `method`'s grid chose in the records under ``root`` (one student's), once every grid rate has the
+    same number of seeds; `None` before."""
+    runs = collect(root)[2].get(method, {})
+    if not runs or len({len(r) for r in runs.values()}) != 1:
+        return None
+    return choose_rate(grid_scores(runs), HIGHER_IS_BETTER[PRIMARY])
+
+
 def report(args) -> str:
     root = Path(args.records) / args.student
     refs, final, grid = collect(root)

@@ -8,16 +8,17 @@ docs/benchmarks.md and plots generated tokens per second against the answer leng
     python benchmarks/scaling.py --report                    # the tables and the plot from the records alone
     python benchmarks/scaling.py --tiny                      # the tiny pair of trl_kd.testing: the harness, fast
 
-Every (trainer, answer length, batch) cell runs in a fresh process, so its peak RSS is its own: one warm-up step,
-then ``--steps`` timed optimizer steps, on-policy (the student writes every answer; the teacher corrects it where the
-method says so). The untrained `pruned-8` student never stops early, so its answers run to the length asked for;
-`pruned-24` (24 of the teacher's 30 layers) is the student close to the teacher, whose tokens SKD's teacher accepts
-most of the time. Per cell: seconds per optimizer step (median), generated tokens per step and per second, teacher
-forwards (calls of its decoder) per generated token, acceptance and teacher-token fraction, peak RSS, and where the
-step goes (sampling split into the two models' forwards, the loss with its teacher forward, backward, optimizer).
-Ratios compare seconds per generated token with `trl.DistillationTrainer`'s at the same cell and student, since a
-teacher that intervenes changes the answers' lengths. A finished cell is a JSON record under ``--records`` and is
-not run again.
+Every (trainer, answer length, batch) cell runs in a fresh process, so its peak RSS is its own: one warm-up step, then
+``--steps`` timed optimizer steps, on-policy (the student writes every answer; the teacher corrects it where the method
+says so). The untrained `pruned-8` student never stops early, so its answers run to the length asked for; `pruned-24`
+(24 of the teacher's 30 layers) is the student close to the teacher, whose tokens SKD's teacher accepts most of the
+time, and `pruned-24-sft` is it after the real-model benchmark's SFT on the teacher's answers, at the rate that run's
+grid chose (``real_model.py run --student pruned-24 --methods sft-on-teacher-answers-seqkd`` first). Per cell: seconds
+per optimizer step (median), generated tokens per step and per second, teacher forwards (calls of its decoder) per
+generated token, acceptance and teacher-token fraction, peak RSS, and where the step goes (sampling split into the two
+models' forwards, the loss with its teacher forward, backward, optimizer). Ratios compare seconds per generated token
+with `trl.DistillationTrainer`'s at the same cell and student, since a teacher that intervenes changes the answers'
+lengths. A finished cell is a JSON record under ``--records`` and is not run again.
 """
 
 from __future__ import annotations
@@ -61,11 +62,34 @@ TRAINERS: dict[str, tuple[str, str, dict]] = {
     "PromptKD (defaults)": ("pruned-8", "promptkd", {}),
     REFERENCE + ", pruned-24": ("pruned-24", "trl", {"beta": 0.5, "temperature": 1.0}),
     "SKD, K=25 (paper defaults), pruned-24": ("pruned-24", "skd", {}),
+    REFERENCE + ", pruned-24 after SFT": ("pruned-24-sft", "trl", {"beta": 0.5, "temperature": 1.0}),
+    "SKD, K=25 (paper defaults), pruned-24 after SFT": ("pruned-24-sft", "skd", {}),
 }
+# a student trained by the real-model benchmark: (base student, method) of its run at the chosen rate, seed 0
+TRAINED_STUDENTS = {"pruned-24-sft": ("pruned-24", "SFT on teacher answers (SeqKD)")}
 
 
 def reference_for(label: str) -> str:
-    return REFERENCE + ", pruned-24" if TRAINERS[label][0] == "pruned-24" else REFERENCE
+    """`trl.DistillationTrainer`'s label with the same student."""
+    student = TRAINERS[label][0]
+    return next(name for name, spec in TRAINERS.items() if spec[0] == student and spec[1] == "trl")
+
+
+def student_folder(student: str) -> Path:
+    """A pruned student from `real_model.py prepare`, or a student the real-model benchmark trained (its run at the
+    rate its grid chose, seed 0)."""
+    from real_model import cache_root, chosen_rate, run_dir
+
+    if student not in TRAINED_STUDENTS:
+        return cache_root() / "students" / student
+    base, method = TRAINED_STUDENTS[student]
+    lr = chosen_rate(Path(__file__).resolve().parent / "records" / "real" / base, method)
+    if lr is None:
+        raise SystemExit(
+            f"No complete grid of {method!r} on {base} in the records: run `python benchmarks/real_model.py run "
+            f"--student {base} --methods {slug(method)}` first."
+        )
+    return run_dir(method, lr, 0, base)
 
 
 # ------------------------------------------------------------------------------------------------- the pair and data
@@ -77,15 +101,15 @@ def load_pair(tiny: bool, student: str):
 
         tokenizer = build_tokenizer()
         teacher = build_model("qwen2", tokenizer, "teacher", seed=1, context_length=2048).eval()
-        if student == "pruned-24":
+        if student.startswith("pruned-24"):
             return tokenizer, teacher, copy.deepcopy(teacher)
         return tokenizer, teacher, build_model("qwen2", tokenizer, "student", seed=0, context_length=2048)
     from transformers import AutoModelForCausalLM
 
-    from real_model import cache_root, load_teacher
+    from real_model import load_teacher
 
     teacher, tokenizer = load_teacher()
-    folder = cache_root() / "students" / student
+    folder = student_folder(student)
     if not (folder / "config.json").exists():
         raise SystemExit(f"No student {student} in {folder}: run `python benchmarks/real_model.py prepare` first.")
     return tokenizer, teacher, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

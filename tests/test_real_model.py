@@ -288,6 +288,24 @@ def test_the_rate_is_chosen_by_the_mean_over_seeds():
     assert rate_sensitive([+0.5, -0.1]) and not rate_sensitive([0.5, 0.2, 0.0])
 
 
+def test_the_chosen_rate_is_read_from_a_complete_grid_only(tmp_path):
+    """What `scaling.py` trains its close student from: the rate a method's grid chose, once every rate has the same
+    number of seeds (here 1e-4 by its mean; seed 0 alone would pick 5e-4)."""
+    from quality_records import record_path, write_record
+    from real_model import chosen_rate
+
+    def grid(lr, seed, nll, method="SFT on teacher answers (SeqKD)"):
+        record = {"method": method, "phase": "grid", "lr": lr, "seed": seed, "metrics": {"student_nll": nll}}
+        write_record(record_path(tmp_path, "real", method, seed, lr, "grid", 40), record)
+
+    grid(1e-4, 0, 6.0), grid(5e-4, 0, 5.9), grid(5e-4, 1, 6.3)
+    assert chosen_rate(tmp_path, "SFT on teacher answers (SeqKD)") is None  # 1e-4 has one seed of two
+    grid(1e-4, 1, 6.0)
+    assert chosen_rate(tmp_path, "SFT on teacher answers (SeqKD)") == 1e-4
+    grid(1e-4, 0, 1.0, method="another method")
+    assert chosen_rate(tmp_path, "no such method") is None
+
+
 def test_a_job_is_claimed_once_and_a_dead_claim_is_taken_over(tmp_path):
     import subprocess
     import sys
