@@ -255,7 +255,7 @@ def test_every_registered_method_has_a_distributed_case():
 )
 def test_bad_registrations_are_refused(name, error):
     with pytest.raises(ValueError, match=error):
-        register_method(name, ToyTrainer, KDConfig)
+        register_method(name, ToyTrainer, ToyConfig)
     assert "toy" not in METHODS
 
 
