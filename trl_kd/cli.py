@@ -127,8 +127,9 @@ def _cache_teacher(args: argparse.Namespace) -> None:
     import torch
     from accelerate import PartialState
     from datasets import load_dataset, load_from_disk
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .sampler import SamplingParams
     from .teacher_cache import cache_teacher
 
     for flag, name in (("--teacher", args.teacher), ("--tokenizer", args.tokenizer)):
@@ -150,9 +151,7 @@ def _cache_teacher(args: argparse.Namespace) -> None:
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype[args.dtype]).to(state.device).eval()
     generation = None
     if args.seq_kd:
-        generation = GenerationConfig(
-            do_sample=True, temperature=args.teacher_temperature, top_p=args.teacher_top_p, top_k=0
-        )
+        generation = SamplingParams(temperature=args.teacher_temperature, top_p=args.teacher_top_p).generation_config()
     manifest = cache_teacher(
         teacher,
         tokenizer,
