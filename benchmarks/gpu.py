@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py                          # Qwen2 1.5B/0.5B and Llama 3B/1B shapes, 256 new tokens
     python benchmarks/gpu.py --pairs qwen2 --steps 8  # one pair, more steps
+    python benchmarks/gpu.py --rows "K=25,never"      # some trainers only (DistillationTrainer always runs)
     python benchmarks/gpu.py --tiny                   # tiny shapes on CPU, to check the script (CI runs it)
 
 The models are built from configs with the shapes of Qwen2.5-1.5B/0.5B and Llama-3.2-3B/1B (random weights, nothing
@@ -144,7 +145,8 @@ def cases(vocab_size: int) -> list[tuple[str, str | None, dict]]:
     return rows
 
 
-def run_pair(pair: str, args) -> str:
+def run_pair(pair: str, args) -> None:
+    """Print the pair's table, a row as each trainer finishes (a run cut short by a time limit keeps its rows)."""
     from trl import DistillationConfig, DistillationTrainer
 
     import trl_kd
@@ -190,7 +192,7 @@ def run_pair(pair: str, args) -> str:
         beta=0.5,
         **{checkpointing_field(): not args.tiny},
     )
-    lines = [
+    header = [
         f"**{title}** ({size(student)} student, {size(teacher)} teacher, vocabulary {vocab}), on {device_name(cuda)}: "
         f"batch {args.batch}, {args.prompt} prompt + {args.completion} new tokens, {'bf16' if cuda else 'fp32'}, "
         f"{args.steps} steps (median after the first). Plan estimate (single GPU): {estimate.peak_gib:.1f} GiB.",
@@ -198,8 +200,11 @@ def run_pair(pair: str, args) -> str:
         "| trainer | step (s) | vs DistillationTrainer | tokens/s | peak memory (GiB) | plan estimate (GiB) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    print("\n".join(header), flush=True)
     reference = None
     for label, method, overrides in cases(vocab):
+        if method is not None and args.rows and not any(part in label for part in args.rows.split(",")):
+            continue
         if method is None:
             trainer_class, config_class = DistillationTrainer, DistillationConfig
         else:
@@ -226,13 +231,14 @@ def run_pair(pair: str, args) -> str:
             or [args.completion]
         )
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if cuda else "not measured (CPU)"
-        lines.append(
+        print(
             f"| {label} | {step:.2f} | {step / reference:.2f}x | {tokens * args.batch / step:.0f} | {peak} | "
-            f"{estimate.peak_gib:.1f} |"
+            f"{estimate.peak_gib:.1f} |",
+            flush=True,
         )
         trainer.accelerator.free_memory()
         del trainer
-    return "\n".join(lines)
+    print(flush=True)
 
 
 def size(model: torch.nn.Module) -> str:
@@ -256,6 +262,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=None, help="Sequences per step (4; 2 with --tiny).")
     parser.add_argument("--prompt", type=int, default=None, help="Prompt tokens (128; 8 with --tiny).")
     parser.add_argument("--completion", type=int, default=None, help="New tokens (256; 8 with --tiny).")
+    parser.add_argument(
+        "--rows",
+        default="",
+        help="Comma-separated parts of trainer labels: only the trainers whose label holds one (and the reference).",
+    )
     args = parser.parse_args(argv)
     for name, full, tiny in (("steps", 5, 2), ("batch", 4, 2), ("prompt", 128, 8), ("completion", 256, 8)):
         if getattr(args, name) is None:
@@ -269,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     print(f"Device: {device_name(torch.cuda.is_available() and not args.tiny)}, torch {torch.__version__}\n")
     for pair in pairs:
-        print(run_pair(pair, args) + "\n", flush=True)
+        run_pair(pair, args)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,17 @@ def test_tiny_mode_times_every_trainer(tmp_path):
     assert "Device: CPU" in proc.stdout
 
 
+@pytest.mark.slow
+def test_rows_picks_trainers_and_keeps_the_reference(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--pairs", "qwen2", "--steps", "1"]
+    proc = subprocess.run(command + ["--rows", "never"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    labels = [line.split(" | ")[0][2:] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    labels = [label for label in labels if label not in ("trainer", "---")]
+    assert len(labels) == 2, labels
+    assert labels[0].startswith("trl.DistillationTrainer") and labels[1].startswith("SwitchTrainer"), labels
+
+
 def test_real_size_mode_needs_a_gpu_and_says_so(tmp_path):
     if __import__("torch").cuda.is_available():
         pytest.skip("a GPU is present: the real-size mode would run")
