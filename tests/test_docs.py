@@ -38,6 +38,7 @@ from trl_kd import (
     SpeculativeKDConfig,
     SwitchConfig,
     checkpoints,
+    cross_tokenizer,
     evaluation,
     losses,
     model_card,
@@ -154,6 +155,7 @@ def test_api_reference_has_every_public_name_and_config_field(site):
         checkpoints,
         registry,
         teacher_cache,
+        cross_tokenizer,
     ):
         for name, obj in vars(module).items():
             if not name.startswith("_") and (inspect.isroutine(obj) or inspect.isclass(obj)):

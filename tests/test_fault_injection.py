@@ -466,6 +466,6 @@ def test_a_completion_tokenized_alone_is_logged_once(caplog):
 def test_prompts_unchecked_for_want_of_a_context_length_are_logged(tmp_path, tokenizer, caplog, monkeypatch):
     trainer = make_trainer(tmp_path, tokenizer)
     monkeypatch.setattr(trainer, "position_limits", dict)
-    with caplog.at_level(logging.WARNING, logger="trl_kd.kd.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_kd.data"):
         trainer._check_prompt_lengths(make_dataset("prompt_only", 4), "train_dataset")
     assert "were not checked" in caplog.text and "max_prompt_length" in caplog.text

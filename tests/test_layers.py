@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "trl_kd"
 # the floors, bottom first: a module (or a method's folder) by its name under `trl_kd`; "" is the package itself
 FLOORS = (
     ("errors", "registry", "_compat", "guards"),  # leaves: nothing of trl_kd
-    ("losses", "data", "checkpoints", "testing", "evaluation"),  # maths and data
+    ("losses", "data", "checkpoints", "testing", "evaluation", "cross_tokenizer"),  # maths and data
     ("sampler", "teacher_cache", "placement", "planner", "model_card"),  # engines, no trainer
     ("kd",),  # the base trainer
     ("skd", "switch", "promptkd"),  # the methods, one folder each

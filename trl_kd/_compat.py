@@ -223,3 +223,20 @@ def quiet_checkpointing_aliases() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=CHECKPOINTING_ALIAS_WARNING, category=FutureWarning)
         yield
+
+
+class HandOver(dict):
+    """Values a hook leaves for a hook TRL calls inside it, which TRL passes no argument for (the batch rows to
+    `_generate_single_turn`, the teacher mask back from it; the loss sums from `_compute_loss`)."""
+
+    @contextlib.contextmanager
+    def scope(self, **values) -> Iterator[HandOver]:
+        """Set `values` on entry; whatever was added inside (by the inner hook too) is removed when the outer hook
+        returns, even on an error, so nothing reaches another step."""
+        before = set(self)
+        self.update(values)
+        try:
+            yield self
+        finally:
+            for key in set(self) - before:
+                del self[key]

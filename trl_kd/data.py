@@ -155,11 +155,23 @@ def each_dataset(check: Callable[[Any, str], Any], datasets: Any, name: str) -> 
     return None if datasets is None else check(datasets, name)
 
 
+def context_lengths(prefix_tokens: int = 0, **models: PreTrainedModel | None) -> dict[str, int]:
+    """Longest `prompt + completion` each model can place, by role (`None` models, and models whose config names no
+    limit, left out); the teacher's is reduced by `prefix_tokens` (a soft prompt it sees before each prompt)."""
+    limits = {}
+    for role, model in models.items():
+        config = None if model is None else model.config.get_text_config()
+        context = config and (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None))
+        if context:
+            limits[role] = context - (prefix_tokens if role == "teacher" else 0)
+    return limits
+
+
 def prompt_length_limit(
     context_limits: dict[str, int], max_completion_length: int, max_prompt_length: int | None, prefix_tokens: int = 0
 ) -> int | None:
     """The longest prompt a row may have: `max_prompt_length`, else the smallest model context (by role, as
-    `KDTrainer.position_limits` gives them) less the completion; `None` when neither is known. Refuses settings that
+    `context_lengths` gives them) less the completion; `None` when neither is known. Refuses settings that
     leave no room for a prompt, naming the fix. `prefix_tokens` (a teacher's soft prompt) is only named in the
     message: the teacher's limit already excludes it."""
     for role, context in context_limits.items():
@@ -184,12 +196,20 @@ def prompt_length_limit(
 def check_prompt_lengths(
     dataset: Dataset | IterableDataset,
     tokenize: Callable[[list[Any]], list[list[int]]],
-    max_prompt_length: int,
+    max_prompt_length: int | None,
     name: str = "train_dataset",
     batch_size: int = 1000,
 ) -> Dataset | IterableDataset:
     """Raise if any prompt tokenizes to more than ``max_prompt_length`` tokens: every row of a map-style dataset now,
-    an `IterableDataset` row by row as it streams (returned wrapped)."""
+    an `IterableDataset` row by row as it streams (returned wrapped). With no limit known, warns and checks nothing.
+    """
+    if max_prompt_length is None:
+        logger.warning(
+            "Neither model's config names a context length (`max_position_embeddings` or `n_positions`), so the "
+            "prompts of %s were not checked against one; set `max_prompt_length` to check them.",
+            name,
+        )
+        return dataset
 
     def check(index: int, ids: list[int]) -> None:
         if len(ids) > max_prompt_length:
@@ -299,6 +319,26 @@ def check_vocabularies(tokenizer: PreTrainedTokenizerBase, **models: PreTrainedM
     return tokenizer_size
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(source: str | None, need: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved at `source` (a folder or Hub id); `need` starts the error when there is none."""
+    from transformers import AutoTokenizer
+
+    fix = "pass it as `teacher_processing_class`, or save it in the teacher's folder"
+    if not source:
+        raise ValueError(f"{need}, and the teacher was given as a model object: {fix}.")
+    if os.path.isdir(source) and not any(os.path.exists(os.path.join(source, n)) for n in TOKENIZER_FILES):
+        raise ValueError(f"{need}, and the teacher's folder {source} holds none: {fix}.")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # offline, no tokenizer files on the Hub, ...
+        raise ValueError(
+            f"{need}, and it could not be loaded from {source} ({type(error).__name__}): {fix}."
+        ) from None
+
+
 def check_teacher_tokenizer(
     student_tokenizer: PreTrainedTokenizerBase,
     teacher_tokenizer: PreTrainedTokenizerBase | None,
@@ -307,9 +347,8 @@ def check_teacher_tokenizer(
     """Refuse a teacher whose tokenizer disagrees with the student's (see `KDConfig.check_teacher_tokenizer`). The
     teacher's tokenizer is `teacher_tokenizer`, else the one saved with the teacher at `source`, if it can be
     loaded; when neither is there, a warning says the check was skipped."""
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     if teacher_tokenizer is None and source and os.path.isdir(source):
-        if not any(os.path.exists(os.path.join(source, name)) for name in tokenizer_files):
+        if not any(os.path.exists(os.path.join(source, name)) for name in TOKENIZER_FILES):
             # `AutoTokenizer` would build an empty tokenizer from the model config alone
             logger.warning(
                 "The teacher's folder %s holds no tokenizer, so it was not compared with the "

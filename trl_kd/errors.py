@@ -72,3 +72,13 @@ def missing_model(name: str, revision: str | None = None, ask_hub: bool = True) 
     except Exception as error:  # no connection, a malformed id, ...: what the Hub client said
         return f"{read_as(name)}, and the Hub could not be asked: {first_line(error)}"
     return f"{read_as(name)}, and the Hub has no such model (or it is private or gated: `hf auth login`)"
+
+
+def check_models_found(**models: tuple[object, str | None]) -> None:
+    """Before anything loads, raise for the first `argument=(name, revision)` whose name is a `str` that cannot be
+    found (a local name that is no folder, or, offline, a Hub id not in the cache), naming the argument. Loaded
+    models and online Hub ids are left to their loader."""
+    for argument, (name, revision) in models.items():
+        problem = missing_model(name, revision, ask_hub=False) if isinstance(name, str) else None
+        if problem:
+            raise ValueError(f"`{argument}` {name!r}: {problem}.")

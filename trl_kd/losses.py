@@ -392,6 +392,29 @@ class TopKTeacher:
     rows: torch.Tensor
 
 
+def loss_weights(
+    completion_mask: torch.Tensor,
+    normalization: str,
+    num_items_in_batch: torch.Tensor | None,
+    num_sequences_in_batch: torch.Tensor | None,
+    num_processes: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`(token_weights, denominator)` for [`chunked_kd_loss`] under `KDConfig.loss_normalization`.
+
+    `"tokens"` keeps TRL's global token count `num_items_in_batch`. `"sequences"` weighs each token by `1 / its
+    response length` and divides by the global number of sequences per process (as TRL divides the token count,
+    because DDP averages gradients); without global counts (evaluation), by the local number of sequences.
+    """
+    if normalization == "tokens":
+        return None, num_items_in_batch
+    mask = completion_mask.float()
+    lengths = mask.sum(1, keepdim=True)
+    weights = mask / lengths.clamp(min=1)
+    if num_items_in_batch is None or num_sequences_in_batch is None:
+        return weights, (lengths > 0).sum().clamp(min=1)
+    return weights, num_sequences_in_batch.clamp(min=1) / num_processes
+
+
 def chunked_kd_loss(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from trl.models import prepare_deepspeed
+from trl.models import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path
 
 from ._compat import fsdp2_lazy_init, fsdp2_reshards_after_forward, zero3_init_disabled
@@ -72,6 +72,19 @@ def fsdp2_gathered(model: torch.nn.Module, gather: bool = True) -> Iterator[torc
         for unit, reshard in zip(units, reshards):
             unit.set_reshard_after_forward(reshard, recurse=False)
             unit.reshard()
+
+
+@contextlib.contextmanager
+def unwrapped_for_generation(
+    model: torch.nn.Module, accelerator: Accelerator, gather: bool, **kwargs
+) -> Iterator[torch.nn.Module]:
+    """The bare module of a wrapped `model` for a rollout's many forwards: TRL's `unwrap_model_for_generation`
+    (ZeRO-3 parameters gathered when `gather`; `kwargs` go to it) and [`fsdp2_gathered`] for an FSDP2 model."""
+    with (
+        unwrap_model_for_generation(model, accelerator, gather_deepspeed3_params=gather, **kwargs) as unwrapped,
+        fsdp2_gathered(model, gather),
+    ):
+        yield unwrapped
 
 
 def load_teacher(name_or_path: str | PreTrainedModel, args: KDConfig) -> PreTrainedModel:

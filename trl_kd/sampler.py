@@ -267,17 +267,20 @@ class DivergenceThresholdRule(Rule):
 
 
 @dataclass
-class SampleOutput:
-    """Completions and their provenance.
+class Rollout:
+    """Completions for a batch of prompts and who wrote each token (the rollout hook's and the samplers' output).
 
     Attributes:
         completion_ids: per row, the response tokens, ending at (and including) the first EOS if any.
-        teacher_mask: per row, ``True`` where the teacher wrote the token.
-        counts: ``drafted`` (positions judged by the rule), ``accepted``, ``replaced``, ``proposed`` (drafted tokens
-            including the ones dropped after a rejection), ``student_forwards``, ``teacher_forwards``, ``rounds``.
+        teacher_mask: per row, ``True`` where the teacher wrote the token, ``False`` where the student did.
+        counts: integer counters, summed over processes and logged (``acceptance_rate`` is logged when ``drafted`` is
+            present). The block-verify sampler's: ``drafted`` (positions judged by the rule), ``accepted``,
+            ``replaced``, ``proposed`` (drafted tokens including the ones dropped after a rejection),
+            ``student_forwards``, ``teacher_forwards``, ``rounds``.
         teacher_hidden: with ``keep_teacher_hidden``, per row the teacher's final hidden states ``(len, H)`` at the
             response positions, the state at position ``t`` being the one that predicts token ``t`` (in the model's
-            dtype, on its device); ``None`` otherwise.
+            dtype, on its device); the loss then uses them instead of running the teacher again
+            (`KDConfig.reuse_teacher_states`). ``None`` otherwise.
     """
 
     completion_ids: list[list[int]]
@@ -568,7 +571,7 @@ class _BlockVerifier:
             self.rows, self.slot_mask = self.rows[index], self.slot_mask[index]
             self.pending, self.next_position = self.pending[index], self.next_position[index]
 
-    def output(self) -> SampleOutput:
+    def output(self) -> Rollout:
         counts = self.counts
         counts["accepted"], counts["replaced"], counts["proposed"] = self.totals.tolist()
         counts["drafted"] = counts["accepted"] + counts["replaced"]
@@ -582,7 +585,7 @@ class _BlockVerifier:
                 width = self.teacher.config.get_text_config().hidden_size
                 hidden = torch.zeros(self.batch, self.max_new_tokens, width, device=self.device)
             kept_hidden = [hidden[i, :n] for i, n in enumerate(lengths)]
-        return SampleOutput(completions, teacher_mask, counts, kept_hidden)
+        return Rollout(completions, teacher_mask, counts, kept_hidden)
 
 
 @torch.no_grad()
@@ -605,7 +608,7 @@ def block_verify_sample(
     max_draft_tokens: int = 16,
     sync_draft_length: Callable[[int], int] | None = None,
     keep_teacher_hidden: bool = False,
-) -> SampleOutput:
+) -> Rollout:
     """Sample one completion per prompt: the student drafts blocks, the teacher verifies them under ``rule``.
 
     Args:
@@ -631,12 +634,12 @@ def block_verify_sample(
         sync_draft_length: with ``sync_continue`` and ``adaptive_draft``: maps this process's next draft length to
             the one every process uses (e.g. the smallest), so all run the same forwards.
         keep_teacher_hidden: return the teacher's final hidden states at the response positions
-            (`SampleOutput.teacher_hidden`). The teacher then runs as backbone plus
+            (`Rollout.teacher_hidden`). The teacher then runs as backbone plus
             [`LMHead`][trl_kd.losses.LMHead] (fp32 logits), which in half precision can differ from its own
             ``forward``'s logits in the last bits.
 
     Returns:
-        [`SampleOutput`][trl_kd.sampler.SampleOutput].
+        [`Rollout`][trl_kd.Rollout].
     """
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}.")
@@ -691,7 +694,7 @@ def reference_sample(
     student_params: SamplingParams = SamplingParams(),
     teacher_params: SamplingParams = SamplingParams(),
     stop: StopStrings | None = None,
-) -> SampleOutput:
+) -> Rollout:
     """The token-by-token algorithm, without KV caches: at each position both models run on the whole sequence, the
     student draws a token, the rule decides, and a rejected token is redrawn from the teacher. Slow; for tests."""
     device = next(student.parameters()).device
@@ -731,4 +734,4 @@ def reference_sample(
                 still.append(row)
         active = still
     counts["drafted"] = counts["accepted"] + counts["replaced"]
-    return SampleOutput(completions, teacher_mask, counts)
+    return Rollout(completions, teacher_mask, counts)

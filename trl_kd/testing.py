@@ -103,6 +103,32 @@ def build_tokenizer(save_dir: str | Path | None = None, vocab_size: int = 400) -
     return tokenizer
 
 
+def build_metaspace_tokenizer(
+    vocab_size: int = 350, alphabet_texts: tuple[str, ...] = (), save_dir: str | Path | None = None
+) -> PreTrainedTokenizerFast:
+    """A tokenizer of another family than [`build_tokenizer`]'s, for cross-tokenizer tests: BPE over Metaspace
+    pieces (`"▁"` for spaces, SentencePiece's convention), `<eos>`/`<pad>`/`<unk>`, no chat template, trained on the
+    same corpus; its alphabet holds the 256 one-byte characters and those of `alphabet_texts`."""
+    corpus = _corpus(500) + list(alphabet_texts)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>", "<unk>"],
+        # every character of one byte, so that it can encode whatever the byte-level student writes in them
+        initial_alphabet=sorted(set("".join(corpus)) | {chr(i) for i in range(256)} | {"▁"}),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
+    )
+    if save_dir is not None:
+        tokenizer.save_pretrained(save_dir)
+    return tokenizer
+
+
 def build_model(
     arch: Literal["qwen2", "llama", "gpt2"],
     tokenizer: PreTrainedTokenizerFast,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trl import DistillationConfig
 
@@ -88,6 +89,21 @@ class KDConfig(DistillationConfig):
             (or, for a cache of teacher samples, on the cached sample) read the teacher from it, with the sparse
             top-k losses, instead of running it; with `lmbda=0` no teacher is loaded at all. The cache's tokenizer,
             temperature (`loss_temperature`) and dataset must match the run's.
+        cross_tokenizer (bool):
+            The teacher has another tokenizer (another model family): each row is re-tokenized for the teacher (its
+            chat template for conversations), the two token sequences are aligned by the characters they cover, and
+            the loss compares the two models over the aligned spans (TRL's GOLD combination: `loss_type` over the
+            shared vocabulary, ULD over the rest; see the "Cross-tokenizer" guide). The teacher's tokenizer is
+            `teacher_processing_class`, else the one saved with the teacher. `KDTrainer` only, with dataset or
+            student-sampled rows (not `seq_kd`, a `teacher_cache`, or `loss_normalization="sequences"`).
+        cross_tokenizer_matched_weight (float | None):
+            Weight of the divergence over the shared vocabulary. `None` (with `cross_tokenizer_unmatched_weight`
+            `None`): GOLD's adaptive weights, the shared part's share of the teacher's vocabulary, and the rest for
+            ULD.
+        cross_tokenizer_unmatched_weight (float | None):
+            Weight of ULD over the tokens outside the shared vocabulary (set both weights, or neither).
+        cross_tokenizer_span_weight (float):
+            Weight of the span term `0.5 * (log p_student(span) - log p_teacher(span))^2`; `0` (GOLD) leaves it out.
         reuse_teacher_states (bool):
             Rows sampled with the teacher in the loop (SKD, SWITCH) keep the teacher's final hidden states from the
             sampler, and the loss projects those instead of running the teacher over the sequence again. Same loss
@@ -105,6 +121,8 @@ class KDConfig(DistillationConfig):
             `activation_checkpointing` when neither is given, so a default config raises no deprecation warning;
             passing this name still works, with transformers' warning.
     """
+
+    cross_tokenizer_refusal: ClassVar[str | None] = None  # why a method cannot distil across tokenizers
 
     _VALID_DICT_FIELDS = DistillationConfig._VALID_DICT_FIELDS
     # float fields where +inf means something ("never clip"); every other float must be finite
@@ -180,6 +198,19 @@ class KDConfig(DistillationConfig):
             "help": "Folder of an offline teacher cache (trl-kd cache-teacher) for the dataset-completion rows."
         },
     )
+    cross_tokenizer: bool = field(
+        default=False,
+        metadata={"help": "The teacher has another tokenizer: align by characters, GOLD's cross-tokenizer loss."},
+    )
+    cross_tokenizer_matched_weight: float | None = field(
+        default=None, metadata={"help": "Weight of the shared-vocabulary divergence (None: GOLD's adaptive weights)."}
+    )
+    cross_tokenizer_unmatched_weight: float | None = field(
+        default=None, metadata={"help": "Weight of ULD over the rest of the vocabularies (None: GOLD's adaptive)."}
+    )
+    cross_tokenizer_span_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the span log-probability term (0: off, as in GOLD)."}
+    )
     reuse_teacher_states: bool = field(
         default=True,
         metadata={"help": "The loss reuses the teacher states the teacher-in-the-loop sampler computed."},
@@ -250,10 +281,37 @@ class KDConfig(DistillationConfig):
                 "teacher_zero_stage (DeepSpeed) and teacher_fsdp (FSDP2) place the teacher under different backends: "
                 "set the one your accelerate config launches."
             )
+        self._check_cross_tokenizer()
         for name in ("top_p", "teacher_top_p"):
             value = getattr(self, name)
             if value is None or not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}.")
+
+    def _check_cross_tokenizer(self) -> None:
+        weights = (self.cross_tokenizer_matched_weight, self.cross_tokenizer_unmatched_weight)
+        if (weights[0] is None) != (weights[1] is None):
+            raise ValueError(
+                "Set both cross_tokenizer_matched_weight and cross_tokenizer_unmatched_weight, or neither (GOLD's "
+                f"adaptive weights); got {weights}."
+            )
+        if any(w is not None and w < 0 for w in weights) or self.cross_tokenizer_span_weight < 0:
+            raise ValueError("The cross_tokenizer_*_weight fields must be >= 0.")
+        if not self.cross_tokenizer:
+            return
+        if self.cross_tokenizer_refusal:
+            method = type(self).__name__.removesuffix("Config")
+            raise ValueError(f"{method} does not support cross_tokenizer=True: {self.cross_tokenizer_refusal}")
+        conflicts = {
+            "seq_kd": self.seq_kd,
+            "teacher_cache": self.teacher_cache is not None,
+            'loss_normalization="sequences"': self.loss_normalization == "sequences",
+        }
+        bad = [name for name, is_set in conflicts.items() if is_set]
+        if bad:
+            raise ValueError(
+                f"cross_tokenizer=True does not support {', '.join(f'`{b}`' for b in bad)} yet: the teacher's samples "
+                "and a teacher cache are over the teacher's tokens, and spans are weighed per token. Unset them."
+            )
 
     def check_teacher_in_the_loop(self, method: str) -> None:
         """Refuse generation settings that token-by-token teacher-in-the-loop sampling (SKD, SWITCH) cannot honour."""

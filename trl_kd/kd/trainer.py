@@ -1,37 +1,35 @@
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
 import math
 import os
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import DistillationTrainer
-from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
-from .._compat import quiet_checkpointing_aliases
+from .._compat import HandOver, quiet_checkpointing_aliases
 from ..checkpoints import MethodStateCheckpoints, resolve_checkpoint
+from ..cross_tokenizer import CrossTokenizerTeacher
 from ..data import (
     check_prompt_lengths,
     check_teacher_tokenizer,
     check_vocabularies,
     completion_token_ids,
+    context_lengths,
     each_dataset,
+    load_tokenizer,
     prepare_dataset,
     prompt_length_limit,
 )
-from ..errors import missing_model
+from ..errors import check_models_found
 from ..evaluation import rollout_metrics, teacher_fraction_by_position
 from ..guards import NonFiniteError, check_grad_norm, finite_flags, non_finite_source, sampling_from
-from ..losses import LMHead, chunked_kd_loss, response_hidden_states, stack_rows
+from ..losses import LMHead, chunked_kd_loss, loss_weights, response_hidden_states, stack_rows
 from ..model_card import DistillationFacts, add_distillation_section, method_hyperparameters
 from ..placement import (
     any_process,
@@ -41,33 +39,11 @@ from ..placement import (
     load_teacher,
     prepare_teacher,
     smallest_over_processes,
+    unwrapped_for_generation,
 )
-from ..sampler import Rule, SamplingParams, StopStrings, block_verify_sample, generate_completions
+from ..sampler import Rollout, Rule, SamplingParams, StopStrings, block_verify_sample, generate_completions
 from ..teacher_cache import CACHE_COLUMNS, OfflineTeacher, cached_topk
 from .config import KDConfig
-
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Rollout:
-    """Completions for a batch of prompts and who wrote each token.
-
-    Attributes:
-        completion_ids: one list of token ids per prompt, ending at (and including) the first EOS, if any.
-        teacher_mask: same shape; ``True`` where the teacher wrote the token, ``False`` where the student did.
-        counts: optional integer counters of the sampler (e.g. ``drafted``, ``accepted``, ``replaced``), summed over
-            processes and logged; ``acceptance_rate`` is logged when ``drafted`` is present.
-        teacher_hidden: optional, per completion, the teacher's final hidden states ``(len, H)`` at its positions
-            (the state at position ``t`` predicts token ``t``), computed while sampling; the loss then uses them
-            instead of running the teacher again (`KDConfig.reuse_teacher_states`).
-    """
-
-    completion_ids: list[list[int]]
-    teacher_mask: list[list[bool]]
-    counts: dict[str, int] = field(default_factory=dict)
-    teacher_hidden: list[torch.Tensor] | None = None
 
 
 def sequences(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -160,14 +136,10 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         teacher_source = teacher_model
         if teacher_model is not None and not isinstance(teacher_model, str):
             teacher_source = teacher_model.config._name_or_path
-        # before anything loads: a local name that is no folder, or (offline) a Hub id not in the cache
-        for argument, name, revision in (
-            ("model", model, (args.model_init_kwargs or {}).get("revision")),
-            ("teacher_model", teacher_model, args.teacher_model_revision),
-        ):
-            problem = missing_model(name, revision, ask_hub=False) if isinstance(name, str) else None
-            if problem:
-                raise ValueError(f"`{argument}` {name!r}: {problem}.")
+        check_models_found(
+            model=(model, (args.model_init_kwargs or {}).get("revision")),
+            teacher_model=(teacher_model, args.teacher_model_revision),
+        )
         if self.offline_teacher is None:  # else `training_rows` prepared it
             train_dataset = prepare_dataset(train_dataset, "train_dataset")
         eval_dataset = each_dataset(prepare_dataset, eval_dataset, "eval_dataset")
@@ -188,12 +160,25 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
             peft_config=peft_config,
         )
         check_distributed_backend(self.accelerator, args)
-        self.kd_vocab_size = check_vocabularies(self._tokenizer, student=self.model, teacher=teacher_model)
+        # across tokenizers the teacher scores its own tokens: its vocabulary is not the student's to cover
+        teacher_scoring_ours = None if args.cross_tokenizer else teacher_model
+        self.kd_vocab_size = check_vocabularies(self._tokenizer, student=self.model, teacher=teacher_scoring_ours)
         if self.offline_teacher is not None:
             self.offline_teacher.check(
                 self._tokenizer, args.loss_temperature, self.kd_vocab_size, self.max_completion_length
             )
-        if args.check_teacher_tokenizer and teacher_model is not None:
+        self.cross_tokenizer = None
+        if args.cross_tokenizer:
+            need = "cross_tokenizer=True needs the teacher's tokenizer"
+            self.cross_tokenizer = CrossTokenizerTeacher.from_config(
+                args,
+                self._tokenizer,
+                teacher_processing_class or load_tokenizer(teacher_source, need),
+                self.kd_vocab_size,
+                teacher_model.config.get_text_config().vocab_size,
+                self.eos_token_ids,
+            )
+        elif args.check_teacher_tokenizer and teacher_model is not None:
             check_teacher_tokenizer(self._tokenizer, teacher_processing_class, teacher_source)
         self.teacher_model = None if teacher_model is None else prepare_teacher(teacher_model, self.accelerator, args)
         # a teacher replicated beside a sharded student (`teacher_zero_stage=0`, `teacher_fsdp=False`) has nothing to
@@ -209,11 +194,11 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         self.generation_config.suppress_tokens = self._padding_token_ids(self.model) or None
         self.teacher_generation_config = self.teacher_sampling_params.generation_config(
             **self.generation_kwargs,
-            suppress_tokens=(teacher_model is not None and self._padding_token_ids(teacher_model)) or None,
+            suppress_tokens=(teacher_scoring_ours is not None and self._padding_token_ids(teacher_model)) or None,
         )
         self.stop_strings = StopStrings(self._tokenizer, args.stop_strings) if args.stop_strings else None
         self._eval_rollouts = 0
-        self._handed: dict[str, Any] = {}  # see `_hand_over`
+        self._handed = HandOver()
         self.dataset_name: str | None = None  # shown in the model card; the example scripts set it
 
     # ------------------------------------------------------------------------------------------------ set-up checks
@@ -221,18 +206,9 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         return list(range(self.kd_vocab_size, model.config.get_text_config().vocab_size))
 
     def position_limits(self) -> dict[str, int]:
-        """Longest `prompt + completion` each model can place, by role (models whose config names no limit are
-        left out); the teacher's limit is reduced by `teacher_prefix_tokens`."""
-        limits = {}
-        models = [("student", self.model)]
-        if self.teacher_model is not None:
-            models.append(("teacher", self.accelerator.unwrap_model(self.teacher_model)))
-        for role, model in models:
-            config = model.config.get_text_config()
-            context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-            if context is not None:
-                limits[role] = context - (self.teacher_prefix_tokens if role == "teacher" else 0)
-        return limits
+        """Longest `prompt + completion` each model can place, by role (see `trl_kd.data.context_lengths`)."""
+        teacher = None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
+        return context_lengths(self.teacher_prefix_tokens, student=self.model, teacher=teacher)
 
     def _check_prompt_lengths(self, dataset: Dataset | IterableDataset, name: str) -> Dataset | IterableDataset:
         args = self.args
@@ -240,13 +216,6 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         limit = prompt_length_limit(
             limits, args.max_completion_length, args.max_prompt_length, self.teacher_prefix_tokens
         )
-        if limit is None:
-            logger.warning(
-                "Neither model's config names a context length (`max_position_embeddings` or `n_positions`), so "
-                "the prompts of %s were not checked against one; set `max_prompt_length` to check them.",
-                name,
-            )
-            return dataset
         return check_prompt_lengths(dataset, lambda prompts: self._tokenize_prompts(prompts)[0], limit, name)
 
     # ------------------------------------------------------------------------------------------------------ rollouts
@@ -294,19 +263,15 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
             sync = functools.partial(any_process, self.accelerator)
             sync_draft_length = functools.partial(smallest_over_processes, self.accelerator)
         with (
-            unwrap_model_for_generation(
+            unwrapped_for_generation(
                 self.model_wrapped,
                 self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+                args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
             ) as student,
-            unwrap_model_for_generation(
-                self.teacher_model, self.accelerator, gather_deepspeed3_params=self._gather_teacher
-            ) as teacher,
-            fsdp2_gathered(self.model_wrapped, args.ds3_gather_for_generation),
-            fsdp2_gathered(self.teacher_model, self._gather_teacher),
+            unwrapped_for_generation(self.teacher_model, self.accelerator, self._gather_teacher) as teacher,
         ):
-            out = block_verify_sample(
+            return block_verify_sample(
                 student,
                 teacher,
                 prompt_ids,
@@ -325,7 +290,6 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
                 sync_draft_length=sync_draft_length,
                 keep_teacher_hidden=args.reuse_teacher_states,
             )
-        return Rollout(out.completion_ids, out.teacher_mask, out.counts, out.teacher_hidden)
 
     def sample_from(
         self, model: torch.nn.Module, prompt_ids: list[list[int]], generation_config: GenerationConfig
@@ -333,11 +297,7 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         """Sample one completion per prompt from `model` (e.g. the teacher engine) with `transformers.generate`,
         cut after the first EOS. Gathers ZeRO-3 parameters as TRL does for the student."""
         gather = self.args.ds3_gather_for_generation and (model is not self.teacher_model or self._gather_teacher)
-        with (
-            unwrap_model_for_generation(model, self.accelerator, gather_deepspeed3_params=gather) as unwrapped,
-            fsdp2_gathered(model, gather),
-            torch.no_grad(),
-        ):
+        with unwrapped_for_generation(model, self.accelerator, gather) as unwrapped, torch.no_grad():
             return generate_completions(
                 unwrapped,
                 prompt_ids,
@@ -355,22 +315,8 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         generator = torch.Generator().manual_seed(zlib.crc32(key))
         return torch.rand(n, generator=generator)
 
-    @contextlib.contextmanager
-    def _hand_over(self, **values: Any) -> Iterator[dict[str, Any]]:
-        """Values a hook leaves for a hook TRL calls inside it, which TRL passes no argument for (the batch rows to
-        `_generate_single_turn`, the teacher mask back from it; the loss sums from `_compute_loss`). Set on entry,
-        written by the inner hook, and removed when the outer hook returns, even on an error, so nothing reaches
-        another step."""
-        before = set(self._handed)
-        self._handed.update(values)
-        try:
-            yield self._handed
-        finally:
-            for key in set(self._handed) - before:
-                del self._handed[key]
-
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        with self._hand_over(rows=inputs) as handed, quiet_checkpointing_aliases():
+        with self._handed.scope(rows=inputs) as handed, quiet_checkpointing_aliases():
             output = super()._generate_and_score_completions(inputs)
             teacher_masks, teacher_hidden = handed["teacher_mask"], handed.get("teacher_hidden")
             teacher_topk = handed.get("teacher_topk")
@@ -384,6 +330,9 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
             output["teacher_hidden"], output["teacher_hidden_rows"] = stack_rows(teacher_hidden, width)
         if teacher_topk is not None:
             output.update(self.offline_teacher.batch(teacher_topk, width, self.accelerator.device))
+        if self.cross_tokenizer is not None:
+            prompts = [row["prompt"] for row in inputs]
+            output.update(self.cross_tokenizer.batch(prompts, output["completion_ids"], output["completion_mask"]))
         mode = "train" if self.model.training else "eval"
         # sequences with a response token, over the whole generation batch of every process (as TRL counts tokens)
         has_tokens = (output["completion_mask"].sum(1) > 0).sum()
@@ -529,6 +478,14 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         """
         input_ids, attention_mask, num_completion_tokens = sequences(inputs)
         student_hidden = self.hidden_states(student, input_ids, attention_mask, num_completion_tokens)
+        if self.cross_tokenizer is not None:  # the teacher reads its own tokens of the same text
+            teacher_ids, teacher_mask = inputs["xt_input_ids"], inputs["xt_attention_mask"]
+            width = int(inputs["xt_completion_lengths"].max())
+            teacher_hidden = self.teacher_hidden_states(teacher_ids, teacher_mask, width)
+            teacher = LMHead.from_model(self.accelerator.unwrap_model(self.teacher_model))
+            return self.cross_tokenizer.loss(
+                LMHead.from_model(student), student_hidden, teacher, teacher_hidden, inputs, num_items_in_batch
+            )
         teacher_hidden = self.loss_teacher_hidden_states(inputs, input_ids, attention_mask, num_completion_tokens)
         return self.loss_from_hidden_states(student, student_hidden, teacher_hidden, inputs, num_items_in_batch)
 
@@ -582,21 +539,14 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
     def loss_normalizer(
         self, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """`(token_weights, denominator)` for [`chunked_kd_loss`][trl_kd.losses.chunked_kd_loss] under
-        `loss_normalization`.
-
-        `"tokens"` keeps TRL's global token count. `"sequences"` weighs each token by `1 / its response length` and
-        divides by the global number of sequences (per process, as TRL divides the token count, because DDP averages
-        gradients); in evaluation, by the local number of sequences.
-        """
-        if self.args.loss_normalization == "tokens":
-            return None, num_items_in_batch
-        mask = inputs["completion_mask"].float()
-        lengths = mask.sum(1, keepdim=True)
-        weights = mask / lengths.clamp(min=1)
-        if num_items_in_batch is None or inputs.get("num_sequences_in_batch") is None:
-            return weights, (lengths > 0).sum().clamp(min=1)
-        return weights, inputs["num_sequences_in_batch"].clamp(min=1) / self.accelerator.num_processes
+        """`(token_weights, denominator)` of the loss under `loss_normalization` (see `trl_kd.losses.loss_weights`)."""
+        return loss_weights(
+            inputs["completion_mask"],
+            self.args.loss_normalization,
+            num_items_in_batch,
+            inputs.get("num_sequences_in_batch"),
+            self.accelerator.num_processes,
+        )
 
     def loss_from_hidden_states(
         self,
@@ -637,7 +587,7 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         return loss, entropy_sum.detach(), num_tokens
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with self._hand_over() as handed:
+        with self._handed.scope() as handed:
             output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             sums, hidden_finite = handed["kd_sums"], handed.get("hidden_finite")
         divergence_sum, num_tokens = (self.accelerator.gather_for_metrics(t.reshape(1)).sum() for t in sums)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..kd.config import KDConfig
 
@@ -48,6 +49,11 @@ class PromptKDConfig(KDConfig):
         weight_decay (float):
             The student's AdamW weight decay, 0.01 as in the official code.
     """
+
+    cross_tokenizer_refusal: ClassVar[str | None] = (
+        "its soft prompt is trained through the teacher on the student's tokens, and the reward compares the two "
+        "models token by token; use a teacher of the student's family."
+    )
 
     num_prompt_tokens: int = field(default=7, metadata={"help": "Soft-prompt tokens prepended to the teacher."})
     prompt_init_text: str | None = field(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..kd.config import KDConfig
 
@@ -66,6 +67,11 @@ class SpeculativeKDConfig(KDConfig):
         adam_epsilon (float):
             The official code's AdamW epsilon, 1e-6.
     """
+
+    cross_tokenizer_refusal: ClassVar[str | None] = (
+        "its teacher judges and replaces the student's tokens one at a time from one vocabulary; across tokenizers "
+        "that needs span-level drafting and verification (the design is in the Cross-tokenizer guide)."
+    )
 
     acceptance_top_k: int = field(
         default=25, metadata={"help": "Keep a drafted token iff in the teacher's top-K (0 = teacher writes all)."}

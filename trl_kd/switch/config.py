@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..kd.config import KDConfig
 
@@ -70,6 +71,11 @@ class SwitchConfig(KDConfig):
             Probability that a row is a SWITCH sample; the other rows train on their dataset completion. The paper
             trains on student-generated outputs only (`1.0`); whether it mixes in ground truth is unknown.
     """
+
+    cross_tokenizer_refusal: ClassVar[str | None] = (
+        "its teacher decides token by token whether to write the next token, from one vocabulary; across "
+        "tokenizers that needs span-level switching (the design is in the Cross-tokenizer guide)."
+    )
 
     _INF_ALLOWED = (*KDConfig._INF_ALLOWED, "switch_threshold")  # inf: never switch
 
