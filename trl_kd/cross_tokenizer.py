@@ -283,8 +283,10 @@ class CrossTokenizerTeacher:
     that align the two, and the loss over them.
 
     Args:
-        student: the student's (fast) tokenizer; `teacher`: the teacher's.
-        student_vocab_size / teacher_vocab_size: the ids each model's distributions are compared over.
+        student: the student's (fast) tokenizer.
+        teacher: the teacher's (fast) tokenizer.
+        student_vocab_size: the ids the student's distributions are compared over.
+        teacher_vocab_size: the ids the teacher's distributions are compared over.
         student_eos_ids: the ids that end a student completion; a completion that ends with one ends with the
             teacher's EOS on the teacher's side, and the two EOS tokens form a span of their own.
         loss: how the span losses combine.

@@ -35,6 +35,19 @@ def teacher_fraction_by_position(
     }
 
 
+def teacher_token_metrics(
+    accelerator, completion_mask: torch.Tensor, teacher_mask: torch.Tensor, buckets: int = 0
+) -> dict[str, float]:
+    """`teacher_token_fraction` over every process's responses and, with `buckets`, its value by position (see
+    `teacher_fraction_by_position`). A collective."""
+    teacher_tokens = accelerator.gather(teacher_mask.sum()).sum()
+    total_tokens = accelerator.gather(completion_mask.sum()).sum()
+    metrics = {"teacher_token_fraction": (teacher_tokens / total_tokens.clamp(min=1)).item()}
+    if buckets:
+        metrics.update(teacher_fraction_by_position(accelerator, completion_mask, teacher_mask, buckets))
+    return metrics
+
+
 def rollout_metrics(accelerator, num_on_policy: int, num_rows: int, counts: dict[str, int]) -> dict[str, float]:
     """`on_policy_fraction`, the sampler's counters as `rollout/<key>` and `acceptance_rate` (when it drafted), summed
     over processes (a collective: every process passes the same keys, with zeros where it had no on-policy row)."""

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from trl import DistillationConfig
 
@@ -122,7 +121,7 @@ class KDConfig(DistillationConfig):
             passing this name still works, with transformers' warning.
     """
 
-    cross_tokenizer_refusal: ClassVar[str | None] = None  # why a method cannot distil across tokenizers
+    cross_tokenizer_refusal = None  # why a method cannot distil across tokenizers
 
     _VALID_DICT_FIELDS = DistillationConfig._VALID_DICT_FIELDS
     # float fields where +inf means something ("never clip"); every other float must be finite

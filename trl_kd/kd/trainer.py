@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import zlib
 from typing import Any
 
@@ -27,10 +26,9 @@ from ..data import (
     prompt_length_limit,
 )
 from ..errors import check_models_found
-from ..evaluation import rollout_metrics, teacher_fraction_by_position
+from ..evaluation import rollout_metrics, teacher_token_metrics
 from ..guards import NonFiniteError, check_grad_norm, finite_flags, non_finite_source, sampling_from
 from ..losses import LMHead, chunked_kd_loss, loss_weights, response_hidden_states, stack_rows
-from ..model_card import DistillationFacts, add_distillation_section, method_hyperparameters
 from ..placement import (
     any_process,
     check_distributed_backend,
@@ -43,6 +41,7 @@ from ..placement import (
 )
 from ..sampler import Rollout, Rule, SamplingParams, StopStrings, block_verify_sample, generate_completions
 from ..teacher_cache import CACHE_COLUMNS, OfflineTeacher, cached_topk
+from .card import DistillationCard
 from .config import KDConfig
 
 
@@ -53,7 +52,7 @@ def sequences(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     return input_ids, attention_mask, inputs["completion_ids"].shape[1]
 
 
-class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
+class KDTrainer(DistillationCard, MethodStateCheckpoints, DistillationTrainer):
     r"""Generalized knowledge distillation (GKD) on top of `trl.DistillationTrainer`.
 
     From *On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes* (Agarwal et al., ICLR
@@ -337,14 +336,10 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         # sequences with a response token, over the whole generation batch of every process (as TRL counts tokens)
         has_tokens = (output["completion_mask"].sum(1) > 0).sum()
         output["num_sequences_in_batch"] = self.accelerator.gather(has_tokens).sum()
-        teacher_tokens = self.accelerator.gather(output["teacher_mask"].sum()).sum()
-        total_tokens = self.accelerator.gather(output["completion_mask"].sum()).sum()
-        self._metrics[mode]["teacher_token_fraction"].append((teacher_tokens / total_tokens.clamp(min=1)).item())
-        if self.position_buckets:
-            by_position = teacher_fraction_by_position(
-                self.accelerator, output["completion_mask"], output["teacher_mask"], self.position_buckets
-            )
-            self._log_metrics(mode, by_position)
+        fractions = teacher_token_metrics(
+            self.accelerator, output["completion_mask"], output["teacher_mask"], self.position_buckets
+        )
+        self._log_metrics(mode, fractions)
         return output
 
     def _log_metrics(self, mode: str, metrics: dict[str, float]) -> None:
@@ -605,47 +600,6 @@ class KDTrainer(MethodStateCheckpoints, DistillationTrainer):
         loss_scaled = self.accelerator.scaler is not None or (self.is_deepspeed_enabled and self.args.fp16)
         check_grad_norm(grad_norm, self.state.global_step + 1, loss_scaled)
         return grad_norm
-
-    # ----------------------------------------------------------------------------------------------- model card
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card, with the student's real base and a quick start that loads this model, plus a
-        "Distillation" section before the citations: method, teacher and revision, dataset, hyperparameters,
-        teacher-token fraction and acceptance, final evaluation, versions and the launch command."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if self.is_world_process_zero():
-            facts = self.distillation_facts()
-            facts.dataset = dataset_name or facts.dataset
-            model_id = self.hub_model_id or self.args.hub_model_id or self.args.output_dir
-            add_distillation_section(os.path.join(self.args.output_dir, "README.md"), facts, model_id)
-
-    def distillation_facts(self) -> DistillationFacts:
-        """What this run's model card says about the distillation (method, paper, teacher, student, steps,
-        hyperparameters, log), as a plain value."""
-        args = self.args
-        cache = None if self.offline_teacher is None else self.offline_teacher.manifest
-        if self.teacher_model is not None:
-            teacher = self.accelerator.unwrap_model(self.teacher_model)
-            teacher_id = args.teacher_model_name_or_path or teacher.config._name_or_path or "(in-memory model)"
-            revision = args.teacher_model_revision or getattr(teacher.config, "_commit_hash", None)
-        else:  # trained from an offline teacher cache alone
-            teacher_id, revision = cache.teacher or "(in-memory model)", cache.teacher_revision
-        return DistillationFacts(
-            method=self._name,
-            paper={key: self._paper[key] for key in ("id", "title")} if self._paper else None,
-            teacher=teacher_id,
-            teacher_revision=revision,
-            student=self.accelerator.unwrap_model(self.model).config._name_or_path or None,
-            steps=self.state.global_step,
-            hyperparameters=method_hyperparameters(args),
-            log_history=list(self.state.log_history),
-            dataset=self.dataset_name,
-            teacher_cache=None if cache is None else (cache.k, cache.temperature),
-            extra_lines=self.model_card_sections(),
-        )
-
-    def model_card_sections(self) -> list[str]:
-        """Extra markdown lines a method adds to its model card (e.g. PromptKD's teacher prompt)."""
-        return []
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`transformers.Trainer.train`, except that `resume_from_checkpoint=True` picks the newest *complete*

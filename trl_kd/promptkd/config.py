@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from ..kd.config import KDConfig
 
@@ -50,7 +49,7 @@ class PromptKDConfig(KDConfig):
             The student's AdamW weight decay, 0.01 as in the official code.
     """
 
-    cross_tokenizer_refusal: ClassVar[str | None] = (
+    cross_tokenizer_refusal = (
         "its soft prompt is trained through the teacher on the student's tokens, and the reward compares the two "
         "models token by token; use a teacher of the student's family."
     )

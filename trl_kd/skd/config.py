@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from ..kd.config import KDConfig
 
@@ -68,7 +67,7 @@ class SpeculativeKDConfig(KDConfig):
             The official code's AdamW epsilon, 1e-6.
     """
 
-    cross_tokenizer_refusal: ClassVar[str | None] = (
+    cross_tokenizer_refusal = (
         "its teacher judges and replaces the student's tokens one at a time from one vocabulary; across tokenizers "
         "that needs span-level drafting and verification (the design is in the Cross-tokenizer guide)."
     )

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from ..kd.config import KDConfig
 
@@ -72,7 +71,7 @@ class SwitchConfig(KDConfig):
             trains on student-generated outputs only (`1.0`); whether it mixes in ground truth is unknown.
     """
 
-    cross_tokenizer_refusal: ClassVar[str | None] = (
+    cross_tokenizer_refusal = (
         "its teacher decides token by token whether to write the next token, from one vocabulary; across "
         "tokenizers that needs span-level switching (the design is in the Cross-tokenizer guide)."
     )
