@@ -20,7 +20,7 @@ from trl_kd.cross_tokenizer import (
     token_texts,
 )
 from trl_kd.losses import divergence_from_log_probs
-from trl_kd.testing import build_metaspace_tokenizer, build_model, build_tokenizer
+from trl_kd.testing import build_metaspace_tokenizer, build_model, build_tokenizer, make_dataset
 
 from helpers import assert_changed, assert_close_to_rounding, logged, make_args, make_trainer, params
 
@@ -246,6 +246,32 @@ def test_kdtrainer_distils_across_tokenizers(tmp_path, byte_level, metaspace, lm
     assert_changed(before, trainer.model)
 
 
+def test_seq_kd_trains_on_teacher_samples_re_tokenized_for_the_student(tmp_path, byte_level, metaspace):
+    dataset = make_dataset("prompt_only", 8)
+    trainer = cross_trainer(
+        tmp_path, byte_level, metaspace, dataset=dataset, lmbda=0.0, seq_kd=True, max_steps=2, max_completion_length=12
+    )
+    # the teacher generates with its own pad/EOS ids, not the student's
+    config = trainer.teacher_generation_config
+    assert config.pad_token_id == metaspace.pad_token_id and metaspace.eos_token_id in config.eos_token_id
+    before = params(trainer.model)
+    trainer.train()
+    assert logged(trainer, "teacher_token_fraction") == [1.0, 1.0]
+    assert all(math.isfinite(x) for x in logged(trainer, "kd_loss"))
+    assert_changed(before, trainer.model)
+
+
+def test_a_teacher_sample_becomes_the_student_tokens_of_its_text(tmp_path, byte_level, metaspace):
+    bridge = cross_trainer(tmp_path, byte_level, metaspace).cross_tokenizer
+    text = TEXTS[1]
+    teacher_ids = metaspace(text, add_special_tokens=False)["input_ids"]
+    want = byte_level(text, add_special_tokens=False)["input_ids"]
+    assert bridge.student_completion(teacher_ids, 1000) == want
+    ended = bridge.student_completion(teacher_ids + [metaspace.eos_token_id], 1000)
+    assert ended == want + [byte_level.eos_token_id]
+    assert bridge.student_completion(teacher_ids + [metaspace.eos_token_id], 5) == want[:5]
+
+
 def test_the_trainer_loss_is_the_span_loss_of_its_batch(tmp_path, byte_level, metaspace):
     """The loss of a batch (dataset rows) equals the span losses computed here from the rows' text, the teacher
     reading its own tokenization of each prompt and completion."""
@@ -284,7 +310,8 @@ def test_teacher_in_the_loop_methods_refuse_cross_tokenizer_and_say_why(
 
 
 @pytest.mark.parametrize(
-    "overrides", [{"seq_kd": True}, {"loss_normalization": "sequences"}, {"cross_tokenizer_matched_weight": 0.5}]
+    "overrides",
+    [{"teacher_cache": "some-cache"}, {"loss_normalization": "sequences"}, {"cross_tokenizer_matched_weight": 0.5}],
 )
 def test_unsupported_cross_tokenizer_settings_are_refused(tmp_path, overrides):
     with pytest.raises(ValueError, match="cross_tokenizer"):

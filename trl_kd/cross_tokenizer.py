@@ -277,6 +277,12 @@ class CrossTokenizerLoss:
         return loss
 
 
+def teacher_eos_ids(model) -> list[int]:
+    """The ids that end a model's samples, from its generation config (an int or a list; none when unset)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 class CrossTokenizerTeacher:
     """The teacher's side of a batch whose rows the student's tokenizer wrote: each prompt in the teacher's own
     format (its chat template for conversations), each completion's text re-tokenized for the teacher, the spans
@@ -300,12 +306,14 @@ class CrossTokenizerTeacher:
         teacher_vocab_size: int,
         student_eos_ids: Sequence[int],
         loss: CrossTokenizerLoss,
+        teacher_eos_ids: Sequence[int] = (),
     ):
         _backend(student), _backend(teacher)
         if teacher.eos_token_id is None:
             raise ValueError("The teacher's tokenizer has no `eos_token`: set one (the token that ends its answers).")
         self.student, self.teacher, self.loss_config = student, teacher, loss
         self.student_eos_ids = set(student_eos_ids)
+        self.teacher_eos_ids = sorted({teacher.eos_token_id, *teacher_eos_ids})
         self.teacher_vocab_size = min(teacher_vocab_size, len(teacher))
         self.shared = SharedVocabulary.build(
             student,
@@ -325,9 +333,11 @@ class CrossTokenizerTeacher:
         student_vocab_size: int,
         teacher_vocab_size: int,
         student_eos_ids: Sequence[int],
+        teacher_eos_ids: Sequence[int] = (),
     ) -> CrossTokenizerTeacher:
         """Built from a `KDConfig`'s loss fields (`loss_type`, `beta`, `skew_alpha`, `loss_temperature`, the
-        `cross_tokenizer_*` weights); `teacher` may be a processor holding the tokenizer."""
+        `cross_tokenizer_*` weights); `teacher` may be a processor holding the tokenizer, and `teacher_eos_ids`
+        the ids that end the teacher's samples besides its tokenizer's EOS (its generation config's)."""
         loss = CrossTokenizerLoss(
             loss_type=args.loss_type,
             beta=args.beta,
@@ -338,7 +348,7 @@ class CrossTokenizerTeacher:
             span_weight=args.cross_tokenizer_span_weight,
         )
         teacher = getattr(teacher, "tokenizer", teacher)
-        return cls(student, teacher, student_vocab_size, teacher_vocab_size, student_eos_ids, loss)
+        return cls(student, teacher, student_vocab_size, teacher_vocab_size, student_eos_ids, loss, teacher_eos_ids)
 
     def _check_teacher_encodes_student_tokens(self) -> None:
         unknown = self.teacher.unk_token_id
@@ -374,6 +384,24 @@ class CrossTokenizerTeacher:
                 "A prompt is empty for the teacher, which then has no position to predict the answer from."
             )
         return list(ids)
+
+    @property
+    def teacher_generation_ids(self) -> dict[str, int | list[int] | None]:
+        """The teacher's own pad, BOS and EOS ids, for its `GenerationConfig` (the student's would be other tokens)."""
+        pad = self.teacher.pad_token_id if self.teacher.pad_token_id is not None else self.teacher.eos_token_id
+        return {"pad_token_id": pad, "bos_token_id": self.teacher.bos_token_id, "eos_token_id": self.teacher_eos_ids}
+
+    def student_completion(self, teacher_ids: Sequence[int], max_length: int) -> list[int]:
+        """A teacher sample (`seq_kd`) as student tokens: its text tokenized by the student, the student's EOS in
+        place of the teacher's when the teacher ended its answer, cut at `max_length` tokens."""
+        ids = list(teacher_ids)
+        ended = bool(ids) and ids[-1] in self.teacher_eos_ids
+        text, _ = token_ends(self.teacher, ids[:-1] if ended else ids)
+        student_ids = list(self.student(text, add_special_tokens=False)["input_ids"])
+        if ended:
+            eos = self.student.eos_token_id
+            student_ids.append(eos if eos in self.student_eos_ids else min(self.student_eos_ids))
+        return student_ids[:max_length]
 
     def completion(
         self, completion_ids: Sequence[int]

@@ -93,8 +93,9 @@ class KDConfig(DistillationConfig):
             chat template for conversations), the two token sequences are aligned by the characters they cover, and
             the loss compares the two models over the aligned spans (TRL's GOLD combination: `loss_type` over the
             shared vocabulary, ULD over the rest; see the "Cross-tokenizer" guide). The teacher's tokenizer is
-            `teacher_processing_class`, else the one saved with the teacher. `KDTrainer` only, with dataset or
-            student-sampled rows (not `seq_kd`, a `teacher_cache`, or `loss_normalization="sequences"`).
+            `teacher_processing_class`, else the one saved with the teacher. `KDTrainer` only, with dataset rows,
+            student samples and teacher samples (`seq_kd`: the teacher samples from its own prompt and its text is
+            re-tokenized for the student); not with a `teacher_cache` or `loss_normalization="sequences"`.
         cross_tokenizer_matched_weight (float | None):
             Weight of the divergence over the shared vocabulary. `None` (with `cross_tokenizer_unmatched_weight`
             `None`): GOLD's adaptive weights, the shared part's share of the teacher's vocabulary, and the rest for
@@ -301,15 +302,14 @@ class KDConfig(DistillationConfig):
             method = type(self).__name__.removesuffix("Config")
             raise ValueError(f"{method} does not support cross_tokenizer=True: {self.cross_tokenizer_refusal}")
         conflicts = {
-            "seq_kd": self.seq_kd,
             "teacher_cache": self.teacher_cache is not None,
             'loss_normalization="sequences"': self.loss_normalization == "sequences",
         }
         bad = [name for name, is_set in conflicts.items() if is_set]
         if bad:
             raise ValueError(
-                f"cross_tokenizer=True does not support {', '.join(f'`{b}`' for b in bad)} yet: the teacher's samples "
-                "and a teacher cache are over the teacher's tokens, and spans are weighed per token. Unset them."
+                f"cross_tokenizer=True does not support {', '.join(f'`{b}`' for b in bad)} yet: a teacher cache is "
+                "over the teacher's tokens, and spans are weighed per token. Unset them."
             )
 
     def check_teacher_in_the_loop(self, method: str) -> None:

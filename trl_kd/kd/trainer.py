@@ -13,7 +13,7 @@ from trl.trainer.utils import pad
 
 from .._compat import HandOver, quiet_checkpointing_aliases
 from ..checkpoints import MethodStateCheckpoints, resolve_checkpoint
-from ..cross_tokenizer import CrossTokenizerTeacher
+from ..cross_tokenizer import CrossTokenizerTeacher, teacher_eos_ids
 from ..data import (
     check_prompt_lengths,
     check_teacher_tokenizer,
@@ -176,6 +176,7 @@ class KDTrainer(DistillationCard, MethodStateCheckpoints, DistillationTrainer):
                 self.kd_vocab_size,
                 teacher_model.config.get_text_config().vocab_size,
                 self.eos_token_ids,
+                teacher_eos_ids(teacher_model),
             )
         elif args.check_teacher_tokenizer and teacher_model is not None:
             check_teacher_tokenizer(self._tokenizer, teacher_processing_class, teacher_source)
@@ -191,8 +192,9 @@ class KDTrainer(DistillationCard, MethodStateCheckpoints, DistillationTrainer):
 
         # Tokens beyond the tokenizer (embedding padding) are never sampled.
         self.generation_config.suppress_tokens = self._padding_token_ids(self.model) or None
+        teacher_ids = {} if self.cross_tokenizer is None else self.cross_tokenizer.teacher_generation_ids
         self.teacher_generation_config = self.teacher_sampling_params.generation_config(
-            **self.generation_kwargs,
+            **{**self.generation_kwargs, **teacher_ids},
             suppress_tokens=(teacher_scoring_ours is not None and self._padding_token_ids(teacher_model)) or None,
         )
         self.stop_strings = StopStrings(self._tokenizer, args.stop_strings) if args.stop_strings else None
@@ -294,17 +296,27 @@ class KDTrainer(DistillationCard, MethodStateCheckpoints, DistillationTrainer):
         self, model: torch.nn.Module, prompt_ids: list[list[int]], generation_config: GenerationConfig
     ) -> list[list[int]]:
         """Sample one completion per prompt from `model` (e.g. the teacher engine) with `transformers.generate`,
-        cut after the first EOS. Gathers ZeRO-3 parameters as TRL does for the student."""
+        cut after the first of the config's EOS ids. Gathers ZeRO-3 parameters as TRL does for the student."""
         gather = self.args.ds3_gather_for_generation and (model is not self.teacher_model or self._gather_teacher)
+        eos = generation_config.eos_token_id
         with unwrapped_for_generation(model, self.accelerator, gather) as unwrapped, torch.no_grad():
             return generate_completions(
                 unwrapped,
                 prompt_ids,
                 generation_config,
-                pad_token_id=self._tokenizer.pad_token_id,
-                eos_token_ids=self.eos_token_ids,
+                pad_token_id=generation_config.pad_token_id,
+                eos_token_ids=[eos] if isinstance(eos, int) else list(eos or self.eos_token_ids),
                 device=self.accelerator.device,
             )
+
+    def teacher_samples(self, prompt_ids: list[list[int]], prompts: list) -> list[list[int]]:
+        """One teacher sample per prompt (`seq_kd` rows), as student tokens. Across tokenizers the teacher reads
+        its own form of the prompt, and its text is re-tokenized for the student."""
+        config, bridge = self.teacher_generation_config, self.cross_tokenizer
+        if bridge is None:
+            return self.sample_from(self.teacher_model, prompt_ids, config)
+        sampled = self.sample_from(self.teacher_model, [bridge.prompt_ids(p) for p in prompts], config)
+        return [bridge.student_completion(ids, self.max_completion_length) for ids in sampled]
 
     def _row_uniforms(self, n: int, mode: str) -> torch.Tensor:
         # Seeded by (seed, step, process) rather than the global RNG, so decisions are reproducible from the seed and
@@ -383,10 +395,9 @@ class KDTrainer(DistillationCard, MethodStateCheckpoints, DistillationTrainer):
                     for i, hidden in zip(student_rows, rollout.teacher_hidden):
                         teacher_hidden[i] = hidden
         if any_process(self.accelerator, bool(teacher_rows)):
+            chosen = teacher_rows or [0]
             with sampling_from("teacher", self.state.global_step + 1):
-                sampled = self.sample_from(
-                    self.teacher_model, [prompt_ids[i] for i in (teacher_rows or [0])], self.teacher_generation_config
-                )
+                sampled = self.teacher_samples([prompt_ids[i] for i in chosen], [rows[i]["prompt"] for i in chosen])
             for i, ids in zip(teacher_rows, sampled):
                 completions[i], teacher_mask[i] = ids, [True] * len(ids)
         if self.stop_strings is not None:  # generated rows end at a stop string (the sampler already stopped there)
