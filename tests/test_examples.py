@@ -68,6 +68,17 @@ def test_recipes_parse(method):
     assert args.output_dir and isinstance(args, config_class)
 
 
+def test_the_cross_tokenizer_recipe_parses():
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    parser = TrlParser((ScriptArguments, KDConfig, ModelConfig))
+    script_args, args, model_args = parser.parse_args_and_config(
+        args=["--config", str(ROOT / "examples" / "recipes" / "gkd_cross_tokenizer.yaml"), "--bf16", "False"]
+    )
+    assert args.cross_tokenizer and args.teacher_model_name_or_path and args.cross_tokenizer_matched_weight is None
+    assert model_args.model_name_or_path and script_args.dataset_name
+
+
 def test_the_offline_teacher_recipe_parses():
     from trl import ModelConfig, ScriptArguments, TrlParser
 
