@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from trl_kd import KDTrainer, PromptKDTrainer, SpeculativeKDTrainer, SwitchTrainer
 from trl_kd.cross_tokenizer import (
     CrossTokenizerLoss,
+    CrossTokenizerTeacher,
     SharedVocabulary,
     align_spans,
     encode_with_ends,
@@ -323,6 +324,12 @@ def test_a_teacher_without_its_tokenizer_is_refused_with_the_fix(tmp_path, byte_
     build_model("llama", metaspace, "teacher", seed=1).save_pretrained(folder)
     with pytest.raises(ValueError, match="teacher's tokenizer.*teacher_processing_class"):
         make_trainer(tmp_path, byte_level, teacher=str(folder), cross_tokenizer=True)
+
+
+def test_a_tokenizer_whose_unknown_token_is_in_its_vocabulary_is_its_own_teacher(metaspace):
+    """`<unk>` is one of the student's tokens; encoding its text gives the unknown token, as it should."""
+    bridge = CrossTokenizerTeacher(metaspace, metaspace, len(metaspace), len(metaspace), [1], CrossTokenizerLoss())
+    assert len(bridge.shared) > 0
 
 
 def test_a_teacher_tokenizer_that_cannot_encode_the_student_tokens_is_refused(tmp_path, byte_level):

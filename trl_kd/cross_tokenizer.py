@@ -354,7 +354,8 @@ class CrossTokenizerTeacher:
         unknown = self.teacher.unk_token_id
         if unknown is None:
             return
-        texts = [t for t in token_texts(self.student, self.shared.student_size) if t]
+        # the unknown token's own text (e.g. SmolLM2's `<|endoftext|>`) encodes to it on purpose
+        texts = [t for t in token_texts(self.student, self.shared.student_size) if t and t != self.teacher.unk_token]
         encoded = self.teacher(texts, add_special_tokens=False)["input_ids"]
         bad = [text for text, ids in zip(texts, encoded) if unknown in ids]
         if bad:
