@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 
@@ -32,22 +31,12 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
+from gpu import StepTimer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 from trl_kd import KDConfig, KDTrainer  # noqa: E402
 from trl_kd.scripts.default import cache_base  # noqa: E402
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times, self._start = [], None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._start)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
                 teacher_processing_class=AutoTokenizer.from_pretrained(folders[teacher_name]),
             )
             trainer.remove_callback(PrinterCallback)
-            timer = StepTimer()
+            timer = StepTimer(sync=lambda: None)  # CPU: nothing to synchronise
             trainer.add_callback(timer)
             trainer.train()
             step = statistics.median(timer.times[1:] or timer.times)
