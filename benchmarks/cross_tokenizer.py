@@ -31,12 +31,13 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from gpu import StepTimer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 from trl_kd import KDConfig, KDTrainer  # noqa: E402
 from trl_kd.scripts.default import cache_base  # noqa: E402
+
+from timing import StepTimer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                 teacher_processing_class=AutoTokenizer.from_pretrained(folders[teacher_name]),
             )
             trainer.remove_callback(PrinterCallback)
-            timer = StepTimer(sync=lambda: None)  # CPU: nothing to synchronise
+            timer = StepTimer()
             trainer.add_callback(timer)
             trainer.train()
             step = statistics.median(timer.times[1:] or timer.times)

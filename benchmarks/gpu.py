@@ -22,7 +22,6 @@ import gc
 import os
 import statistics
 import sys
-import time
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,11 +34,12 @@ from transformers import (  # noqa: E402
     LlamaConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
-    TrainerCallback,  # noqa: E402
 )
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 from trl_kd._compat import checkpointing_field  # noqa: E402
+
+from timing import StepTimer  # noqa: E402
 
 
 def shapes(config_class, hidden, layers, heads, kv_heads, intermediate, vocab):
@@ -111,19 +111,6 @@ def word_dataset(vocab_size: int, rows: int, prompt_tokens: int, completion_toke
             "completion": [" " + text(completion_tokens) for _ in range(rows)],
         }
     )
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self, sync):
-        self.sync, self.times, self._start = sync, [], None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.sync()
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.sync()
-        self.times.append(time.perf_counter() - self._start)
 
 
 def cases(vocab_size: int) -> list[tuple[str, str | None, dict]]:

@@ -41,9 +41,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
-from speed import PROFILE_PARTS  # noqa: E402
 
 from quality_records import git_commit, read_record, slug, write_record  # noqa: E402
+from speed import PROFILE_PARTS  # noqa: E402
 
 
 REFERENCE = "trl.DistillationTrainer (on-policy, JSD 0.5)"
@@ -132,7 +132,6 @@ def prompts(tiny: bool, n: int):
 # ------------------------------------------------------------------------------------------------------ one cell
 def run_cell(label: str, length: int, batch: int, steps: int, tiny: bool, threads: int) -> dict:
     """One trainer at one answer length and batch, in this process: ``steps`` timed steps after one warm-up step."""
-    from speed import _bench_args, _step_timer, step_phases
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import DistillationConfig, DistillationTrainer
@@ -141,6 +140,8 @@ def run_cell(label: str, length: int, batch: int, steps: int, tiny: bool, thread
     from trl_kd.losses import backbone
 
     from real_model import Clock, count_generation, logged_mean, peak_rss_mib
+    from speed import _bench_args, step_phases
+    from timing import StepTimer
 
     torch.set_num_threads(threads)
     student_name, method, overrides = TRAINERS[label]
@@ -204,7 +205,7 @@ def run_cell(label: str, length: int, batch: int, steps: int, tiny: bool, thread
     wrap(trainer.accelerator, "backward", "backward")
     time_forwards(backbone(trainer.model), "student")
     time_forwards(backbone(trainer.teacher_model), "teacher")
-    timer = _step_timer()
+    timer = StepTimer()
     warm = {}
 
     class Phases(TrainerCallback):

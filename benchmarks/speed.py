@@ -35,6 +35,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 
 from plotting import pyplot  # noqa: E402
+from timing import StepTimer  # noqa: E402
 
 
 LOSS_CASES = [
@@ -117,26 +118,6 @@ def bench_loss(vocabs=(32000, 128256), positions=2048, hidden=1024) -> str:
 # the teacher-in-the-loop speed-ups off: a fixed draft length and a second teacher forward for the loss
 _OFF = {"adaptive_draft": False, "reuse_teacher_states": False}
 _BEFORE = "fixed draft, teacher recomputed"
-
-
-def _step_timer():
-    """A callback timing every optimizer step the same way for every trainer (TRL's `step_time` metric is logged by
-    some trainers only)."""
-    import time
-
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self._start = [], None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self._start)
-
-    return StepTimer()
 
 
 def _tiny_pair(pair: str, teacher_steps: int = 400, answer_items: tuple[int, int] = (2, 6)):
@@ -305,7 +286,7 @@ def bench_trainers(
                 processing_class=tokenizer,
             )
             trainer.remove_callback(PrinterCallback)
-            timer = _step_timer()
+            timer = StepTimer()
             trainer.add_callback(timer)
             trainer.train()
             runs[label].append(statistics.median(timer.times[2:]))  # the first steps warm up
@@ -482,7 +463,7 @@ def bench_guards(steps: int = 20, batch: int = 4, completion: int = 32) -> str:
             processing_class=tokenizer,
         )
         trainer.remove_callback(PrinterCallback)
-        timer = _step_timer()
+        timer = StepTimer()
         trainer.add_callback(timer)
         spent.clear()
         trainer.train()
@@ -617,7 +598,7 @@ def bench_profile(steps: int = 12, batch: int = 4, completion: int = 32) -> str:
             processing_class=tokenizer,
         )
         trainer.remove_callback(PrinterCallback)
-        timer = _step_timer()
+        timer = StepTimer()
         trainer.add_callback(timer)
         trainer.add_callback(OptimizerTimer())
         wrap(trainer, "_generate_single_turn", "sampling")

@@ -42,7 +42,6 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from speed import _bench_args, _step_timer
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -50,6 +49,9 @@ def main() -> None:
     from trl_kd.losses import LMHead, chunked_token_divergence, chunked_topk_token_divergence
     from trl_kd.teacher_cache import cache_teacher, load_teacher_cache
     from trl_kd.testing import build_model, build_tokenizer, make_dataset, sft_on_task
+
+    from speed import _bench_args
+    from timing import StepTimer
 
     torch.set_num_threads(2)
     if args.pair == "real":
@@ -144,7 +146,7 @@ def main() -> None:
         for label, build in cases.items():
             trainer = build()
             trainer.remove_callback(PrinterCallback)
-            timer = _step_timer()
+            timer = StepTimer()
             trainer.add_callback(timer)
             trainer.train()
             times[label].append(statistics.median(timer.times[2:]))
