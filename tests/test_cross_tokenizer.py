@@ -302,6 +302,15 @@ def test_the_trainer_loss_is_the_span_loss_of_its_batch(tmp_path, byte_level, me
     assert_close_to_rounding(loss.detach(), total.detach() / num_tokens, dtype=torch.float32)
 
 
+def test_a_micro_batch_without_spans_has_a_zero_loss_that_backpropagates(tmp_path, byte_level, metaspace):
+    trainer = cross_trainer(tmp_path, byte_level, metaspace, lmbda=0.0)
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(2)])
+    batch["completion_mask"] = torch.zeros_like(batch["completion_mask"])
+    loss, divergence_sum, entropy_sum, num_tokens = trainer.distillation_loss(trainer.model, batch, None)
+    assert float(loss.detach()) == float(divergence_sum) == float(entropy_sum) == int(num_tokens) == 0
+    loss.backward()  # a rank whose rows are all empty still takes part in the step
+
+
 @pytest.mark.parametrize("trainer_class", [SpeculativeKDTrainer, SwitchTrainer, PromptKDTrainer])
 def test_teacher_in_the_loop_methods_refuse_cross_tokenizer_and_say_why(
     tmp_path, byte_level, metaspace, trainer_class
@@ -340,3 +349,18 @@ def test_a_teacher_tokenizer_that_cannot_encode_the_student_tokens_is_refused(tm
     teacher = build_model("llama", narrow, "teacher", seed=1)
     with pytest.raises(ValueError, match="cannot encode .* of the student's tokens.*byte"):
         make_trainer(tmp_path, byte_level, teacher=teacher, teacher_processing_class=narrow, cross_tokenizer=True)
+
+
+def test_the_student_eos_paired_with_the_teachers_is_the_one_it_writes(byte_level, metaspace):
+    """With several student EOS ids, the tokenizer's own EOS is both the one paired with the teacher's EOS in the
+    shared vocabulary and the one a finished teacher sample ends with on the student's side."""
+    other = next(i for i in range(len(byte_level)) if i < byte_level.eos_token_id)
+    bridge = CrossTokenizerTeacher(
+        byte_level, metaspace, len(byte_level), len(metaspace), [other, byte_level.eos_token_id], CrossTokenizerLoss()
+    )
+    pairs = dict(zip(bridge.shared.student_ids.tolist(), bridge.shared.teacher_ids.tolist()))
+    assert pairs[byte_level.eos_token_id] == metaspace.eos_token_id
+    teacher_ids = metaspace(TEXTS[0], add_special_tokens=False)["input_ids"] + [metaspace.eos_token_id]
+    assert bridge.student_completion(teacher_ids, 1000)[-1] == byte_level.eos_token_id
+    with pytest.raises(ValueError, match="student EOS"):
+        CrossTokenizerTeacher(byte_level, metaspace, len(byte_level), len(metaspace), [], CrossTokenizerLoss())

@@ -311,8 +311,14 @@ class CrossTokenizerTeacher:
         _backend(student), _backend(teacher)
         if teacher.eos_token_id is None:
             raise ValueError("The teacher's tokenizer has no `eos_token`: set one (the token that ends its answers).")
+        if not student_eos_ids:
+            raise ValueError("No student EOS ids were given: pass the ids that end the student's completions.")
         self.student, self.teacher, self.loss_config = student, teacher, loss
         self.student_eos_ids = set(student_eos_ids)
+        # the student's EOS that pairs with the teacher's: its tokenizer's, when that is one of the ids
+        self.student_eos_id = (
+            student.eos_token_id if student.eos_token_id in self.student_eos_ids else min(self.student_eos_ids)
+        )
         self.teacher_eos_ids = sorted({teacher.eos_token_id, *teacher_eos_ids})
         self.teacher_vocab_size = min(teacher_vocab_size, len(teacher))
         self.shared = SharedVocabulary.build(
@@ -320,7 +326,7 @@ class CrossTokenizerTeacher:
             teacher,
             min(student_vocab_size, len(student)),
             self.teacher_vocab_size,
-            extra_pairs=[(min(self.student_eos_ids), teacher.eos_token_id)],
+            extra_pairs=[(self.student_eos_id, teacher.eos_token_id)],
         )
         self._check_teacher_encodes_student_tokens()
 
@@ -400,13 +406,10 @@ class CrossTokenizerTeacher:
         text, _ = token_ends(self.teacher, ids[:-1] if ended else ids)
         student_ids = list(self.student(text, add_special_tokens=False)["input_ids"])
         if ended:
-            eos = self.student.eos_token_id
-            student_ids.append(eos if eos in self.student_eos_ids else min(self.student_eos_ids))
+            student_ids.append(self.student_eos_id)
         return student_ids[:max_length]
 
-    def completion(
-        self, completion_ids: Sequence[int]
-    ) -> tuple[list[int], list[tuple[tuple[int, int], tuple[int, int]]]]:
+    def completion(self, completion_ids: Sequence[int]) -> tuple[list[int], list[Span]]:
         """The teacher's tokens for the text of a student completion, and the spans that align the two."""
         ids = list(completion_ids)
         ended = bool(ids) and ids[-1] in self.student_eos_ids
@@ -462,27 +465,38 @@ class CrossTokenizerTeacher:
         `student_hidden` `(B, C, H)` predicts the student's completion tokens; `teacher_hidden` `(B, T, H)` the last
         `T` tokens of `xt_input_ids`, the teacher's completion among them."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        total = student_hidden.new_zeros((), dtype=torch.float32)
-        entropy = total.new_zeros(())
+        # the rows' tokens laid end to end, each row's spans shifted to its place, so that one call scores them all
+        student_rows, student_ids, teacher_rows, teacher_ids, spans = [], [], [], [], []
+        student_offset = teacher_offset = 0
         for i, row_spans in enumerate(inputs["xt_spans"]):
             length = int(completion_mask[i].sum())
             teacher_length = int(inputs["xt_completion_lengths"][i])
             if length == 0 or not row_spans:
                 continue
-            student_logits = student_head.logits(student_hidden[i, :length], self.shared.student_size)
-            teacher_logits = teacher_head.logits(
-                teacher_hidden[i, teacher_hidden.shape[1] - teacher_length :], self.teacher_vocab_size
-            )
-            teacher_ids = inputs["xt_input_ids"][i, inputs["xt_input_ids"].shape[1] - teacher_length :]
-            total = (
-                total
-                + self.loss_config.span_losses(
-                    student_logits, completion_ids[i, :length], teacher_logits, teacher_ids, row_spans, self.shared
-                ).sum()
-            )
-            with torch.no_grad():
-                log_q = F.log_softmax(student_logits.float(), -1)
-                entropy = entropy - (log_q.exp() * log_q).sum()
+            student_rows.append(student_hidden[i, :length])
+            student_ids.append(completion_ids[i, :length])
+            teacher_rows.append(teacher_hidden[i, teacher_hidden.shape[1] - teacher_length :])
+            teacher_ids.append(inputs["xt_input_ids"][i, inputs["xt_input_ids"].shape[1] - teacher_length :])
+            spans += [
+                ((s0 + student_offset, s1 + student_offset), (t0 + teacher_offset, t1 + teacher_offset))
+                for (s0, s1), (t0, t1) in row_spans
+            ]
+            student_offset, teacher_offset = student_offset + length, teacher_offset + teacher_length
+        # each head is read once per micro-batch even with no span (a ZeRO-3 head's gather is a collective)
+        student_logits = student_head.logits(
+            torch.cat([student_hidden[0, :0], *student_rows]), self.shared.student_size
+        )
+        teacher_logits = teacher_head.logits(
+            torch.cat([teacher_hidden[0, :0], *teacher_rows]), self.teacher_vocab_size
+        )
+        total = student_logits.sum() * 0.0  # on the graph: a micro-batch without spans still runs a backward
+        if spans:
+            total = self.loss_config.span_losses(
+                student_logits, torch.cat(student_ids), teacher_logits, torch.cat(teacher_ids), spans, self.shared
+            ).sum()
+        with torch.no_grad():
+            log_q = F.log_softmax(student_logits.float(), -1)
+            entropy = -(log_q.exp() * log_q).sum()
         num_tokens = completion_mask.sum()
         scale = denominator if denominator is not None else num_tokens.clamp(min=1)
         return total / scale, total.detach(), entropy, num_tokens
