@@ -287,15 +287,27 @@ def teacher_answers(teacher, tokenizer, split: str, prompts: list[str], max_new_
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, sample: bool, seed: int, batch: int = 32):
-    """Generated token ids (EOS kept, nothing after it) and whether each ended with EOS."""
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    sample: bool,
+    seed: int,
+    batch: int = 32,
+    add_special_tokens: bool = False,
+):
+    """Generated token ids (EOS kept, nothing after it) and whether each ended with EOS. The prompts are chat-formatted
+    text; ``add_special_tokens=True`` for plain text a tokenizer adds a BOS to."""
     out_ids, stopped = [], []
     eos = tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     results = {}
     for start in range(0, len(order), batch):
         idx = order[start : start + batch]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(
+            [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+        )
         torch.manual_seed(seed + start)
         sampling = (
             {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {"do_sample": False}
