@@ -393,10 +393,18 @@ class CrossTokenizerTeacher:
         return list(ids)
 
     @property
+    def teacher_pad_id(self) -> int:
+        """The teacher's pad id, its EOS when it has none."""
+        return self.teacher.pad_token_id if self.teacher.pad_token_id is not None else self.teacher.eos_token_id
+
+    @property
     def teacher_generation_ids(self) -> dict[str, int | list[int] | None]:
         """The teacher's own pad, BOS and EOS ids, for its `GenerationConfig` (the student's would be other tokens)."""
-        pad = self.teacher.pad_token_id if self.teacher.pad_token_id is not None else self.teacher.eos_token_id
-        return {"pad_token_id": pad, "bos_token_id": self.teacher.bos_token_id, "eos_token_id": self.teacher_eos_ids}
+        return {
+            "pad_token_id": self.teacher_pad_id,
+            "bos_token_id": self.teacher.bos_token_id,
+            "eos_token_id": self.teacher_eos_ids,
+        }
 
     def student_completion(self, teacher_ids: Sequence[int], max_length: int) -> list[int]:
         """A teacher sample (`seq_kd`) as student tokens: its text tokenized by the student, the student's EOS in
@@ -435,8 +443,7 @@ class CrossTokenizerTeacher:
             lengths.append(len(teacher_ids))
             spans.append(row_spans)
         width = max(len(row) for row in rows)
-        pad = self.teacher.pad_token_id if self.teacher.pad_token_id is not None else self.teacher.eos_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        input_ids = torch.full((len(rows), width), self.teacher_pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             input_ids[i, width - len(row) :] = torch.tensor(row)
