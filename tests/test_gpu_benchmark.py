@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import trl_kd
 
@@ -46,3 +47,46 @@ def test_real_size_mode_needs_a_gpu_and_says_so(tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "gpu.py")], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 2 and "--tiny" in proc.stderr
+
+
+def test_close_pair_builds_a_student_that_follows_the_teacher(monkeypatch):
+    """The smollm2 pair's close student: with the dropped layers silenced (DAMP = 0) it computes the teacher's logits
+    exactly, the teacher keeps every layer, and the far student shares the teacher's kept layers."""
+    import gpu
+    from real_assets import evenly_spaced
+
+    monkeypatch.setattr(gpu, "DAMP", 0.0)
+    title, student, teacher, close = gpu.build_pair("smollm2", tiny=True, dtype=torch.float32)
+    total = teacher.config.num_hidden_layers
+    assert (student.config.num_hidden_layers, close.config.num_hidden_layers, total) == (2, 4, 6)
+    assert student.dtype == close.dtype == teacher.dtype
+
+    ids = torch.randint(3, teacher.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        teacher_logits, close_logits = teacher(ids).logits, close(ids).logits
+    scale = teacher_logits.abs().max()
+    torch.testing.assert_close(close_logits, teacher_logits, rtol=0, atol=1e-5 * float(scale))
+    # the final norm sharpens the logits by SHARPEN: the same norm in every model
+    assert torch.equal(close.model.norm.weight, teacher.model.norm.weight)
+    assert torch.allclose(teacher.model.norm.weight, torch.full_like(teacher.model.norm.weight, gpu.SHARPEN))
+    for new, old in enumerate(evenly_spaced(total, 2)):
+        assert torch.equal(student.model.layers[new].mlp.up_proj.weight, teacher.model.layers[old].mlp.up_proj.weight)
+
+
+def test_close_pair_damps_only_the_layers_the_close_student_drops():
+    import gpu
+    from real_assets import evenly_spaced
+
+    _, _, plain, _ = gpu.build_pair("qwen2", tiny=True, dtype=torch.float32)  # no close student: untouched
+    assert plain.model.norm.weight.eq(1).all()
+    _, _, reference, _ = gpu.build_pair("smollm2", tiny=True, dtype=torch.float32)
+    kept = evenly_spaced(6, 4)
+    # the undamped teacher, built again from build_pair's seed, compared layer by layer
+    config = gpu.TINY_PAIRS["smollm2"][2]
+    torch.manual_seed(0)
+    undamped = gpu.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for index, (damped, original) in enumerate(zip(reference.model.layers, undamped.model.layers)):
+        factor = 1.0 if index in kept else gpu.DAMP
+        torch.testing.assert_close(damped.mlp.down_proj.weight, original.mlp.down_proj.weight * factor)
+        torch.testing.assert_close(damped.self_attn.o_proj.weight, original.self_attn.o_proj.weight * factor)
+        torch.testing.assert_close(damped.self_attn.q_proj.weight, original.self_attn.q_proj.weight)
