@@ -4,6 +4,7 @@
     python benchmarks/gpu.py --pairs qwen2 --steps 8  # one pair, more steps
     python benchmarks/gpu.py --rows "K=25,never"      # some trainers only (DistillationTrainer always runs)
     python benchmarks/gpu.py --pairs smollm2 --completion 64,256,1024 --batch 4,16   # the real pair's shape, a grid
+    python benchmarks/gpu.py --pairs smollm2 --completion 64 --rows "close student" --profile   # where SKD's step goes
     python benchmarks/gpu.py --tiny                   # tiny shapes on CPU, to check the script (CI runs it)
 
 The models are built from configs with the shapes of Qwen2.5-1.5B/0.5B and Llama-3.2-3B/1B (random weights, nothing
@@ -45,7 +46,7 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 from trl_kd._compat import checkpointing_field  # noqa: E402
 
-from timing import StepTimer  # noqa: E402
+from timing import PROFILE_PARTS, PhaseProfiler, StepTimer  # noqa: E402
 
 
 def shapes(config_class, hidden, layers, heads, kv_heads, intermediate, vocab):
@@ -258,6 +259,7 @@ def run_pair(pair: str, args, deadline: float) -> None:
             ]
             print("\n".join(header), flush=True)
             references = {}  # seconds per generated token of DistillationTrainer, by student
+            profiles = []  # with --profile: where each trainer's step goes
             for label, method, overrides in cases(vocab, close_student is not None):
                 if method is not None and args.rows and not any(part in label for part in args.rows.split(",")):
                     continue
@@ -284,6 +286,7 @@ def run_pair(pair: str, args, deadline: float) -> None:
                 trainer.remove_callback(PrinterCallback)
                 timer = StepTimer(sync)
                 trainer.add_callback(timer)
+                profiler = PhaseProfiler(trainer, sync, skip_steps=1) if args.profile else None
                 trainer.train()
                 history = trainer.state.log_history
                 step = statistics.median(timer.times[1:] or timer.times)
@@ -298,8 +301,24 @@ def run_pair(pair: str, args, deadline: float) -> None:
                     + " |",
                     flush=True,
                 )
+                if profiler is not None:
+                    timed = timer.times[1:] or timer.times
+                    mean = statistics.mean(timed)
+                    parts = profiler.phases(len(timed), mean)
+                    shares = [f"{1000 * parts[p]:.1f} ({100 * parts[p] / mean:.0f}%)" for p in PROFILE_PARTS]
+                    profiles.append(f"| {label} | {1000 * mean:.1f} | " + " | ".join(shares) + " |")
                 trainer.accelerator.free_memory()
                 del trainer
+            if profiles:
+                print(
+                    "\nWhere a step goes (ms per step after the first, and its share; the timers synchronise at every "
+                    "forward, so these steps run slower than the table's):\n",
+                    "| trainer | step (ms) | " + " | ".join(PROFILE_PARTS) + " |",
+                    "| --- | --- | " + " | ".join("---" for _ in PROFILE_PARTS) + " |",
+                    *profiles,
+                    sep="\n",
+                    flush=True,
+                )
             print(flush=True)
 
 
@@ -324,6 +343,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", default=None, help="Sequences per step, comma-separated (4; 2 with --tiny).")
     parser.add_argument("--prompt", type=int, default=None, help="Prompt tokens (128; 8 with --tiny).")
     parser.add_argument("--completion", default=None, help="New tokens, comma-separated (256; 8 with --tiny).")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="Also split each trainer's step into phases (sampling by model, loss, backward, optimizer).",
+    )
     parser.add_argument(
         "--time-limit", type=float, default=None, help="Seconds after which no trainer starts (shown as not reached)."
     )

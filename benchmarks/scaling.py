@@ -24,7 +24,6 @@ lengths. A finished cell is a JSON record under ``--records`` and is not run aga
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -33,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 
@@ -43,7 +41,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 
 from quality_records import git_commit, read_record, slug, write_record  # noqa: E402
-from speed import PROFILE_PARTS  # noqa: E402
+from timing import PROFILE_PARTS  # noqa: E402
 
 
 REFERENCE = "trl.DistillationTrainer (on-policy, JSD 0.5)"
@@ -137,11 +135,10 @@ def run_cell(label: str, length: int, batch: int, steps: int, tiny: bool, thread
     from trl import DistillationConfig, DistillationTrainer
 
     import trl_kd
-    from trl_kd.losses import backbone
 
     from real_model import Clock, count_generation, logged_mean, peak_rss_mib
-    from speed import _bench_args, step_phases
-    from timing import StepTimer
+    from speed import _bench_args
+    from timing import PhaseProfiler, StepTimer
 
     torch.set_num_threads(threads)
     student_name, method, overrides = TRAINERS[label]
@@ -161,72 +158,24 @@ def run_cell(label: str, length: int, batch: int, steps: int, tiny: bool, thread
     )
     trainer.remove_callback(PrinterCallback)
 
-    spent: dict[str, float] = defaultdict(float)
-    where: list[str] = []  # the enclosing timed region, innermost last
-    counts = {"teacher_forwards": 0}
-
-    @contextlib.contextmanager
-    def region(name: str):
-        where.append(name)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            spent[name] += time.perf_counter() - start
-            where.pop()
-
-    def wrap(obj, name: str, label: str) -> None:
-        original = getattr(obj, name)
-
-        def timed(*a, **kw):
-            with region(label):
-                return original(*a, **kw)
-
-        setattr(obj, name, timed)
-
-    def time_forwards(module, role: str) -> None:
-        starts = []
-
-        def begin(*_):
-            starts.append(time.perf_counter())
-            if role == "teacher":
-                counts["teacher_forwards"] += 1
-
-        def end(*_):
-            spent[f"{role} forward in {where[-1] if where else 'other'}"] += time.perf_counter() - starts.pop()
-
-        module.register_forward_pre_hook(begin)
-        module.register_forward_hook(end)
-
     clock = Clock()
-    count_generation(trainer, clock)  # wraps the rollout: installed before the sampling timer so that it is inside
-    wrap(trainer, "_generate_single_turn", "sampling")
-    wrap(trainer, "compute_loss", "loss")
-    wrap(trainer.accelerator, "backward", "backward")
-    time_forwards(backbone(trainer.model), "student")
-    time_forwards(backbone(trainer.teacher_model), "teacher")
+    count_generation(trainer, clock)  # wraps the rollout: installed before the profiler so that it is timed inside
+    profiler = PhaseProfiler(trainer, skip_steps=1)  # the warm-up step is not counted
     timer = StepTimer()
     warm = {}
 
-    class Phases(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            spent["optimizer"] += time.perf_counter() - self.start
-
+    class WarmUp(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1:  # the warm-up step is not counted
-                spent.clear()
-                warm.update(tokens=clock.generated_tokens, forwards=counts["teacher_forwards"])
+            if state.global_step == 1:
+                warm.update(tokens=clock.generated_tokens)
 
     trainer.add_callback(timer)
-    trainer.add_callback(Phases())
+    trainer.add_callback(WarmUp())
     trainer.train()
 
     step = statistics.median(timer.times[1:])
     mean_step = statistics.mean(timer.times[1:])
-    phases = step_phases(spent, steps, mean_step)
+    phases = profiler.phases(steps, mean_step)
     tokens = clock.generated_tokens - warm["tokens"]
     history = trainer.state.log_history
     return {
@@ -239,7 +188,7 @@ def run_cell(label: str, length: int, batch: int, steps: int, tiny: bool, thread
         "seconds_per_step": step,
         "generated_tokens_per_step": tokens / steps,
         "generated_tokens_per_second": tokens / (mean_step * steps),
-        "teacher_forwards_per_token": (counts["teacher_forwards"] - warm["forwards"]) / max(tokens, 1),
+        "teacher_forwards_per_token": profiler.teacher_forwards / max(tokens, 1),
         "acceptance": logged_mean(history, "acceptance_rate"),
         "teacher_token_fraction": logged_mean(history, "teacher_token_fraction"),
         "peak_rss_mib": peak_rss_mib(),

@@ -35,7 +35,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 
 from plotting import pyplot  # noqa: E402
-from timing import StepTimer  # noqa: E402
+from timing import PROFILE_PARTS, PhaseProfiler, StepTimer  # noqa: E402
 
 
 LOSS_CASES = [
@@ -480,54 +480,16 @@ def bench_guards(steps: int = 20, batch: int = 4, completion: int = 32) -> str:
     return "\n".join(header + rows)
 
 
-PROFILE_PARTS = (
-    "sampling: student",
-    "sampling: teacher",
-    "teacher forward (loss)",
-    "student forward + loss",
-    "backward",
-    "optimizer",
-    "bookkeeping",
-)
-
-
-def step_phases(spent: dict[str, float], steps: int, step_seconds: float) -> dict[str, float]:
-    """Seconds per step in each of `PROFILE_PARTS`, from the timed regions' totals over `steps` steps (`spent`:
-    "sampling", "loss", "backward", "optimizer" and "<role> forward in <region>"); bookkeeping is the rest of
-    `step_seconds`."""
-    per_step = {key: value / steps for key, value in spent.items()}
-    teacher_sampling = per_step.get("teacher forward in sampling", 0.0)
-    teacher_loss = per_step.get("teacher forward in loss", 0.0)
-    parts = {
-        "sampling: student": per_step.get("sampling", 0.0) - teacher_sampling,
-        "sampling: teacher": teacher_sampling,
-        "teacher forward (loss)": teacher_loss,
-        "student forward + loss": per_step.get("loss", 0.0) - teacher_loss,
-        "backward": per_step.get("backward", 0.0),
-        "optimizer": per_step.get("optimizer", 0.0),
-    }
-    parts["bookkeeping"] = step_seconds - sum(parts.values())
-    return parts
-
-
 def bench_profile(steps: int = 12, batch: int = 4, completion: int = 32) -> str:
-    """Where one optimizer step of every trainer goes, on the tiny random pair. Timers wrap the trainer's hooks:
-    sampling (`_generate_single_turn`, split into the two models' forwards by hooks on their backbones), the loss
-    (`compute_loss`; the teacher's forward there is timed apart by the same hooks), the backward
-    (`accelerator.backward`) and the optimizer step (between the `on_pre_optimizer_step` and `on_optimizer_step`
-    callbacks, so clipping is in it). Bookkeeping is the rest of the step: TRL's batch assembly, padding, metric
-    reductions and logging."""
-    import contextlib
+    """Where one optimizer step of every trainer goes, on the tiny random pair, as `timing.PhaseProfiler` splits it:
+    sampling (the two models' forwards apart), the loss (the teacher's forward there apart), the backward, the
+    optimizer step, and the rest as bookkeeping (TRL's batch assembly, padding, metric reductions, logging)."""
     import copy
-    import time
-    from collections import defaultdict
 
-    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import DistillationConfig, DistillationTrainer
 
     import trl_kd
-    from trl_kd.losses import backbone
     from trl_kd.testing import make_dataset
 
     tokenizer, student, teacher = _tiny_pair("random")
@@ -548,46 +510,6 @@ def bench_profile(steps: int = 12, batch: int = 4, completion: int = 32) -> str:
         for note, extra in settings.get(method.name, [("defaults", {})]):
             cases.append((f"{method.trainer.__name__}, {note}", method.trainer, method.config, extra))
 
-    spent = defaultdict(float)
-    where = []  # the enclosing timed region, innermost last
-
-    @contextlib.contextmanager
-    def region(name):
-        where.append(name)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            spent[name] += time.perf_counter() - start
-            where.pop()
-
-    def wrap(obj, name, label):
-        original = getattr(obj, name)
-
-        def timed(*args, **kwargs):
-            with region(label):
-                return original(*args, **kwargs)
-
-        setattr(obj, name, timed)
-
-    def time_forwards(module, role):
-        starts = []
-        module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
-
-        def done(*_):
-            elapsed = time.perf_counter() - starts.pop()
-            inside = where[-1] if where else "other"
-            spent[f"{role} forward in {inside}"] += elapsed
-
-        module.register_forward_hook(done)
-
-    class OptimizerTimer(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            spent["optimizer"] += time.perf_counter() - self.start
-
     rows = []
     for label, trainer_cls, config_cls, extra in cases:
         trainer = trainer_cls(
@@ -600,16 +522,10 @@ def bench_profile(steps: int = 12, batch: int = 4, completion: int = 32) -> str:
         trainer.remove_callback(PrinterCallback)
         timer = StepTimer()
         trainer.add_callback(timer)
-        trainer.add_callback(OptimizerTimer())
-        wrap(trainer, "_generate_single_turn", "sampling")
-        wrap(trainer, "compute_loss", "loss")
-        wrap(trainer.accelerator, "backward", "backward")
-        time_forwards(backbone(trainer.model), "student")
-        time_forwards(backbone(trainer.teacher_model), "teacher")
-        spent.clear()
+        profiler = PhaseProfiler(trainer)
         trainer.train()
         step = sum(timer.times) / steps
-        parts = step_phases(spent, steps, step)
+        parts = profiler.phases(steps, step)
         cells = " | ".join(f"{1000 * parts[p]:.0f} ({100 * parts[p] / step:.0f}%)" for p in PROFILE_PARTS)
         rows.append(f"| {label} | {1000 * step:.0f} | {cells} |")
     header = [

@@ -90,3 +90,34 @@ def test_close_pair_damps_only_the_layers_the_close_student_drops():
         torch.testing.assert_close(damped.mlp.down_proj.weight, original.mlp.down_proj.weight * factor)
         torch.testing.assert_close(damped.self_attn.o_proj.weight, original.self_attn.o_proj.weight * factor)
         torch.testing.assert_close(damped.self_attn.q_proj.weight, original.self_attn.q_proj.weight)
+
+
+@pytest.mark.slow
+def test_profile_splits_the_step_by_phase(tmp_path):
+    """`--profile` on the smollm2 pair's close-student rows: DistillationTrainer runs its teacher in the loss only,
+    SKD in the sampler only (its loss reuses the sampler's teacher states)."""
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--pairs", "smollm2", "--steps", "2",
+        "--rows", "close student", "--profile",
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    profile = proc.stdout.split("Where a step goes")[1]
+    header = next(line for line in profile.splitlines() if line.startswith("| trainer"))
+    parts = [cell.strip() for cell in header.strip("|").split("|")][2:]
+    rows = {}
+    for line in profile.splitlines():
+        if line.startswith("| ") and not line.startswith(("| trainer", "| ---")):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[cells[0]] = {part: float(cell.split()[0]) for part, cell in zip(parts, cells[2:])}
+    assert set(rows) == {
+        "trl.DistillationTrainer (on-policy, JSD)",
+        "trl.DistillationTrainer (on-policy, JSD), close student",
+        "SpeculativeKDTrainer, paper defaults (K=25), close student",
+    }, rows
+    reference, skd = (
+        rows["trl.DistillationTrainer (on-policy, JSD), close student"],
+        rows["SpeculativeKDTrainer, paper defaults (K=25), close student"],
+    )
+    assert reference["teacher forward (loss)"] > 0 and reference["sampling: teacher"] == 0
+    assert skd["sampling: teacher"] > 0 and skd["teacher forward (loss)"] == 0
