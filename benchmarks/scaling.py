@@ -243,11 +243,88 @@ def load_cells(root: Path, pair: str) -> dict[tuple[str, int, int], dict]:
 
 
 def seconds_per_token(cell: dict) -> float:
-    return cell["seconds_per_step"] / max(cell["generated_tokens_per_step"], 1e-9)
+    """Over the timed steps: their mean time over their mean tokens (the step's median would pair a typical step
+    with the mean answer length, which differ where answers stop early)."""
+    return 1.0 / max(cell["generated_tokens_per_second"], 1e-9)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+NO_INTERVENTION = ("KDTrainer on-policy (JSD 0.5)", "SKD, every draft accepted (K = V)", "SWITCH, never switching")
+
+
+def ratio(cells: dict, label: str, length: int, batch: int) -> float | None:
+    """Seconds per generated token against `DistillationTrainer`'s at the same cell and student."""
+    cell, ref = cells.get((label, length, batch)), cells.get((reference_for(label), length, batch))
+    return None if cell is None or ref is None else seconds_per_token(cell) / seconds_per_token(ref)
+
+
+def sampler_over_floor(cells: dict, label: str, length: int, batch: int) -> float | None:
+    """The sampler's seconds per generated token against its floor: `DistillationTrainer`'s student generation plus
+    its one teacher forward (in the loss), per token, with the same student at the same cell."""
+    cell, ref = cells.get((label, length, batch)), cells.get((reference_for(label), length, batch))
+    if cell is None or ref is None:
+        return None
+    sampler = cell["phases"]["sampling: student"] + cell["phases"]["sampling: teacher"]
+    floor = ref["phases"]["sampling: student"] + ref["phases"]["teacher forward (loss)"]
+    return (sampler / cell["generated_tokens_per_step"]) / (floor / ref["generated_tokens_per_step"])
+
+
+def targets(cells: dict) -> list[str]:
+    """The performance issue's targets, each against the cells measured: the worst cell, and whether it is met."""
+    keys = sorted(cells, key=lambda key: (key[1], key[2]))
+
+    def worst(values: list[tuple[float, str]], limit: float, where: str) -> str:
+        if not values:
+            return f"| {where} | – | not measured |"
+        value, cell = max(values)
+        return f"| {where} | {value:.2f}x ({cell}) | {'met' if value <= limit else '**not met**'} |"
+
+    def at(key) -> str:
+        return f"{key[0]}, {key[1]} tok, batch {key[2]}"
+
+    close = [k for k in keys if k[0].startswith("SKD, K=25") and (cells[k]["acceptance"] or 0) >= 0.8]
+    rows = [
+        worst([(r, at(k)) for k in keys if k[0] in NO_INTERVENTION and (r := ratio(cells, *k))], 1.0,
+              "no-intervention rows: s/token ≤ 1.00x at every cell"),
+        worst([(cells[k]["peak_rss_mib"] / cells[(reference_for(k[0]), k[1], k[2])]["peak_rss_mib"], at(k))
+               for k in keys if k[0] in NO_INTERVENTION and (reference_for(k[0]), k[1], k[2]) in cells], 1.1,
+              "no-intervention rows: peak RSS ≤ 1.10x"),
+        worst([(r, at(k)) for k in close if k[1] <= 64 and (r := ratio(cells, *k))], 1.3,
+              "SKD at ≥ 80% acceptance: ≤ 1.30x at 64 tokens"),
+        worst([(r, at(k)) for k in close if k[1] >= 256 and (r := ratio(cells, *k))], 1.15,
+              "SKD at ≥ 80% acceptance: ≤ 1.15x at 256 tokens and beyond"),
+        worst([(r, at(k)) for k in close if k[1] == 256 and (r := sampler_over_floor(cells, *k))], 1.3,
+              "SKD at ≥ 80% acceptance: sampler ≤ 1.30x its floor at 256 tokens"),
+    ]  # fmt: skip
+    forwards = [(cells[k]["teacher_forwards_per_token"], at(k)) for k in close]
+    rows.append(
+        f"| SKD at ≥ 80% acceptance: ≤ 0.3 teacher forwards per token | {max(forwards)[0]:.3f} ({max(forwards)[1]}) | "
+        f"{'met' if max(forwards)[0] <= 0.3 else '**not met**'} |"
+        if forwards
+        else "| SKD at ≥ 80% acceptance: ≤ 0.3 teacher forwards per token | – | not measured |"
+    )
+    # growth with the answer length: the ratio at the longest length measured against the shortest, per row and batch
+    growth = []
+    for label in dict.fromkeys(k[0] for k in keys if k[0] in NO_INTERVENTION or k[0] in {c[0] for c in close}):
+        for batch in sorted({k[2] for k in keys}):
+            series = [(k[1], r) for k in keys if k[0] == label and k[2] == batch and (r := ratio(cells, *k))]
+            if len(series) >= 2:
+                growth.append(
+                    (series[-1][1] / series[0][1], f"{label}, batch {batch}: {series[0][0]} → {series[-1][0]} tok")
+                )
+    rows.append(worst(growth, 1.0, "cost per token grows no faster with length than DistillationTrainer's "
+                                   "(ratio at the longest length / at the shortest)"))  # fmt: skip
+    return [
+        "Targets (ratios of seconds per generated token to trl.DistillationTrainer's at the same cell and student; "
+        "the worst cell measured):",
+        "",
+        "| target | worst | |",
+        "| --- | --- | --- |",
+        *rows,
+    ]
 
 
 def report(root: Path, pair: str, plot_path: str | None) -> str:
@@ -269,13 +346,8 @@ def report(root: Path, pair: str, plot_path: str | None) -> str:
         "| --- | " + " | ".join("---" for _ in lengths for _ in batches) + " |",
     ]
     for label in labels:
-        row = []
-        for length in lengths:
-            for batch in batches:
-                cell, ref = cells.get((label, length, batch)), cells.get((reference_for(label), length, batch))
-                row.append(
-                    "–" if cell is None or ref is None else f"{seconds_per_token(cell) / seconds_per_token(ref):.2f}x"
-                )
+        ratios = [ratio(cells, label, length, batch) for length in lengths for batch in batches]
+        row = ["–" if r is None else f"{r:.2f}x" for r in ratios]
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     lines += [
         "",
@@ -302,6 +374,7 @@ def report(root: Path, pair: str, plot_path: str | None) -> str:
                     f"{cell['teacher_forwards_per_token']:.3f} | {_fmt(cell['acceptance'])} | "
                     f"{_fmt(cell['teacher_token_fraction'])} | {rss} |"
                 )
+    lines += ["", *targets(cells)]
     lines += [
         "",
         "Where a step goes (seconds per optimizer step, and its share), SKD and the reference, at each length "
