@@ -54,6 +54,11 @@ TRAINERS: dict[str, tuple[str, str, dict]] = {
         "skd",
         {"acceptance_top_k": "V", "temperature": 1.0, "top_p": 1.0, "beta": 0.5},
     ),
+    "SKD, every draft accepted (K = V), blocks up to 64": (
+        "pruned-8",
+        "skd",
+        {"acceptance_top_k": "V", "temperature": 1.0, "top_p": 1.0, "beta": 0.5, "max_draft_tokens": 64},
+    ),
     "SKD, K=25 (paper defaults)": ("pruned-8", "skd", {}),
     "SWITCH, never switching": ("pruned-8", "switch", {"switch_threshold": float("inf")}),
     "SWITCH (defaults)": ("pruned-8", "switch", {}),

@@ -10,6 +10,7 @@
     python benchmarks/speed.py --only guards        # time in the finite-value guards, per trainer step
     python benchmarks/speed.py --only profile       # where a step of every trainer goes (sampling, teacher, ...)
     python benchmarks/speed.py --only memory        # peak memory with the sampler's teacher states reused or not
+    python benchmarks/speed.py --only sampling      # one sampled token over a 49k vocabulary: nucleus by partial sort
 
 Plots go to `docs/img/` (`--plot-dir`) when matplotlib is installed.
 
@@ -616,10 +617,62 @@ def bench_memory() -> str:
     return "\n".join(rows)
 
 
+SAMPLING_SETTINGS = [  # (label, temperature, top_p)
+    ("T 1.0, no nucleus (DistillationTrainer)", 1.0, 1.0),
+    ("T 0.5, top-p 0.5 (SKD's student)", 0.5, 0.5),
+    ("T 0.2, top-p 0.5 (SKD's teacher)", 0.2, 0.5),
+    ("T 1.0, top-p 0.9", 1.0, 0.9),
+    ("T 1.0, top-p 0.95", 1.0, 0.95),
+]
+
+
+def bench_sampling(rows: int = 4, vocab: int = 49152, repeats: int = 50) -> str:
+    """Milliseconds to draw one token per row (`SamplingParams.sample`) and to cut its nucleus from the partial sort
+    (`nucleus_mask`, the default) against a full sort of the vocabulary, on logits shaped like a language model's:
+    ``-slope * log(rank)`` over a random order, a peaked row (slope 2, top token 61%) and a flat one (slope 1.2,
+    top token 18%)."""
+    import time
+
+    from trl_kd.sampler import NUCLEUS_PREFILTER, SamplingParams, nucleus_mask
+
+    def timed(fn) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats * 1e3
+
+    generator = torch.Generator().manual_seed(0)
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float32).log()
+    out = [
+        f"One token per row, {rows} rows x {vocab:,} logits, fp32, {torch.get_num_threads()} threads, mean of "
+        f"{repeats} calls; nucleus size is the mean over rows; the partial sort takes the top {NUCLEUS_PREFILTER}.",
+        "",
+        "| logits | setting | nucleus size | sample (ms) | nucleus, partial sort (ms) | nucleus, full sort (ms) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for shape, slope in (("peaked (slope 2)", 2.0), ("flat (slope 1.2)", 1.2)):
+        order = torch.stack([torch.randperm(vocab, generator=generator) for _ in range(rows)])
+        logits = -slope * ranks[order]
+        for label, temperature, top_p in SAMPLING_SETTINGS:
+            params = SamplingParams(temperature=temperature, top_p=top_p)
+            warm = logits / temperature
+            sample_ms = timed(lambda: params.sample(logits))
+            if top_p < 1.0:
+                size = f"{nucleus_mask(warm, top_p).sum(-1).float().mean():.0f}"
+                partial = f"{timed(lambda: nucleus_mask(warm, top_p)):.2f}"
+                full = f"{timed(lambda: nucleus_mask(warm, top_p, prefilter=0)):.2f}"
+            else:
+                size, partial, full = f"{vocab:,}", "–", "–"
+            out.append(f"| {shape} | {label} | {size} | {sample_ms:.2f} | {partial} | {full} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--only", choices=["loss", "trainers", "trainers-sft", "positions", "guards", "profile", "memory"]
+        "--only",
+        choices=["loss", "trainers", "trainers-sft", "positions", "guards", "profile", "memory", "sampling"],
     )
     parser.add_argument("--plot-dir", default="docs/img", help="Where the PNG plots go ('' for none).")
     parser.add_argument("--match", nargs="+", help="Time only the trainer rows whose labels contain one of these.")
@@ -654,6 +707,8 @@ def main() -> None:
         print(bench_profile() + "\n")
     if args.only in (None, "memory"):
         print(bench_memory() + "\n")
+    if args.only in (None, "sampling"):
+        print(bench_sampling() + "\n")
 
 
 if __name__ == "__main__":

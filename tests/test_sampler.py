@@ -17,6 +17,7 @@ from trl_kd.sampler import (
     TopKRule,
     block_verify_sample,
     next_draft_length,
+    nucleus_mask,
     reference_sample,
 )
 from trl_kd.testing import build_model
@@ -361,3 +362,58 @@ def test_sampling_params_warp():
     assert SamplingParams(top_k=1).log_probs(logits).exp()[0, 0] == pytest.approx(1.0)
     cold = SamplingParams(temperature=0.5).log_probs(logits).exp()
     torch.testing.assert_close(cold, (logits / 0.5).softmax(-1))
+
+
+def naive_nucleus(probs: list[float], top_p: float) -> tuple[set[int], float]:
+    """The nucleus by hand, in float64: walk the tokens from the most probable, keep one while the mass before it is
+    below top_p, then every token tied with the last kept one. Also returns how close the walk came to top_p (the
+    smallest gap between a running mass and top_p), where float32 rounding could decide otherwise."""
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    kept, before, closest = [], 0.0, math.inf
+    for i in order:
+        closest = min(closest, abs(before - top_p))
+        if before >= top_p and kept:
+            break
+        kept.append(i)
+        before += probs[i]
+    cutoff = probs[kept[-1]]
+    return {i for i, p in enumerate(probs) if p >= cutoff}, closest
+
+
+def test_nucleus_matches_a_hand_walk_and_keeps_ties():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 1000, generator=generator) * torch.linspace(0.5, 8.0, 64)[:, None]
+    checked = 0
+    for top_p in (0.3, 0.5, 0.9):
+        mask = nucleus_mask(logits, top_p)
+        probs = logits.softmax(-1)
+        for row in range(len(logits)):
+            want, closest = naive_nucleus(probs[row].double().tolist(), top_p)
+            # float32 running sums over up to 1,000 tokens are off by at most ~1,000 ulps of 1.0
+            if closest > 1000 * torch.finfo(torch.float32).eps:
+                assert set(mask[row].nonzero().squeeze(1).tolist()) == want
+                checked += 1
+    assert checked > 0.9 * 3 * len(logits)
+    # three tokens tied at 0.32 each: the mass before the second is already above 0.3, yet all three are kept
+    tied = torch.tensor([[2.0, 2.0, 2.0, 0.0]])
+    assert nucleus_mask(tied, 0.3).tolist() == [[True, True, True, False]]
+    assert nucleus_mask(tied, 0.3, prefilter=0).tolist() == [[True, True, True, False]]
+    assert nucleus_mask(tied, 1e-9).tolist() == [[True, True, True, False]]  # at least the top token and its ties
+
+
+def test_nucleus_prefilter_is_the_full_sort_bit_for_bit():
+    """The partial sort (a top-k, then a full sort only for a nucleus wider than it) keeps exactly the full sort's
+    tokens, both when every row's nucleus fits the prefilter and when one row's does not."""
+    generator = torch.Generator().manual_seed(1)
+    peaked = torch.randn(8, 4096, generator=generator) * 12.0  # nuclei of a few tokens
+    flat = torch.randn(2, 4096, generator=generator) * 0.1  # nuclei of thousands of tokens
+    for logits in (peaked, torch.cat([peaked, flat])):
+        for top_p in (0.1, 0.5, 0.9, 0.99):
+            full = nucleus_mask(logits, top_p, prefilter=0)
+            for prefilter in (1, 8, 64, 4095):
+                assert torch.equal(nucleus_mask(logits, top_p, prefilter=prefilter), full)
+    assert nucleus_mask(flat, 0.5).sum(-1).min() > 64  # so the fallback really ran for the mixed batch
+    params = SamplingParams(temperature=0.5, top_p=0.5)
+    draws = [params.sample(peaked, torch.Generator().manual_seed(s)) for s in range(5)]
+    kept = nucleus_mask(peaked / 0.5, 0.5, prefilter=0)
+    assert all(kept.gather(-1, d[:, None]).all() for d in draws)

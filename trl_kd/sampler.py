@@ -49,10 +49,7 @@ class SamplingParams:
             kth = logits.topk(self.top_k, dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= self.top_p  # mass before this token
-            logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+            logits = logits.masked_fill(~nucleus_mask(logits, self.top_p), float("-inf"))
         return logits.log_softmax(-1)
 
     def generation_config(self, **kwargs) -> GenerationConfig:
@@ -72,6 +69,36 @@ class SamplingParams:
         check_sampling_probs(probs, source)
         flat = probs.reshape(-1, probs.shape[-1])
         return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+NUCLEUS_PREFILTER = 64
+
+
+def nucleus_mask(logits: torch.Tensor, top_p: float, prefilter: int = NUCLEUS_PREFILTER) -> torch.Tensor:
+    """True on the nucleus of each row of ``logits``: its most probable tokens, in order, while the mass before a token
+    is below ``top_p`` (at least one), and every token as probable as the last of them, so ties never depend on a
+    sort's order.
+
+    On CPU the ranking starts from the ``prefilter`` most probable tokens (`torch.topk`, a partial sort) and sorts the
+    whole vocabulary only when some row's nucleus is larger; both give the same mask, bit for bit. Elsewhere the full
+    sort always runs: it is cheap there, and the test would make the host wait for the device at every token.
+    """
+    probs = logits.softmax(-1)
+    if 0 < prefilter < probs.shape[-1] and probs.device.type == "cpu":
+        ranked = probs.topk(prefilter, dim=-1).values
+        cumulative = ranked.cumsum(-1)
+        if bool((cumulative[..., -1] >= top_p).all()):  # every row's nucleus ends inside the prefilter
+            return probs >= _nucleus_cutoff(ranked, cumulative, top_p)
+    ranked = probs.sort(dim=-1, descending=True).values
+    return probs >= _nucleus_cutoff(ranked, ranked.cumsum(-1), top_p)
+
+
+def _nucleus_cutoff(ranked: torch.Tensor, cumulative: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The probability of the last nucleus token, from probabilities ranked in descending order and their running sum
+    (the mass before a token is the sum up to the token before it: non-decreasing, so the kept tokens are a prefix)."""
+    before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
+    kept = (before < top_p).sum(-1, keepdim=True).clamp(min=1)
+    return ranked.gather(-1, kept - 1)
 
 
 class StopStrings:
