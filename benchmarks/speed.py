@@ -11,6 +11,7 @@
     python benchmarks/speed.py --only profile       # where a step of every trainer goes (sampling, teacher, ...)
     python benchmarks/speed.py --only memory        # peak memory with the sampler's teacher states reused or not
     python benchmarks/speed.py --only sampling      # one sampled token over a 49k vocabulary: nucleus by partial sort
+    python benchmarks/speed.py --only operations    # operations and host reads per token: generate vs the sampler
 
 Plots go to `docs/img/` (`--plot-dir`) when matplotlib is installed.
 
@@ -668,11 +669,93 @@ def bench_sampling(rows: int = 4, vocab: int = 49152, repeats: int = 50) -> str:
     return "\n".join(out)
 
 
+def bench_operations(batch: int = 4, prompt: int = 32, completion: int = 32) -> str:
+    """Operations the CPU dispatches (`torch.profiler` events, each a kernel launch or more on a GPU) and values read
+    back to the host (`aten::_local_scalar_dense`, a synchronisation on a GPU) for one batch of answers, on the real
+    pair's shapes (SmolLM2-135M and its close 24-layer student, random weights, `gpu.close_pair`): the student's
+    `generate` against the teacher-in-the-loop sampler, with every draft kept and with SKD's rule. On a launch-bound
+    GPU these counts, not the arithmetic, set a small model's sampling time."""
+    from transformers import GenerationConfig
+
+    from trl_kd.sampler import OnPolicyRule, SamplingParams, TopKRule, block_verify_sample
+
+    from gpu import build_pair
+
+    _, _, teacher, student = build_pair("smollm2", tiny=False, dtype=torch.float32)
+    student.eval()
+    teacher.eval()
+    vocab = teacher.config.vocab_size
+    prompts = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def generate() -> dict:
+        ids = torch.tensor(prompts)
+        config = GenerationConfig(
+            do_sample=True, max_new_tokens=completion, min_new_tokens=completion, pad_token_id=0, eos_token_id=1
+        )
+        with torch.no_grad():
+            student.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        return {"student_forwards": completion, "teacher_forwards": 0}
+
+    def sampler(rule, params) -> callable:
+        def run() -> dict:
+            return block_verify_sample(
+                student,
+                teacher,
+                prompts,
+                rule,
+                max_new_tokens=completion,
+                eos_token_ids=[],
+                pad_token_id=0,
+                student_params=params,
+                teacher_params=SamplingParams(0.2, 0.5),
+                adaptive_draft=True,
+            ).counts
+
+        return run
+
+    cases = [
+        ("student `generate` (what DistillationTrainer samples with)", generate),
+        ("sampler, every draft kept (on-policy rule)", sampler(OnPolicyRule(), SamplingParams())),
+        ("sampler, SKD's rule (K=25, student T 0.5 / top-p 0.5)", sampler(TopKRule(25), SamplingParams(0.5, 0.5))),
+    ]
+    out = [
+        f"Real pair's shapes, random weights, fp32, batch {batch}, {prompt} prompt + {completion} new tokens; counts "
+        "for the whole batch.",
+        "",
+        "| sampling | operations | host reads | student forwards | teacher forwards | acceptance |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, run in cases:
+        torch.manual_seed(0)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            counts = run()
+        events = prof.key_averages()
+        operations = sum(e.count for e in events if e.key.startswith("aten::"))
+        reads = sum(e.count for e in events if e.key == "aten::_local_scalar_dense")
+        drafted = counts.get("drafted")  # positions written: accepted drafts and teacher replacements
+        acceptance = f"{counts['accepted'] / drafted:.2f}" if drafted else "–"
+        out.append(
+            f"| {label} | {operations:,} | {reads} | {counts['student_forwards']} | {counts['teacher_forwards']} "
+            f"| {acceptance} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--only",
-        choices=["loss", "trainers", "trainers-sft", "positions", "guards", "profile", "memory", "sampling"],
+        choices=[
+            "loss",
+            "trainers",
+            "trainers-sft",
+            "positions",
+            "guards",
+            "profile",
+            "memory",
+            "sampling",
+            "operations",
+        ],
     )
     parser.add_argument("--plot-dir", default="docs/img", help="Where the PNG plots go ('' for none).")
     parser.add_argument("--match", nargs="+", help="Time only the trainer rows whose labels contain one of these.")
@@ -709,6 +792,8 @@ def main() -> None:
         print(bench_memory() + "\n")
     if args.only in (None, "sampling"):
         print(bench_sampling() + "\n")
+    if args.only in (None, "operations"):
+        print(bench_operations() + "\n")
 
 
 if __name__ == "__main__":
