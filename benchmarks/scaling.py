@@ -281,11 +281,11 @@ def targets(cells: dict) -> list[str]:
     """The performance issue's targets, each against the cells measured: the worst cell, and whether it is met."""
     keys = sorted(cells, key=lambda key: (key[1], key[2]))
 
-    def worst(values: list[tuple[float, str]], limit: float, where: str) -> str:
+    def worst(values: list[tuple[float, str]], limit: float, where: str, unit: str = "{:.2f}x") -> str:
         if not values:
             return f"| {where} | – | not measured |"
         value, cell = max(values)
-        return f"| {where} | {value:.2f}x ({cell}) | {'met' if value <= limit else '**not met**'} |"
+        return f"| {where} | {unit.format(value)} ({cell}) | {'met' if value <= limit else '**not met**'} |"
 
     def at(key) -> str:
         return f"{key[0]}, {key[1]} tok, batch {key[2]}"
@@ -305,12 +305,7 @@ def targets(cells: dict) -> list[str]:
               "SKD at ≥ 80% acceptance: sampler ≤ 1.30x its floor at 256 tokens"),
     ]  # fmt: skip
     forwards = [(cells[k]["teacher_forwards_per_token"], at(k)) for k in close]
-    rows.append(
-        f"| SKD at ≥ 80% acceptance: ≤ 0.3 teacher forwards per token | {max(forwards)[0]:.3f} ({max(forwards)[1]}) | "
-        f"{'met' if max(forwards)[0] <= 0.3 else '**not met**'} |"
-        if forwards
-        else "| SKD at ≥ 80% acceptance: ≤ 0.3 teacher forwards per token | – | not measured |"
-    )
+    rows.append(worst(forwards, 0.3, "SKD at ≥ 80% acceptance: ≤ 0.3 teacher forwards per token", unit="{:.3f}"))
     # growth with the answer length: the ratio at the longest length measured against the shortest, per row and batch
     growth = []
     for label in dict.fromkeys(k[0] for k in keys if k[0] in NO_INTERVENTION or k[0] in {c[0] for c in close}):
