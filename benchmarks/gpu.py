@@ -306,15 +306,16 @@ def run_pair(pair: str, args, deadline: float) -> None:
                     mean = statistics.mean(timed)
                     parts = profiler.phases(len(timed), mean)
                     shares = [f"{1000 * parts[p]:.1f} ({100 * parts[p] / mean:.0f}%)" for p in PROFILE_PARTS]
-                    profiles.append(f"| {label} | {1000 * mean:.1f} | " + " | ".join(shares) + " |")
+                    each = ", ".join(f"{t:.2f}" for t in timed)
+                    profiles.append(f"| {label} | {1000 * mean:.1f} | " + " | ".join(shares) + f" | {each} |")
                 trainer.accelerator.free_memory()
                 del trainer
             if profiles:
                 print(
                     "\nWhere a step goes (ms per step after the first, and its share; the timers synchronise at every "
                     "forward, so these steps run slower than the table's):\n",
-                    "| trainer | step (ms) | " + " | ".join(PROFILE_PARTS) + " |",
-                    "| --- | --- | " + " | ".join("---" for _ in PROFILE_PARTS) + " |",
+                    "| trainer | step (ms) | " + " | ".join(PROFILE_PARTS) + " | each step (s) |",
+                    "| --- | --- | " + " | ".join("---" for _ in PROFILE_PARTS) + " | --- |",
                     *profiles,
                     sep="\n",
                     flush=True,

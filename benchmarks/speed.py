@@ -12,6 +12,7 @@
     python benchmarks/speed.py --only memory        # peak memory with the sampler's teacher states reused or not
     python benchmarks/speed.py --only sampling      # one sampled token over a 49k vocabulary: nucleus by partial sort
     python benchmarks/speed.py --only operations    # operations and host reads per token: generate vs the sampler
+    python benchmarks/speed.py --only schedule      # the draft-length schedules on the real pair (after `prepare`)
 
 Plots go to `docs/img/` (`--plot-dir`) when matplotlib is installed.
 
@@ -29,6 +30,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,7 +51,6 @@ LOSS_CASES = [
 
 
 def _loss_case(mode: str, loss_type: str, vocab: int, positions: int, hidden: int, device: str) -> dict:
-    import time
 
     from trl_kd.losses import LMHead, chunked_kd_loss, divergence
 
@@ -411,7 +412,6 @@ def bench_guards(steps: int = 20, batch: int = 4, completion: int = 32) -> str:
     """Share of each trainer's step spent in the finite-value guards (`trl_kd.guards`): every guard call is timed
     inside real steps of the tiny random pair, where the guards weigh most against the models' own work."""
     import copy
-    import time
     from collections import defaultdict
 
     from transformers.trainer_callback import PrinterCallback
@@ -632,7 +632,6 @@ def bench_sampling(rows: int = 4, vocab: int = 49152, repeats: int = 50) -> str:
     (`nucleus_mask`, the default) against a full sort of the vocabulary, on logits shaped like a language model's:
     ``-slope * log(rank)`` over a random order, a peaked row (slope 2, top token 61%) and a flat one (slope 1.2,
     top token 18%)."""
-    import time
 
     from trl_kd.sampler import NUCLEUS_PREFILTER, SamplingParams, nucleus_mask
 
@@ -670,25 +669,29 @@ def bench_sampling(rows: int = 4, vocab: int = 49152, repeats: int = 50) -> str:
 
 
 def bench_operations(batch: int = 4, prompt: int = 32, completion: int = 32) -> str:
-    """Operations the CPU dispatches (`torch.profiler` events, each a kernel launch or more on a GPU) and values read
-    back to the host (`aten::_local_scalar_dense`, a synchronisation on a GPU) for one batch of answers, on the real
-    pair's shapes (SmolLM2-135M and its close 24-layer student, random weights, `gpu.close_pair`): the student's
-    `generate` against the teacher-in-the-loop sampler, with every draft kept and with SKD's rule. On a launch-bound
-    GPU these counts, not the arithmetic, set a small model's sampling time."""
+    """Operations the CPU dispatches (`torch.profiler` events, each a kernel launch or more on a GPU), values read
+    back to the host (`aten::_local_scalar_dense`, a synchronisation on a GPU) and the wall time of one batch of
+    answers, on the real pair's shapes (SmolLM2-135M and its close 24-layer student, random weights,
+    `gpu.close_pair`; bf16 on a GPU, fp32 on CPU): the student's `generate` against the teacher-in-the-loop sampler,
+    with every draft kept and with SKD's rule. On a launch-bound GPU the time per operation is about the same in
+    every row, so these counts, not the arithmetic, set a small model's sampling time."""
     from transformers import GenerationConfig
 
     from trl_kd.sampler import OnPolicyRule, SamplingParams, TopKRule, block_verify_sample
 
     from gpu import build_pair
 
-    _, _, teacher, student = build_pair("smollm2", tiny=False, dtype=torch.float32)
-    student.eval()
-    teacher.eval()
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    _, _, teacher, student = build_pair("smollm2", tiny=False, dtype=dtype)
+    student.eval().to(device)
+    teacher.eval().to(device)
     vocab = teacher.config.vocab_size
     prompts = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).tolist()
 
     def generate() -> dict:
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=device)
         config = GenerationConfig(
             do_sample=True, max_new_tokens=completion, min_new_tokens=completion, pad_token_id=0, eos_token_id=1
         )
@@ -696,9 +699,9 @@ def bench_operations(batch: int = 4, prompt: int = 32, completion: int = 32) -> 
             student.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
         return {"student_forwards": completion, "teacher_forwards": 0}
 
-    def sampler(rule, params) -> callable:
+    def sampler(rule, params, schedule) -> callable:
         def run() -> dict:
-            return block_verify_sample(
+            rollout = block_verify_sample(
                 student,
                 teacher,
                 prompts,
@@ -709,23 +712,49 @@ def bench_operations(batch: int = 4, prompt: int = 32, completion: int = 32) -> 
                 student_params=params,
                 teacher_params=SamplingParams(0.2, 0.5),
                 adaptive_draft=True,
-            ).counts
+                draft_schedule=schedule,
+            )
+            by_row = [1 - sum(mask) / max(len(mask), 1) for mask in rollout.teacher_mask]
+            return {**rollout.counts, "row_acceptance": (min(by_row), max(by_row))}
 
         return run
 
+    def timed(run) -> float:
+        """Median wall seconds of three runs from the same seed (after one untimed warm-up run)."""
+        times = []
+        for _ in range(4):
+            torch.manual_seed(0)
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
     cases = [
         ("student `generate` (what DistillationTrainer samples with)", generate),
-        ("sampler, every draft kept (on-policy rule)", sampler(OnPolicyRule(), SamplingParams())),
-        ("sampler, SKD's rule (K=25, student T 0.5 / top-p 0.5)", sampler(TopKRule(25), SamplingParams(0.5, 0.5))),
+        ("sampler, every draft kept (on-policy rule)", sampler(OnPolicyRule(), SamplingParams(), "heuristic")),
+        (
+            'sampler, SKD\'s rule (K=25, student T 0.5 / top-p 0.5), `draft_schedule="heuristic"`',
+            sampler(TopKRule(25), SamplingParams(0.5, 0.5), "heuristic"),
+        ),
+        (
+            'sampler, SKD\'s rule, `draft_schedule="expected_cost"`',
+            sampler(TopKRule(25), SamplingParams(0.5, 0.5), "expected_cost"),
+        ),
     ]
     out = [
-        f"Real pair's shapes, random weights, fp32, batch {batch}, {prompt} prompt + {completion} new tokens; counts "
-        "for the whole batch.",
+        f"Real pair's shapes, random weights, {'bf16 on ' + torch.cuda.get_device_name() if cuda else 'fp32 on CPU'}, "
+        f"batch {batch}, {prompt} prompt + {completion} new tokens; counts for the whole batch; time: median of 3 "
+        "runs after a warm-up.",
         "",
-        "| sampling | operations | host reads | student forwards | teacher forwards | acceptance |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| sampling | ms | operations | µs per operation | host reads | student forwards | teacher forwards | "
+        "acceptance (rows: lowest–highest) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, run in cases:
+        seconds = timed(run)
+        print(f"{label}: {seconds:.2f} s per batch; counting operations", file=sys.stderr, flush=True)
         torch.manual_seed(0)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             counts = run()
@@ -733,12 +762,85 @@ def bench_operations(batch: int = 4, prompt: int = 32, completion: int = 32) -> 
         operations = sum(e.count for e in events if e.key.startswith("aten::"))
         reads = sum(e.count for e in events if e.key == "aten::_local_scalar_dense")
         drafted = counts.get("drafted")  # positions written: accepted drafts and teacher replacements
-        acceptance = f"{counts['accepted'] / drafted:.2f}" if drafted else "–"
+        acceptance = "–"
+        if drafted:
+            low, high = counts["row_acceptance"]
+            acceptance = f"{counts['accepted'] / drafted:.2f} ({low:.2f}–{high:.2f})"
         out.append(
-            f"| {label} | {operations:,} | {reads} | {counts['student_forwards']} | {counts['teacher_forwards']} "
-            f"| {acceptance} |"
+            f"| {label} | {1000 * seconds:.0f} | {operations:,} | {1e6 * seconds / operations:.1f} | {reads} | "
+            f"{counts['student_forwards']} | {counts['teacher_forwards']} | {acceptance} |"
         )
     return "\n".join(out)
+
+
+def bench_schedule(batch: int = 4, completion: int = 64, batches: int = 8, student: str = "pruned-24") -> str:
+    """The adaptive draft length's two schedules (`draft_schedule`) on the real pair from `real_model.py prepare`:
+    SKD's rule at the paper's settings over ``batches`` batches of held-out prompts, each batch sampled by both
+    schedules from the same seed. Rows that stop at EOS make the lengths differ between the two, so the table is per
+    generated token; the forwards are counted exactly, the seconds on a shared CPU are noisy."""
+    from scaling import load_pair
+
+    from trl_kd.sampler import SamplingParams, TopKRule, block_verify_sample
+
+    from real_model import cache_root
+
+    torch.set_num_threads(1)
+    tokenizer, teacher, student_model = load_pair(False, student)
+    teacher.eval()
+    student_model.eval()
+    draft_cost = sum(p.numel() for p in student_model.parameters()) / sum(p.numel() for p in teacher.parameters())
+    texts = json.loads((cache_root() / "prompts.json").read_text())["test"]
+    keys = ("tokens", "seconds", "student_forwards", "teacher_forwards", "accepted", "drafted")
+    totals = {name: dict.fromkeys(keys, 0.0) for name in SCHEDULES}
+    for first in range(0, batches * batch, batch):
+        prompt_ids = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            for text in texts[first : first + batch]
+        ]
+        for name, total in totals.items():
+            torch.manual_seed(first)
+            start = time.perf_counter()
+            rollout = block_verify_sample(
+                student_model,
+                teacher,
+                prompt_ids,
+                TopKRule(25),
+                max_new_tokens=completion,
+                eos_token_ids=[tokenizer.eos_token_id],
+                pad_token_id=tokenizer.pad_token_id,
+                vocab_size=len(tokenizer),
+                student_params=SamplingParams(0.5, 0.5),
+                teacher_params=SamplingParams(0.2, 0.5),
+                adaptive_draft=True,
+                draft_schedule=name,
+            )
+            total["seconds"] += time.perf_counter() - start
+            total["tokens"] += sum(len(ids) for ids in rollout.completion_ids)
+            for key in keys[2:]:
+                total[key] += rollout.counts[key]
+    out = [
+        f"Real pair (SmolLM2-135M-Instruct, student {student}), SKD's rule (K = 25, student T/top-p 0.5/0.5), "
+        f"{batches} batches of {batch} held-out prompts, up to {completion} new tokens, fp32, 1 thread; a draft "
+        f"costs {draft_cost:.2f} teacher forwards (parameters).",
+        "",
+        "| draft_schedule | tokens | acceptance | student forwards / token | teacher forwards / token | "
+        "forward cost / token | ms / token |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, total in totals.items():
+        tokens = total["tokens"]
+        cost = (draft_cost * total["student_forwards"] + total["teacher_forwards"]) / tokens
+        out.append(
+            f"| {name} | {tokens:.0f} | {total['accepted'] / total['drafted']:.2f} | "
+            f"{total['student_forwards'] / tokens:.2f} | {total['teacher_forwards'] / tokens:.3f} | {cost:.2f} | "
+            f"{1000 * total['seconds'] / tokens:.0f} |"
+        )
+    return "\n".join(out)
+
+
+SCHEDULES = ("heuristic", "expected_cost")
 
 
 def main() -> None:
@@ -755,11 +857,17 @@ def main() -> None:
             "memory",
             "sampling",
             "operations",
+            "schedule",
         ],
     )
     parser.add_argument("--plot-dir", default="docs/img", help="Where the PNG plots go ('' for none).")
     parser.add_argument("--match", nargs="+", help="Time only the trainer rows whose labels contain one of these.")
     parser.add_argument("--repeat", type=int, default=1, help="Interleaved runs of the trainer tables (medians).")
+    parser.add_argument("--batch", type=int, default=4, help="Answers per batch (--only operations, schedule).")
+    parser.add_argument(
+        "--completion", type=int, default=None, help="New tokens per answer (32 operations, 64 schedule)."
+    )
+    parser.add_argument("--batches", type=int, default=8, help="Batches of prompts (--only schedule).")
     parser.add_argument("--loss-case", help=argparse.SUPPRESS)
     parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -793,7 +901,9 @@ def main() -> None:
     if args.only in (None, "sampling"):
         print(bench_sampling() + "\n")
     if args.only in (None, "operations"):
-        print(bench_operations() + "\n")
+        print(bench_operations(batch=args.batch, completion=args.completion or 32) + "\n")
+    if args.only == "schedule":  # needs `real_model.py prepare`: not part of the default run
+        print(bench_schedule(batch=args.batch, completion=args.completion or 64, batches=args.batches) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ from trl_kd.losses import backbone
 from trl_kd.sampler import (
     DivergenceThresholdRule,
     OnPolicyRule,
+    Rule,
     SamplingParams,
     StopStrings,
     TeacherOnlyRule,
     TopKRule,
     block_verify_sample,
+    cheapest_draft_length,
+    expected_tokens_per_round,
     next_draft_length,
     nucleus_mask,
     reference_sample,
@@ -67,9 +70,10 @@ def test_greedy_equals_token_by_token_reference(pair, tokenizer, gamma, rule):
         assert ours.counts[key] == ref.counts[key]
 
 
+@pytest.mark.parametrize("schedule", ["expected_cost", "heuristic"])
 @pytest.mark.parametrize("gamma", [1, 3])
 @pytest.mark.parametrize("rule", list(RULES))
-def test_adaptive_draft_length_writes_the_fixed_length_tokens_under_greedy(pair, tokenizer, gamma, rule):
+def test_adaptive_draft_length_writes_the_fixed_length_tokens_under_greedy(pair, tokenizer, gamma, rule, schedule):
     """The adaptive draft length changes the rounds, never the tokens: greedy completions, teacher masks and counts
     equal the fixed-length sampler's and the token-by-token reference's."""
     student, teacher = pair
@@ -77,7 +81,7 @@ def test_adaptive_draft_length_writes_the_fixed_length_tokens_under_greedy(pair,
     run = lambda **extra: block_verify_sample(  # noqa: E731
         student, teacher, prompts(tokenizer), RULES[rule](), num_draft_tokens=gamma, **common, **extra
     )
-    adaptive, fixed = run(adaptive_draft=True, max_draft_tokens=9), run()
+    adaptive, fixed = run(adaptive_draft=True, max_draft_tokens=9, draft_schedule=schedule), run()
     ref = reference_sample(student, teacher, prompts(tokenizer), RULES[rule](), **common)
     assert adaptive.completion_ids == fixed.completion_ids == ref.completion_ids
     assert adaptive.teacher_mask == fixed.teacher_mask == ref.teacher_mask
@@ -85,7 +89,8 @@ def test_adaptive_draft_length_writes_the_fixed_length_tokens_under_greedy(pair,
         assert adaptive.counts[key] == ref.counts[key]
 
 
-def test_adaptive_draft_length_follows_acceptance(pair, tokenizer):
+@pytest.mark.parametrize("schedule", ["expected_cost", "heuristic"])
+def test_adaptive_draft_length_follows_acceptance(pair, tokenizer, schedule):
     """Everything accepted: the draft grows and fewer rounds (teacher forwards) are needed than at the start
     length; everything rejected: it shrinks to 1, so fewer tokens are drafted in vain."""
     student, teacher = pair
@@ -93,7 +98,14 @@ def test_adaptive_draft_length_follows_acceptance(pair, tokenizer):
     for rule, better in ((OnPolicyRule, "rounds"), (TeacherOnlyRule, "proposed")):
         fixed = block_verify_sample(student, teacher, prompts(tokenizer), rule(), num_draft_tokens=3, **common)
         adaptive = block_verify_sample(
-            student, teacher, prompts(tokenizer), rule(), num_draft_tokens=3, adaptive_draft=True, **common
+            student,
+            teacher,
+            prompts(tokenizer),
+            rule(),
+            num_draft_tokens=3,
+            adaptive_draft=True,
+            draft_schedule=schedule,
+            **common,
         )
         assert adaptive.completion_ids == fixed.completion_ids
         assert adaptive.counts[better] < fixed.counts[better], (rule, adaptive.counts, fixed.counts)
@@ -115,6 +127,71 @@ def test_adaptive_draft_length_is_reproducible_from_the_seed(pair, tokenizer):
     first = run(0)
     assert 0 < first[2]["replaced"] and first[2]["accepted"] > 0
     assert run(0) == first and run(1) != first
+
+
+class RejectFirstRow(Rule):
+    """The teacher writes every token of the batch's first row and none of the others'."""
+
+    def reject(self, proposal):
+        return (proposal.rows == 0)[:, None].expand_as(proposal.draft)
+
+
+def test_expected_cost_schedule_follows_the_slowest_row(pair, tokenizer):
+    """One row rejected everywhere, three never: the batch lasts as long as that row, one token a round, so the
+    expected-cost schedule drafts one token a round, where the heuristic follows the majority to long blocks that
+    the slow row throws away. Same tokens either way."""
+    student, teacher = pair
+    common = kwargs(tokenizer, student_params=GREEDY, teacher_params=GREEDY, max_new_tokens=30, eos_token_ids=[])
+    runs = {
+        schedule: block_verify_sample(
+            student,
+            teacher,
+            prompts(tokenizer),
+            RejectFirstRow(),
+            adaptive_draft=True,
+            draft_schedule=schedule,
+            **common,
+        )
+        for schedule in ("expected_cost", "heuristic")
+    }
+    cost, heuristic = runs["expected_cost"], runs["heuristic"]
+    assert cost.completion_ids == heuristic.completion_ids
+    assert cost.teacher_mask == heuristic.teacher_mask and all(cost.teacher_mask[0])
+    assert cost.counts["rounds"] == heuristic.counts["rounds"] == 30  # the first row writes one token a round
+    # a draft costs c teacher forwards (0.22-0.26 here); two drafts a round beat one, (2c + 1) / (1 + a) < c + 1,
+    # while the slow row's add-one acceptance estimate a = 1 / (n + 2) after n rejections exceeds c / (1 + c)
+    draft_cost = sum(p.numel() for p in student.parameters()) / sum(p.numel() for p in teacher.parameters())
+    twos = sum(1 / (n + 2) > draft_cost / (1 + draft_cost) for n in range(1, 30))
+    assert twos in (2, 3)
+    # the prompt's prefill, the first round's 5 drafts, then 2 a round while they pay, then 1
+    assert cost.counts["student_forwards"] == 1 + 5 + 2 * twos + (29 - twos)
+    assert heuristic.counts["student_forwards"] > 2 * cost.counts["student_forwards"]
+
+
+def test_expected_tokens_per_round_against_the_outcomes():
+    """``(1 - a^g) / (1 - a)`` against the sum over outcomes: first rejection at slot ``j`` (``j`` kept drafts and the
+    replacement) with probability ``a^j (1 - a)``, or the whole block with ``a^g``."""
+    for acceptance in (0.0, 0.3, 0.53, 0.95):
+        for gamma in (1, 2, 5, 16):
+            outcomes = sum(acceptance**j * (1 - acceptance) * (j + 1) for j in range(gamma))
+            outcomes += acceptance**gamma * gamma
+            assert math.isclose(expected_tokens_per_round(acceptance, gamma), outcomes, rel_tol=1e-12)
+    assert expected_tokens_per_round(1.0, 7) == 7.0
+    assert expected_tokens_per_round(0.5, 3) == 1.75
+
+
+def test_cheapest_draft_length():
+    # every draft kept: a round of g costs g/2 + 1 for g tokens, cheaper per token the longer it is
+    assert cheapest_draft_length([1.0], [40], draft_cost=0.5, largest=16) == 16
+    assert cheapest_draft_length([1.0], [40], draft_cost=0.5, largest=3) == 3
+    # every draft rejected: one token a round whatever g, so the shortest
+    assert cheapest_draft_length([0.0], [40], draft_cost=0.5, largest=16) == 1
+    # a row at acceptance 0.5 sets the length: 40 tokens cost 60 at g=1, 53.3 at g=2, 57.1 at g=3
+    assert cheapest_draft_length([1.0, 0.5], [40, 40], draft_cost=0.5, largest=16) == 2
+    # ... unless it is nearly done: two tokens left take it at most two rounds
+    assert cheapest_draft_length([1.0, 0.5], [40, 2], draft_cost=0.5, largest=16) == 16
+    # equal costs (acceptance 0.5, a draft as dear as the teacher: 2 per token at g = 1 and 2): the shorter
+    assert cheapest_draft_length([0.5], [40], draft_cost=1.0, largest=16) == 1
 
 
 def test_next_draft_length():
@@ -309,11 +386,12 @@ def tiny_vocab_pair(vocab=4):
     return make(0, 16), make(1, 32)
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("schedule", [None, "heuristic", "expected_cost"])
 @pytest.mark.parametrize("rule", ["top_k", "threshold"])
-def test_sampled_sequences_have_the_reference_distribution(rule, adaptive):
+def test_sampled_sequences_have_the_reference_distribution(rule, schedule):
     """Two-sample chi-square test over all sequences of length <= 3 on a 4-token vocabulary: block-verify (gamma=3,
-    fixed or adaptive) and the reference must not differ at the 0.1% level (fixed seed, 6000 samples each)."""
+    fixed or adaptive by either schedule) and the reference must not differ at the 0.1% level (fixed seed, 6000
+    samples each)."""
     student, teacher = tiny_vocab_pair()
     make_rule = {
         "top_k": lambda: TopKRule(k=2),
@@ -331,7 +409,14 @@ def test_sampled_sequences_have_the_reference_distribution(rule, adaptive):
     ours, ref, teacher_tokens, tokens = Counter(), Counter(), 0, 0
     for _ in range(6):
         out = block_verify_sample(
-            student, teacher, batch, make_rule(), num_draft_tokens=3, adaptive_draft=adaptive, **common
+            student,
+            teacher,
+            batch,
+            make_rule(),
+            num_draft_tokens=3,
+            adaptive_draft=schedule is not None,
+            draft_schedule=schedule or "heuristic",
+            **common,
         )
         ours.update(tuple(c) for c in out.completion_ids)
         teacher_tokens += sum(m for row in out.teacher_mask for m in row)

@@ -348,6 +348,10 @@ def generate_completions(
     return completions
 
 
+def _parameter_count(model: torch.nn.Module) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 keeps the full count there
+
+
 def _forward(model, input_ids, slot_mask, positions, cache) -> torch.Tensor:
     out = model(
         input_ids=input_ids,
@@ -380,6 +384,35 @@ def _forward_with_hidden(
     hidden = _backbone_forward(model, input_ids, slot_mask, positions, cache)[:, -last:]
     head = LMHead.from_model(model)
     return head.logits(hidden, vocab_size or head.vocab_size), hidden
+
+
+DRAFT_SCHEDULES = ("heuristic", "expected_cost")
+
+
+def expected_tokens_per_round(acceptance: float, gamma: int) -> float:
+    """Tokens a row writes in one round of ``gamma`` drafted tokens when the rule keeps each with probability
+    ``acceptance``: the kept drafts up to the first rejection plus the teacher's replacement there, or the whole
+    block, ``(1 - a^gamma) / (1 - a)`` (``gamma`` at ``a = 1``)."""
+    if acceptance >= 1.0:
+        return float(gamma)
+    return (1.0 - acceptance**gamma) / (1.0 - acceptance)
+
+
+def cheapest_draft_length(
+    acceptance: Sequence[float], remaining: Sequence[int], draft_cost: float, largest: int
+) -> int:
+    """The draft length that finishes a batch at the lowest expected cost: the rounds its slowest row still needs
+    (its ``remaining`` tokens over `expected_tokens_per_round` at its ``acceptance``) times the cost of a round,
+    ``gamma`` student forwards at ``draft_cost`` each plus one teacher forward (the cost model of speculative
+    decoding, Leviathan et al. 2023, applied to the row that sets the batch's length). Between 1 and ``largest``; the
+    shortest of equal costs."""
+    best, best_cost = 1, float("inf")
+    for gamma in range(1, max(1, largest) + 1):
+        rounds = max(left / expected_tokens_per_round(a, gamma) for a, left in zip(acceptance, remaining))
+        cost = rounds * (gamma * draft_cost + 1.0)
+        if cost < best_cost * (1 - 1e-9):
+            best, best_cost = gamma, cost
+    return best
 
 
 def next_draft_length(gamma: int, fully_accepted: int, judged: int, largest: int) -> int:
@@ -442,8 +475,12 @@ class _BlockVerifier:
         pad_token_id,
         vocab_size,
         keep_teacher_hidden,
+        draft_schedule="heuristic",
     ):
         self.student, self.teacher, self.vocab_size = student, teacher, vocab_size
+        self.draft_schedule, self.draft_cost = draft_schedule, None
+        if draft_schedule == "expected_cost":  # a student forward's cost in teacher forwards, from parameter counts
+            self.draft_cost = _parameter_count(student) / max(_parameter_count(teacher), 1)
         self.max_new_tokens, self.keep_teacher_hidden = max_new_tokens, keep_teacher_hidden
         self.device = device = next(student.parameters()).device
         batch = self.batch = len(prompt_ids)
@@ -470,6 +507,9 @@ class _BlockVerifier:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
         self.totals = torch.zeros(3, dtype=torch.long, device=device)  # accepted, replaced, proposed
+        # per row: drafted tokens the rule kept, and the positions it judged (kept + replaced), for the schedule
+        self.row_accepted = torch.zeros(batch, dtype=torch.long, device=device)
+        self.row_judged = torch.zeros(batch, dtype=torch.long, device=device)
         self.teacher_hidden: torch.Tensor | None = None  # (batch, max_new_tokens, H), allocated at the first round
 
     def cut(self, logits: torch.Tensor) -> torch.Tensor:
@@ -555,6 +595,8 @@ class _BlockVerifier:
         ended = verdict.active & (num_kept > 0) & torch.isin(verdict.last, self.eos)
         self.done[rows] |= (self.lengths[rows] >= self.max_new_tokens) | ended
         self.totals += torch.stack([verdict.accepted.sum(), verdict.replaced.sum(), gamma * verdict.active.sum()])
+        self.row_accepted[rows] += verdict.accepted
+        self.row_judged[rows] += verdict.accepted + verdict.replaced.long()
 
     def apply_stop_strings(self, stop: StopStrings, verdict: _Verdict) -> None:
         wrote = verdict.num_kept > 0
@@ -576,18 +618,25 @@ class _BlockVerifier:
         self.next_position = self.next_position + verdict.num_kept
 
     def next_draft_length(self, gamma: int, verdict: _Verdict, max_draft_tokens: int) -> int:
-        """The adaptive draft length from the rows whose block the rule ended (not an EOS or the budget), and those
-        of them that kept all of it."""
+        """The adaptive draft length. ``"heuristic"``: `next_draft_length` from the rows whose block the rule ended
+        (not an EOS or the budget), and those of them that kept all of it. ``"expected_cost"``:
+        `cheapest_draft_length` from each unfinished row's acceptance so far (add-one smoothed) and remaining
+        budget."""
+        unfinished = ~self.done[self.rows]
+        if not bool(unfinished.any()):  # only forwards in step with other processes are left: no preference
+            return max_draft_tokens
+        remaining = self.max_new_tokens - self.lengths[self.rows][unfinished]
+        largest = min(max_draft_tokens, int(remaining.max()))
+        if self.draft_schedule == "expected_cost":
+            rows = self.rows[unfinished]
+            acceptance = (self.row_accepted[rows] + 1).double() / (self.row_judged[rows] + 2).double()
+            return cheapest_draft_length(acceptance.tolist(), remaining.tolist(), self.draft_cost, largest)
         cut_by_budget = verdict.budget < torch.minimum(
             verdict.first_reject + 1, torch.full_like(verdict.first_reject, gamma)
         )
         judged = verdict.active & ~verdict.ended_on_eos & ~cut_by_budget
         fully = judged & (verdict.first_reject >= gamma)
-        unfinished = ~self.done[self.rows]
-        if not bool(unfinished.any()):  # only forwards in step with other processes are left: no preference
-            return max_draft_tokens
-        remaining = int((self.max_new_tokens - self.lengths[self.rows][unfinished]).max())
-        return next_draft_length(gamma, int(fully.sum()), int(judged.sum()), min(max_draft_tokens, remaining))
+        return next_draft_length(gamma, int(fully.sum()), int(judged.sum()), largest)
 
     def drop_finished_rows(self) -> None:
         keep_rows = ~self.done[self.rows]
@@ -633,6 +682,7 @@ def block_verify_sample(
     stop: StopStrings | None = None,
     adaptive_draft: bool = False,
     max_draft_tokens: int = 16,
+    draft_schedule: str = "heuristic",
     sync_draft_length: Callable[[int], int] | None = None,
     keep_teacher_hidden: bool = False,
 ) -> Rollout:
@@ -658,6 +708,12 @@ def block_verify_sample(
             past the longest remaining budget. Speed only: the sequences keep their distribution, and under greedy
             settings they are the fixed-length sampler's tokens.
         max_draft_tokens: the adaptive draft length's ceiling.
+        draft_schedule: how ``adaptive_draft`` chooses the next length. ``"heuristic"``: `transformers`'
+            assisted-generation rule, +2 when more than half of the rows kept their whole block, -1 otherwise
+            ([`next_draft_length`][trl_kd.sampler.next_draft_length]). ``"expected_cost"``: the length that
+            finishes the batch at the lowest expected cost, from each row's acceptance so far and remaining budget
+            and the student's parameter count over the teacher's as a forward's cost
+            ([`cheapest_draft_length`][trl_kd.sampler.cheapest_draft_length]).
         sync_draft_length: with ``sync_continue`` and ``adaptive_draft``: maps this process's next draft length to
             the one every process uses (e.g. the smallest), so all run the same forwards.
         keep_teacher_hidden: return the teacher's final hidden states at the response positions
@@ -672,6 +728,8 @@ def block_verify_sample(
         raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}.")
     if adaptive_draft and max_draft_tokens < 1:
         raise ValueError(f"max_draft_tokens must be >= 1, got {max_draft_tokens}.")
+    if draft_schedule not in DRAFT_SCHEDULES:
+        raise ValueError(f"draft_schedule must be one of {DRAFT_SCHEDULES}, got {draft_schedule!r}.")
     if adaptive_draft and sync_continue is not None and sync_draft_length is None:
         raise ValueError("adaptive_draft with sync_continue needs sync_draft_length, so processes draft alike.")
     if any(len(p) == 0 for p in prompt_ids):
@@ -686,6 +744,7 @@ def block_verify_sample(
         pad_token_id=pad_token_id,
         vocab_size=vocab_size,
         keep_teacher_hidden=keep_teacher_hidden,
+        draft_schedule=draft_schedule,
     )
     gamma = num_draft_tokens
     while sync_continue(not bool(sampler.done.all())) if sync_continue is not None else not bool(sampler.done.all()):

@@ -7,6 +7,7 @@ from trl import DistillationConfig
 from .._compat import checkpointing_field
 from ..guards import check_choices, check_finite_fields
 from ..losses import LOSS_TYPES
+from ..sampler import DRAFT_SCHEDULES
 
 
 LOSS_NORMALIZATIONS = ("tokens", "sequences")
@@ -110,12 +111,18 @@ class KDConfig(DistillationConfig):
             (the states differ only by floating-point order, KV cache against full forward); `False` recomputes
             them. Other rows always get a teacher forward.
         adaptive_draft (bool):
-            The teacher-in-the-loop sampler's draft length adapts per round, starting at `num_draft_tokens`: `+2`
-            when more than half of the batch's rows kept the whole block, `-1` otherwise (`transformers`'
-            assisted-generation heuristic, which is this rule at one row), up to `max_draft_tokens`. Speed only: the
-            sequences' distribution does not change. `False` keeps `num_draft_tokens`.
+            The teacher-in-the-loop sampler's draft length adapts per round, starting at `num_draft_tokens`, by
+            `draft_schedule`, up to `max_draft_tokens`. Speed only: the sequences' distribution does not change.
+            `False` keeps `num_draft_tokens`.
         max_draft_tokens (int):
             Ceiling of the adaptive draft length.
+        draft_schedule (str):
+            How `adaptive_draft` chooses each round's length. `"heuristic"`: `+2` when more than half of the batch's
+            rows kept the whole block, `-1` otherwise (`transformers`' assisted-generation heuristic, which is this
+            rule at one row). `"expected_cost"`: the length that finishes the batch at the lowest expected cost, from
+            each row's acceptance so far and remaining budget, a student forward costing the student's parameter
+            count over the teacher's (the batch waits for its slowest row, so that row's acceptance sets the length;
+            faster when such a row also runs to the length limit, no faster when it stops early). Speed only.
         gradient_checkpointing (bool | None):
             The deprecated alias (transformers >= 5.24) of `activation_checkpointing`. TRL's default, on, is set on
             `activation_checkpointing` when neither is given, so a default config raises no deprecation warning;
@@ -220,6 +227,14 @@ class KDConfig(DistillationConfig):
         metadata={"help": "Adapt the sampler's draft length to the acceptance (from num_draft_tokens)."},
     )
     max_draft_tokens: int = field(default=16, metadata={"help": "Ceiling of the adaptive draft length."})
+    draft_schedule: str = field(
+        default="heuristic",
+        metadata={
+            "help": "How the adaptive draft length is chosen: transformers' +2/-1 heuristic (heuristic) or the "
+            "lowest expected cost for the batch's slowest row (expected_cost).",
+            "choices": list(DRAFT_SCHEDULES),
+        },
+    )
 
     def __post_init__(self):
         # first: NaN slips through comparisons such as `loss_temperature <= 0`

@@ -288,6 +288,7 @@ class KDTrainer(DistillationCard, MethodStateCheckpoints, DistillationTrainer):
                 stop=self.stop_strings,
                 adaptive_draft=args.adaptive_draft,
                 max_draft_tokens=args.max_draft_tokens,
+                draft_schedule=args.draft_schedule,
                 sync_draft_length=sync_draft_length,
                 keep_teacher_hidden=args.reuse_teacher_states,
             )
