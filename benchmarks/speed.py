@@ -780,7 +780,7 @@ def bench_schedule(batch: int = 4, completion: int = 64, batches: int = 8, stude
     generated token; the forwards are counted exactly, the seconds on a shared CPU are noisy."""
     from scaling import load_pair
 
-    from trl_kd.sampler import SamplingParams, TopKRule, block_verify_sample
+    from trl_kd.sampler import DRAFT_SCHEDULES, SamplingParams, TopKRule, block_verify_sample
 
     from real_model import cache_root
 
@@ -791,7 +791,7 @@ def bench_schedule(batch: int = 4, completion: int = 64, batches: int = 8, stude
     draft_cost = sum(p.numel() for p in student_model.parameters()) / sum(p.numel() for p in teacher.parameters())
     texts = json.loads((cache_root() / "prompts.json").read_text())["test"]
     keys = ("tokens", "seconds", "student_forwards", "teacher_forwards", "accepted", "drafted")
-    totals = {name: dict.fromkeys(keys, 0.0) for name in SCHEDULES}
+    totals = {name: dict.fromkeys(keys, 0.0) for name in DRAFT_SCHEDULES}
     for first in range(0, batches * batch, batch):
         prompt_ids = [
             tokenizer.apply_chat_template(
@@ -838,9 +838,6 @@ def bench_schedule(batch: int = 4, completion: int = 64, batches: int = 8, stude
             f"{1000 * total['seconds'] / tokens:.0f} |"
         )
     return "\n".join(out)
-
-
-SCHEDULES = ("heuristic", "expected_cost")
 
 
 def main() -> None:

@@ -595,8 +595,9 @@ class _BlockVerifier:
         ended = verdict.active & (num_kept > 0) & torch.isin(verdict.last, self.eos)
         self.done[rows] |= (self.lengths[rows] >= self.max_new_tokens) | ended
         self.totals += torch.stack([verdict.accepted.sum(), verdict.replaced.sum(), gamma * verdict.active.sum()])
-        self.row_accepted[rows] += verdict.accepted
-        self.row_judged[rows] += verdict.accepted + verdict.replaced.long()
+        if self.draft_schedule == "expected_cost":  # only that schedule reads them: no work on the default path
+            self.row_accepted[rows] += verdict.accepted
+            self.row_judged[rows] += verdict.accepted + verdict.replaced.long()
 
     def apply_stop_strings(self, stop: StopStrings, verdict: _Verdict) -> None:
         wrote = verdict.num_kept > 0
