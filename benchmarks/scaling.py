@@ -59,6 +59,17 @@ TRAINERS: dict[str, tuple[str, str, dict]] = {
         "skd",
         {"acceptance_top_k": "V", "temperature": 1.0, "top_p": 1.0, "beta": 0.5, "max_draft_tokens": 64},
     ),
+    # the loss's tiles projected again in the backward (activation checkpointing), as before loss_gradient_in_forward
+    "KDTrainer on-policy (JSD 0.5), tiles recomputed": (
+        "pruned-8",
+        "gkd",
+        {"lmbda": 1.0, "beta": 0.5, "temperature": 1.0, "loss_gradient_in_forward": False},
+    ),
+    "SKD, every draft accepted (K = V), tiles recomputed": (
+        "pruned-8",
+        "skd",
+        {"acceptance_top_k": "V", "temperature": 1.0, "top_p": 1.0, "beta": 0.5, "loss_gradient_in_forward": False},
+    ),
     "SKD, K=25 (paper defaults)": ("pruned-8", "skd", {}),
     "SWITCH, never switching": ("pruned-8", "switch", {"switch_threshold": float("inf")}),
     "SWITCH (defaults)": ("pruned-8", "switch", {}),

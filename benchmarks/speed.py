@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                      # everything
     python benchmarks/speed.py --only loss          # peak memory of the loss at vocab 32k/128k x 2048 positions
+    python benchmarks/speed.py --only loss --vocabs 49152 --positions 1024 --hidden 576   # the real pair's heads
     python benchmarks/speed.py --only trainers      # step time of each trainer vs trl.DistillationTrainer
     python benchmarks/speed.py --only trainers-sft  # the same after fine-tuning both models on the task
     python benchmarks/speed.py --only positions     # who writes each part of the response (SKD, SWITCH)
@@ -45,7 +46,9 @@ from timing import PROFILE_PARTS, PhaseProfiler, StepTimer  # noqa: E402
 LOSS_CASES = [
     ("dense full-logit JSD (reference)", "dense", "jsd"),
     ("trl-kd chunked JSD (TRL kernel where Triton runs)", "chunked", "jsd"),
+    ("trl-kd chunked JSD, tiles recomputed in the backward", "recompute", "jsd"),
     ("trl-kd chunked skew RKL", "chunked", "skew_rkl"),
+    ("trl-kd chunked skew RKL, tiles recomputed in the backward", "recompute", "skew_rkl"),
     ("trl-kd chunked TVD", "chunked", "tvd"),
 ]
 
@@ -65,7 +68,11 @@ def _loss_case(mode: str, loss_type: str, vocab: int, positions: int, hidden: in
         if mode == "dense":
             loss = divergence(h_s @ w_s.t(), h_t @ w_t.t(), loss_type, beta=0.5).mean()
         else:
-            loss = chunked_kd_loss(h_s, h_t, LMHead(w_s), LMHead(w_t), mask, vocab, loss_type, beta=0.5)[0]
+            in_forward = mode == "chunked"  # "recompute": activation checkpointing of the tiles, as before
+            heads = LMHead(w_s), LMHead(w_t)
+            loss = chunked_kd_loss(h_s, h_t, *heads, mask, vocab, loss_type, beta=0.5, gradient_in_forward=in_forward)[
+                0
+            ]
         loss.backward()
         return loss.item()
 
@@ -865,6 +872,9 @@ def main() -> None:
         "--completion", type=int, default=None, help="New tokens per answer (32 operations, 64 schedule)."
     )
     parser.add_argument("--batches", type=int, default=8, help="Batches of prompts (--only schedule).")
+    parser.add_argument("--vocabs", default="32000,128256", help="Vocabulary sizes, comma-separated (--only loss).")
+    parser.add_argument("--positions", type=int, default=2048, help="Response positions (--only loss).")
+    parser.add_argument("--hidden", type=int, default=1024, help="Hidden size of both heads (--only loss).")
     parser.add_argument("--loss-case", help=argparse.SUPPRESS)
     parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -879,7 +889,8 @@ def main() -> None:
         f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}\n"
     )
     if args.only in (None, "loss"):
-        print(bench_loss() + "\n")
+        vocabs = tuple(int(v) for v in args.vocabs.split(","))
+        print(bench_loss(vocabs, args.positions, args.hidden) + "\n")
     plot = (lambda name: os.path.join(args.plot_dir, name)) if args.plot_dir else (lambda name: None)
     if args.only in (None, "trainers"):
         random_plot = None if args.match else plot("step_time_random.png")

@@ -86,6 +86,36 @@ def test_micro_batch_split_does_not_change_the_update(tmp_path, tokenizer, loss_
     assert any(not torch.equal(before[n], params0[n]) for n in before)
 
 
+@pytest.mark.parametrize("loss_type", ["jsd", "skew_rkl"])
+def test_gradient_in_forward_gives_the_recomputed_update(tmp_path, tokenizer, loss_type):
+    """`loss_gradient_in_forward` changes when the loss's gradient is taken, not the update: one SGD step with it
+    and one recomputing the tiles in the backward give the same loss and parameters (the head included)."""
+    results = []
+    for in_forward in (True, False):
+        trainer = make_trainer(
+            tmp_path,
+            tokenizer,
+            lmbda=0.0,
+            loss_type=loss_type,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=0.0,
+            loss_chunk_size=5,
+            loss_gradient_in_forward=in_forward,
+        )
+        trainer.train()
+        results.append((logged(trainer, "loss")[0], params(trainer.model)))
+    (loss, ours), (loss_recomputed, recomputed) = results
+    assert loss == pytest.approx(loss_recomputed, rel=1e-5)
+    for name in ours:
+        assert_close_to_rounding(ours[name], recomputed[name])
+    before = params(build_model("qwen2", tokenizer, "student", seed=0))
+    head = trainer.model.get_output_embeddings().weight
+    head_name = next(n for n, p in trainer.model.named_parameters() if p is head)
+    assert not torch.equal(before[head_name], ours[head_name])
+
+
 def naive_batch(tokenizer, lengths=(2, 7, 4)):
     """A hand-made micro-batch of prompt/completion rows with different completion lengths."""
     from trl.trainer.utils import pad

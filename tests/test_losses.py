@@ -205,3 +205,140 @@ def test_topk_divergence_with_the_whole_vocabulary_is_the_dense_divergence(loss_
     sparse_grad = torch.autograd.grad(sparse.sum(), student.weight)[0]
     dense_grad = torch.autograd.grad(dense.sum(), student.weight)[0]
     assert_close_to_rounding(sparse_grad, dense_grad)
+
+
+def _dense_kd_loss(h_s, h_t, student, teacher, mask, vocab_size, weights, denominator, **kwargs):
+    """The loss straight from full logits: sum over counted tokens of weight x divergence, over the denominator."""
+    s_logits = student.logits(h_s.reshape(-1, h_s.shape[-1]), vocab_size)
+    t_logits = teacher.logits(h_t.reshape(-1, h_t.shape[-1]), vocab_size)
+    per_token = divergence(s_logits, t_logits, **kwargs) * mask.reshape(-1)
+    return (per_token * (1.0 if weights is None else weights.reshape(-1))).sum() / denominator
+
+
+def _kd_loss_case(seed=5, bias=True, padded=True):
+    g = torch.Generator().manual_seed(seed)
+    student, teacher = _heads(vocab_s=45 if padded else 37, vocab_t=37, bias=bias, seed=seed)
+    student.scale, student.softcap = 0.8, 6.0  # Granite-style scale and Gemma-style softcap on the trained head
+    student.weight.requires_grad_(True)
+    if bias:
+        student.bias.requires_grad_(True)
+    h_s = torch.randn(3, 5, 8, generator=g, requires_grad=True)
+    h_t = torch.randn(3, 5, 12, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]])
+    return student, teacher, h_s, h_t, mask
+
+
+@pytest.mark.parametrize("loss_type,beta", CASES)
+@pytest.mark.parametrize("chunk_size", [None, 1, 4])
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_gradient_in_forward_equals_recomputation_and_the_dense_loss(loss_type, beta, chunk_size, per_sequence):
+    """The loss whose gradient is taken tile by tile in its forward pass gives the dense loss's value and gradients
+    (hidden states, head weight and bias), as the checkpointed tiles do, under token weights and a global count."""
+    beta = 0.5 if beta is None else beta
+    student, teacher, h_s, h_t, mask = _kd_loss_case()
+    vocab_size = 33  # the heads padded to 45 and 37 rows, compared over a shared 33
+    weights = mask / mask.sum(1, keepdim=True) if per_sequence else None
+    denominator = 3.0 if per_sequence else 17.0
+    kwargs = dict(loss_type=loss_type, beta=beta, skew_alpha=0.2, temperature=1.5)
+    leaves = (h_s, student.weight, student.bias)
+    dense = _dense_kd_loss(h_s, h_t, student, teacher, mask, vocab_size, weights, denominator, **kwargs)
+    dense_grads = torch.autograd.grad(dense, leaves)
+    for in_forward in (True, False):
+        loss, total, entropy, count = chunked_kd_loss(
+            h_s, h_t, student, teacher, mask, vocab_size, **kwargs, num_items_in_batch=denominator,
+            chunk_size=chunk_size, token_weights=weights, gradient_in_forward=in_forward,
+        )  # fmt: skip
+        assert count.item() == 11 and total.grad_fn is None and entropy.grad_fn is None
+        assert_close_to_rounding(loss, dense.detach())
+        for ours, ref in zip(torch.autograd.grad(loss, leaves), dense_grads):
+            assert_close_to_rounding(ours, ref)
+
+
+@pytest.mark.parametrize("trained", ["hidden", "head", "both"])
+def test_gradient_in_forward_reaches_only_what_is_trained(trained):
+    """A frozen head (PEFT) or frozen hidden states (a head-only probe) get no gradient, and the rest the dense
+    one."""
+    student, teacher, h_s, h_t, mask = _kd_loss_case(bias=False)
+    h_s.requires_grad_(trained != "head")
+    student.weight.requires_grad_(trained != "hidden")
+    leaves = [t for t in (h_s, student.weight) if t.requires_grad]
+    dense = _dense_kd_loss(h_s, h_t, student, teacher, mask, 37, None, 11.0, loss_type="jsd", beta=0.3)
+    loss, *_ = chunked_kd_loss(h_s, h_t, student, teacher, mask, 37, "jsd", beta=0.3, chunk_size=4)
+    for ours, ref in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(dense, leaves)):
+        assert_close_to_rounding(ours, ref)
+
+
+def test_gradient_in_forward_skips_the_second_projection(monkeypatch):
+    """The saving itself: with the gradient taken in the forward pass the backward projects nothing through the heads;
+    recomputation projects every tile through both heads again."""
+    calls = []
+    logits = LMHead.logits
+    monkeypatch.setattr(
+        LMHead, "logits", lambda self, hidden, vocab: calls.append(len(hidden)) or logits(self, hidden, vocab)
+    )
+    student, teacher, h_s, h_t, mask = _kd_loss_case()
+    for in_forward, backward_projections in ((True, 0), (False, 2 * 3)):
+        calls.clear()
+        loss, *_ = chunked_kd_loss(h_s, h_t, student, teacher, mask, 33, chunk_size=4, gradient_in_forward=in_forward)
+        assert calls == [
+            4,
+            4,
+            4,
+            4,
+            3,
+            3,
+        ]  # 11 tokens in tiles of 4, each through the student's and the teacher's head
+        calls.clear()
+        loss.backward()
+        assert len(calls) == backward_projections
+
+
+def test_gradient_in_forward_refuses_a_second_backward():
+    student, teacher, h_s, h_t, mask = _kd_loss_case()
+    loss, *_ = chunked_kd_loss(h_s, h_t, student, teacher, mask, 33)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="loss_gradient_in_forward=False"):
+        loss.backward()
+    again, *_ = chunked_kd_loss(h_s, h_t, student, teacher, mask, 33, gradient_in_forward=False)
+    again.backward(retain_graph=True)
+    again.backward()
+
+
+@pytest.mark.parametrize("in_forward", [True, False])
+def test_gradient_in_forward_with_cached_and_live_teacher_rows(in_forward):
+    """Rows of a batch whose teacher is a top-k cache and rows with a live teacher, in one loss: each part's value and
+    gradients as computed alone."""
+    from trl_kd.losses import TopKTeacher, chunked_topk_token_divergence
+
+    student, teacher, h_s, h_t, mask = _kd_loss_case(padded=False)
+    ids, values, tail = topk_cache(teacher.logits(h_t.reshape(-1, 12), 37).reshape(3, 5, 37), 4, temperature=1.0)
+    cached_rows = torch.tensor([True, False, True])
+    topk = TopKTeacher(ids, values, tail, cached_rows)
+    leaves = (h_s, student.weight)
+    loss, total, _, count = chunked_kd_loss(
+        h_s, h_t, student, teacher, mask, 37, "skew_rkl", teacher_topk=topk, gradient_in_forward=in_forward
+    )
+    live_mask, cached_mask = mask * ~cached_rows[:, None], mask * cached_rows[:, None]
+    live = _dense_kd_loss(h_s, h_t, student, teacher, live_mask, 37, None, 11.0, loss_type="skew_rkl")
+    rows = cached_mask.reshape(-1).bool()
+    div, _ = chunked_topk_token_divergence(
+        h_s.reshape(-1, 8)[rows], student, 37, ids.reshape(-1, 4)[rows], values.reshape(-1, 4)[rows],
+        tail.reshape(-1)[rows], loss_type="skew_rkl",
+    )  # fmt: skip
+    expected = live + div.sum() / 11.0
+    assert count.item() == 11
+    assert_close_to_rounding(loss, expected.detach())
+    for ours, ref in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(expected, leaves)):
+        assert_close_to_rounding(ours, ref)
+
+
+def test_gradient_in_forward_keeps_a_bf16_head_gradient_in_bf16():
+    student, teacher, h_s, h_t, mask = _kd_loss_case(bias=False)
+    student.weight = student.weight.detach().bfloat16().requires_grad_(True)
+    loss, *_ = chunked_kd_loss(h_s.bfloat16(), h_t, student, teacher, mask, 33, chunk_size=4)
+    reference, *_ = chunked_kd_loss(
+        h_s.bfloat16(), h_t, student, teacher, mask, 33, chunk_size=4, gradient_in_forward=False
+    )
+    (ours,), (ref,) = torch.autograd.grad(loss, [student.weight]), torch.autograd.grad(reference, [student.weight])
+    assert ours.dtype == torch.bfloat16
+    assert_close_to_rounding(ours.float(), ref.float(), ulps=4, dtype=torch.bfloat16)

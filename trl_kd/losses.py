@@ -17,6 +17,7 @@ two LM heads a block of tokens at a time, so the vocabulary-sized logits of a wh
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -232,6 +233,52 @@ def _chunk_divergence(
     return divergence_from_log_probs(log_q, log_p, loss_type, beta, skew_alpha), _entropy(log_q.detach())
 
 
+def _use_trl_kernel(
+    student_hidden: torch.Tensor, student_head: LMHead, teacher_head: LMHead, vocab_size: int, loss_type: LossType
+) -> bool:
+    """Whether the live-teacher divergence runs on TRL's fused kernel rather than on trl-kd's token chunks."""
+    heads_fit = student_head.vocab_size == teacher_head.vocab_size == vocab_size
+    partitioned = student_head.is_partitioned or teacher_head.is_partitioned
+    # TRL's kernel gathers partitioned heads only when ZeRO-3 is on globally (not for a teacher sharded on its own
+    # beside a ZeRO-2 student), and only whole heads
+    return (
+        loss_type == "jsd"
+        and trl_triton_available(student_hidden.device)
+        and (not partitioned or (heads_fit and is_deepspeed_zero3_enabled()))
+    )
+
+
+def _trl_kernel_divergence(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: LMHead,
+    teacher_head: LMHead,
+    vocab_size: int,
+    beta: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    def cut(head: LMHead) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if head.vocab_size == vocab_size:
+            return head.weight, head.bias
+        return head.weight[:vocab_size], None if head.bias is None else head.bias[:vocab_size]
+
+    (s_w, s_b), (t_w, t_b) = cut(student_head), cut(teacher_head)
+    return ChunkedDivergenceFunction.apply(
+        student_hidden,
+        s_w,
+        s_b,
+        teacher_hidden.detach(),
+        t_w,
+        t_b,
+        beta,
+        temperature,
+        student_head.scale,
+        student_head.softcap,
+        teacher_head.scale,
+        teacher_head.softcap,
+    )
+
+
 def chunked_token_divergence(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -256,66 +303,126 @@ def chunked_token_divergence(
     Returns:
         ``(divergence, entropy)``, both of shape ``(N,)`` in fp32.
     """
-    heads_fit = student_head.vocab_size == teacher_head.vocab_size == vocab_size
-    partitioned = student_head.is_partitioned or teacher_head.is_partitioned
-    # TRL's kernel gathers partitioned heads only when ZeRO-3 is on globally (not for a teacher sharded on its own
-    # beside a ZeRO-2 student), and only whole heads
-    use_trl_kernel = (
-        loss_type == "jsd"
-        and trl_triton_available(student_hidden.device)
-        and (not partitioned or (heads_fit and is_deepspeed_zero3_enabled()))
-    )
-    if use_trl_kernel:
-
-        def cut(head: LMHead) -> tuple[torch.Tensor, torch.Tensor | None]:
-            if heads_fit:
-                return head.weight, head.bias
-            return head.weight[:vocab_size], None if head.bias is None else head.bias[:vocab_size]
-
-        (s_w, s_b), (t_w, t_b) = cut(student_head), cut(teacher_head)
-        return ChunkedDivergenceFunction.apply(
-            student_hidden,
-            s_w,
-            s_b,
-            teacher_hidden.detach(),
-            t_w,
-            t_b,
-            beta,
-            temperature,
-            student_head.scale,
-            student_head.softcap,
-            teacher_head.scale,
-            teacher_head.softcap,
+    if _use_trl_kernel(student_hidden, student_head, teacher_head, vocab_size, loss_type):
+        return _trl_kernel_divergence(
+            student_hidden, teacher_hidden, student_head, teacher_head, vocab_size, beta, temperature
         )
+    chunks = _live_teacher_chunks(student_hidden, teacher_hidden, student_head, teacher_head, vocab_size, chunk_size)
+    return chunks.run(loss_type, beta, skew_alpha, temperature)
 
-    return _in_chunks(
+
+def _live_teacher_chunks(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: LMHead,
+    teacher_head: LMHead,
+    vocab_size: int,
+    chunk_size: int | None,
+) -> _Chunks:
+    return _Chunks(
         _chunk_divergence,
         chunk_size or max(1, _TILE_ELEMENTS // vocab_size),
         (student_hidden, teacher_hidden.detach()),
-        (student_head, teacher_head, vocab_size, loss_type, beta, skew_alpha, temperature),
+        (student_head, teacher_head, vocab_size),
     )
 
 
-def _in_chunks(
-    chunk_fn, chunk_size: int, per_token: tuple[torch.Tensor, ...], shared: tuple
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`chunk_fn(*per_token rows of one chunk, *shared) -> (divergence, entropy)` over `chunk_size` tokens at a time,
-    under activation checkpointing when the student's states (`per_token[0]`) need a gradient, so only one chunk's
-    logits are alive in the forward and in the backward; the results concatenated."""
-    student_hidden = per_token[0]
-    divergences, entropies = [], []
-    for start in range(0, student_hidden.shape[0], chunk_size):
-        args = (*(t[start : start + chunk_size] for t in per_token), *shared)
-        if torch.is_grad_enabled() and student_hidden.requires_grad:
-            div, ent = checkpoint(chunk_fn, *args, use_reentrant=False)
-        else:
-            div, ent = chunk_fn(*args)
-        divergences.append(div)
-        entropies.append(ent)
-    if not divergences:
-        empty = student_hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat(divergences), torch.cat(entropies)
+@dataclass
+class _Chunks:
+    """A per-token divergence computed `size` tokens at a time: `fn(*rows of per_token, *shared, loss_type, beta,
+    skew_alpha, temperature) -> (divergence, entropy)`, with `per_token[0]` the hidden states gradients flow to and
+    `shared[0]` their LM head."""
+
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    size: int
+    per_token: tuple[torch.Tensor, ...]
+    shared: tuple
+
+    def spans(self) -> Iterator[slice]:
+        return (slice(start, start + self.size) for start in range(0, len(self.per_token[0]), self.size))
+
+    def rows(self, span: slice) -> tuple[torch.Tensor, ...]:
+        return tuple(t[span] for t in self.per_token)
+
+    def run(self, *loss: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """Divergence and entropy of every token; the chunks run under activation checkpointing when the hidden states
+        need a gradient, so only one chunk's logits are alive in the forward and in the backward."""
+        hidden = self.per_token[0]
+        checkpointed = torch.is_grad_enabled() and hidden.requires_grad
+        divergences, entropies = [], []
+        for span in self.spans():
+            args = (*self.rows(span), *self.shared, *loss)
+            div, ent = checkpoint(self.fn, *args, use_reentrant=False) if checkpointed else self.fn(*args)
+            divergences.append(div)
+            entropies.append(ent)
+        if not divergences:
+            empty = hidden.new_zeros(0, dtype=torch.float32)
+            return empty, empty
+        return torch.cat(divergences), torch.cat(entropies)
+
+    def weighted_sum(
+        self, coefficients: torch.Tensor, *loss: object
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(sum(coefficients * divergence), divergence, entropy)`, the sum's gradient taken during this forward pass
+        ([`_GradientInForward`]); the divergence and the entropy carry none."""
+        head: LMHead = self.shared[0]
+        params = tuple(p for p in (head.weight, head.bias) if p is not None and p.requires_grad)
+        return _GradientInForward.apply(self, loss, coefficients, self.per_token[0], *params)
+
+
+class _GradientInForward(torch.autograd.Function):
+    """`sum_i c_i * divergence_i` with its gradient taken chunk by chunk in the forward pass: each chunk's logits are
+    built, differentiated and freed before the next, and the backward only scales the stored gradients. Activation
+    checkpointing (`_Chunks.run`) reaches the same gradients by projecting every chunk through both heads again in
+    the backward; this saves those projections, and holds the head's gradient (the head's size and dtype) from the
+    loss's forward to its backward."""
+
+    @staticmethod
+    def forward(ctx, chunks: _Chunks, loss: tuple, coefficients: torch.Tensor, hidden: torch.Tensor, *params):
+        wants_hidden, wants_params = ctx.needs_input_grad[3], ctx.needs_input_grad[4:]
+        grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
+        grad_params = [torch.zeros_like(p) if wanted else None for p, wanted in zip(params, wants_params)]
+        targets = [p for p, wanted in zip(params, wants_params) if wanted]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        divergences, entropies = [], []
+        with torch.enable_grad():
+            for span in chunks.spans():
+                rows = chunks.rows(span)
+                first = rows[0].detach().requires_grad_(wants_hidden)
+                div, ent = chunks.fn(first, *rows[1:], *chunks.shared, *loss)
+                part = (div * coefficients[span]).sum()
+                wrt = [first] * wants_hidden + targets
+                grads = torch.autograd.grad(part, wrt, allow_unused=True) if part.requires_grad else [None] * len(wrt)
+                if wants_hidden:
+                    if grads[0] is not None:
+                        grad_hidden[span] = grads[0]
+                    grads = grads[1:]
+                for buffer, grad in zip([b for b in grad_params if b is not None], grads):
+                    if grad is not None:
+                        buffer += grad
+                total += part.detach()
+                divergences.append(div.detach())
+                entropies.append(ent.detach())
+        ctx.gradients = (grad_hidden, grad_params)
+        divergence = torch.cat(divergences) if divergences else hidden.new_zeros(0, dtype=torch.float32)
+        entropy = torch.cat(entropies) if entropies else torch.zeros_like(divergence)
+        ctx.mark_non_differentiable(divergence, entropy)
+        return total, divergence, entropy
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor, *_):
+        if ctx.gradients is None:
+            raise RuntimeError(
+                "This KD loss took its gradient in the forward pass and can be back-propagated once; set "
+                "loss_gradient_in_forward=False (KDConfig) to back-propagate it again."
+            )
+        grad_hidden, grad_params = ctx.gradients
+        ctx.gradients = None  # the buffers become the gradients: scaled in place and handed over, not kept
+
+        def scaled(grad: torch.Tensor | None) -> torch.Tensor | None:
+            return None if grad is None else grad.mul_(grad_total.to(grad.dtype))
+
+        return None, None, None, scaled(grad_hidden), *(scaled(g) for g in grad_params)
 
 
 def _chunk_topk_divergence(
@@ -372,11 +479,26 @@ def chunked_topk_token_divergence(
     Returns:
         `(divergence, entropy)`, both of shape `(N,)` in fp32.
     """
-    return _in_chunks(
+    chunks = _topk_teacher_chunks(
+        student_hidden, student_head, vocab_size, teacher_ids, teacher_log_probs, teacher_tail_log_probs, chunk_size
+    )
+    return chunks.run(loss_type, beta, skew_alpha, temperature)
+
+
+def _topk_teacher_chunks(
+    student_hidden: torch.Tensor,
+    student_head: LMHead,
+    vocab_size: int,
+    teacher_ids: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    teacher_tail_log_probs: torch.Tensor,
+    chunk_size: int | None,
+) -> _Chunks:
+    return _Chunks(
         _chunk_topk_divergence,
         chunk_size or max(1, _TILE_ELEMENTS // vocab_size),
         (student_hidden, teacher_ids.long(), teacher_log_probs, teacher_tail_log_probs),
-        (student_head, vocab_size, loss_type, beta, skew_alpha, temperature),
+        (student_head, vocab_size),
     )
 
 
@@ -430,6 +552,7 @@ def chunked_kd_loss(
     chunk_size: int | None = None,
     token_weights: torch.Tensor | None = None,
     teacher_topk: TopKTeacher | None = None,
+    gradient_in_forward: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token-averaged distillation loss over the positions where ``loss_mask`` is 1.
 
@@ -446,61 +569,80 @@ def chunked_kd_loss(
         teacher_topk: rows whose teacher is an offline top-k cache
             ([`chunked_topk_token_divergence`][trl_kd.losses.chunked_topk_token_divergence]); their
             ``teacher_hidden`` is not read, and ``teacher_head`` may be ``None`` when every counted token is cached.
+        gradient_in_forward: take the loss's gradient chunk by chunk while computing it, so that the backward pass
+            does not project the tokens through both heads again (as activation checkpointing does); the student
+            head's gradient is then held from this call to the backward. Not for a ZeRO-3-partitioned student head,
+            nor where TRL's kernel runs; the loss can then be back-propagated only once.
 
     Returns:
         ``(loss, divergence_sum, entropy_sum, num_tokens)``: the normalised loss and the raw local sums (detached),
         from which metrics are reduced across processes.
     """
     valid = loss_mask.reshape(-1).bool()
-    common = dict(
-        loss_type=loss_type, beta=beta, skew_alpha=skew_alpha, temperature=temperature, chunk_size=chunk_size
-    )
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    if teacher_topk is None:
-        per_token, entropy = chunked_token_divergence(
-            h_s[valid],
-            teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[valid],
-            student_head,
-            teacher_head,
-            vocab_size,
-            **common,
-        )
-    else:  # live-teacher tokens and cached-teacher tokens, each through its own divergence, back in token order
-        cached = teacher_topk.rows.bool()[:, None].expand(loss_mask.shape).reshape(-1) & valid
-        live = valid & ~cached
-        per_token = h_s.new_zeros(valid.shape[0], dtype=torch.float32)
-        entropy = torch.zeros_like(per_token)
-        if bool(live.any()):
-            if teacher_head is None:
-                raise ValueError("Some counted tokens are not in the teacher cache, and there is no teacher head.")
-            index = live.nonzero().squeeze(1)
-            div, ent = chunked_token_divergence(
-                h_s[live],
-                teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[live],
-                student_head,
-                teacher_head,
-                vocab_size,
-                **common,
-            )
-            per_token, entropy = per_token.index_put((index,), div), entropy.index_put((index,), ent)
-        if bool(cached.any()):
-            index = cached.nonzero().squeeze(1)
-            k = teacher_topk.ids.shape[-1]
-            div, ent = chunked_topk_token_divergence(
-                h_s[cached],
-                student_head,
-                vocab_size,
-                teacher_topk.ids.reshape(-1, k)[cached],
-                teacher_topk.log_probs.reshape(-1, k)[cached],
-                teacher_topk.tail_log_probs.reshape(-1)[cached],
-                **common,
-            )
-            per_token, entropy = per_token.index_put((index,), div), entropy.index_put((index,), ent)
-        per_token, entropy = per_token[valid], entropy[valid]
-    total = per_token.sum()
     count = valid.sum()
-    weighted = total if token_weights is None else (per_token * token_weights.reshape(-1)[valid].float()).sum()
     denominator = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     if isinstance(denominator, torch.Tensor):
-        denominator = denominator.to(total.device)
-    return weighted / denominator, total.detach(), entropy.sum(), count
+        denominator = denominator.to(student_hidden.device)
+    loss_args = (loss_type, beta, skew_alpha, temperature)
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    weights = h_s.new_ones(h_s.shape[0], dtype=torch.float32) if token_weights is None else token_weights.reshape(-1)
+    in_forward = (
+        gradient_in_forward
+        and torch.is_grad_enabled()
+        and not student_head.is_partitioned
+        and (h_s.requires_grad or student_head.weight.requires_grad)
+    )
+
+    def part(rows: torch.Tensor, live: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(loss, divergence, entropy)` of the tokens in `rows`, whose teacher is live or a top-k cache."""
+        if live and _use_trl_kernel(h_s, student_head, teacher_head, vocab_size, loss_type):
+            div, ent = _trl_kernel_divergence(
+                h_s[rows], teacher_states(rows), student_head, teacher_head, vocab_size, beta, temperature
+            )
+        elif in_forward:
+            chunks = live_chunks(rows) if live else cached_chunks(rows)
+            return chunks.weighted_sum(weights[rows].float() / denominator, *loss_args)
+        else:
+            div, ent = (live_chunks(rows) if live else cached_chunks(rows)).run(*loss_args)
+        weighted = div.sum() if token_weights is None else (div * weights[rows].float()).sum()
+        return weighted / denominator, div, ent
+
+    def teacher_states(rows: torch.Tensor) -> torch.Tensor:
+        return teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[rows]
+
+    def live_chunks(rows: torch.Tensor) -> _Chunks:
+        return _live_teacher_chunks(
+            h_s[rows], teacher_states(rows), student_head, teacher_head, vocab_size, chunk_size
+        )
+
+    def cached_chunks(rows: torch.Tensor) -> _Chunks:
+        k = teacher_topk.ids.shape[-1]
+        return _topk_teacher_chunks(
+            h_s[rows],
+            student_head,
+            vocab_size,
+            teacher_topk.ids.reshape(-1, k)[rows],
+            teacher_topk.log_probs.reshape(-1, k)[rows],
+            teacher_topk.tail_log_probs.reshape(-1)[rows],
+            chunk_size,
+        )
+
+    if teacher_topk is None:
+        loss, per_token, entropy = part(valid, live=True)
+    else:  # live-teacher tokens and cached-teacher tokens, each through its own divergence, back in token order
+        cached = teacher_topk.rows.bool()[:, None].expand(loss_mask.shape).reshape(-1) & valid
+        live_rows = valid & ~cached
+        loss = h_s.new_zeros((), dtype=torch.float32)
+        per_token = h_s.new_zeros(valid.shape[0], dtype=torch.float32)
+        entropy = torch.zeros_like(per_token)
+        for rows, live in ((live_rows, True), (cached, False)):
+            if not bool(rows.any()):
+                continue
+            if live and teacher_head is None:
+                raise ValueError("Some counted tokens are not in the teacher cache, and there is no teacher head.")
+            weighted, div, ent = part(rows, live)
+            index = rows.nonzero().squeeze(1)
+            loss = loss + weighted
+            per_token, entropy = per_token.index_put((index,), div.detach()), entropy.index_put((index,), ent)
+        per_token, entropy = per_token[valid], entropy[valid]
+    return loss, per_token.sum().detach(), entropy.sum(), count

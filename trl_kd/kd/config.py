@@ -45,6 +45,11 @@ class KDConfig(DistillationConfig):
         loss_chunk_size (int | None):
             Tokens projected to vocabulary logits at once by the losses that don't run on TRL's kernel. `None` picks
             a tile of about 64 MiB (e.g. 512 tokens at a 32k vocabulary).
+        loss_gradient_in_forward (bool):
+            Take the chunked loss's gradient tile by tile while computing it, so the backward pass does not project
+            every token through both LM heads a second time (as activation checkpointing of the tiles would): the
+            same loss and gradients, one student-head-sized gradient held from the loss to its backward. `False`
+            recomputes instead. Not used where TRL's kernel runs or the student's head is ZeRO-3-partitioned.
         max_prompt_length (int | None):
             Longest prompt accepted, in tokens; a longer prompt is an error when the trainer is built. `None` uses the
             student's context length minus `max_completion_length`.
@@ -166,6 +171,10 @@ class KDConfig(DistillationConfig):
     )
     loss_chunk_size: int | None = field(
         default=None, metadata={"help": "Tokens per logits tile in the chunked loss; None = about 64 MiB tiles."}
+    )
+    loss_gradient_in_forward: bool = field(
+        default=True,
+        metadata={"help": "Take the chunked loss's gradient in its forward pass instead of recomputing the tiles."},
     )
     max_prompt_length: int | None = field(
         default=None,

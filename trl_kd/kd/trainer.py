@@ -584,6 +584,7 @@ class KDTrainer(DistillationCard, MethodStateCheckpoints, DistillationTrainer):
             chunk_size=self.args.loss_chunk_size,
             token_weights=token_weights,
             teacher_topk=cached_topk(inputs),
+            gradient_in_forward=self.args.loss_gradient_in_forward,
         )
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):

@@ -223,6 +223,7 @@ class PromptKDTrainer(KDTrainer):
             num_items_in_batch=denominator,
             chunk_size=self.args.loss_chunk_size,
             token_weights=token_weights,
+            gradient_in_forward=self.args.loss_gradient_in_forward,
         )
         student_hidden = student_hidden.to(prompted.device)
         to_student = chunked_kd_loss(prompted, student_hidden, teacher_head, student_head, **common)
