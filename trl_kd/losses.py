@@ -599,11 +599,11 @@ def chunked_kd_loss(
             div, ent = _trl_kernel_divergence(
                 h_s[rows], teacher_states(rows), student_head, teacher_head, vocab_size, beta, temperature
             )
-        elif in_forward:
-            chunks = live_chunks(rows) if live else cached_chunks(rows)
-            return chunks.weighted_sum(weights[rows].float() / denominator, *loss_args)
         else:
-            div, ent = (live_chunks(rows) if live else cached_chunks(rows)).run(*loss_args)
+            chunks = live_chunks(rows) if live else cached_chunks(rows)
+            if in_forward:
+                return chunks.weighted_sum(weights[rows].float() / denominator, *loss_args)
+            div, ent = chunks.run(*loss_args)
         weighted = div.sum() if token_weights is None else (div * weights[rows].float()).sum()
         return weighted / denominator, div, ent
 
