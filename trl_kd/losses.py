@@ -311,6 +311,11 @@ def chunked_token_divergence(
     return chunks.run(loss_type, beta, skew_alpha, temperature)
 
 
+def _tile_tokens(chunk_size: int | None, vocab_size: int) -> int:
+    """Tokens per tile: `chunk_size`, else as many as keep one tile's logits near `_TILE_ELEMENTS` values."""
+    return chunk_size or max(1, _TILE_ELEMENTS // vocab_size)
+
+
 def _live_teacher_chunks(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -321,7 +326,7 @@ def _live_teacher_chunks(
 ) -> _Chunks:
     return _Chunks(
         _chunk_divergence,
-        chunk_size or max(1, _TILE_ELEMENTS // vocab_size),
+        _tile_tokens(chunk_size, vocab_size),
         (student_hidden, teacher_hidden.detach()),
         (student_head, teacher_head, vocab_size),
     )
@@ -496,7 +501,7 @@ def _topk_teacher_chunks(
 ) -> _Chunks:
     return _Chunks(
         _chunk_topk_divergence,
-        chunk_size or max(1, _TILE_ELEMENTS // vocab_size),
+        _tile_tokens(chunk_size, vocab_size),
         (student_hidden, teacher_ids.long(), teacher_log_probs, teacher_tail_log_probs),
         (student_head, vocab_size),
     )
