@@ -11,7 +11,7 @@ from plotting import pyplot
 from quality_methods import ALL_METHODS, CLAIMS, GKD_BASELINE, METHODS, SFT_BASELINE
 from quality_records import load_records
 from quality_settings import Setting
-from quality_stats import choose_rate, mean_and_interval, paired_bootstrap
+from quality_stats import choose_rate, mean_and_interval, paired_bootstrap, rate_sensitive
 
 
 def _per_prompt_matrix(records: list[dict], metric: str) -> np.ndarray:
@@ -111,12 +111,14 @@ def report(setting: Setting, root: str, plots: str | None) -> list[str]:
     lines += [
         "",
         f"The papers' claims on this setting, in {setting.primary} (the difference is signed so that + "
-        "favours the claim; confirmed or refuted only when the interval excludes 0):",
+        "favours the claim; confirmed or refuted only when the interval excludes 0), at each method's chosen rate "
+        'and on the validation prompts at every grid rate both methods ran; "rate-sensitive": the sign of the '
+        "difference changes across those rates:",
         "",
-        "| claim | difference | verdict |",
-        "| --- | --- | --- |",
+        "| claim | difference | at each grid rate (validation) | verdict |",
+        "| --- | --- | --- | --- |",
     ]
-    lines += claim_rows(setting, final, setting.primary)
+    lines += claim_rows(setting, final, setting.primary, grid)
     if setting.generation_metric:
         lines += [
             "",
@@ -124,10 +126,10 @@ def report(setting: Setting, root: str, plots: str | None) -> list[str]:
             f"{'higher' if setting.higher_is_better[setting.generation_metric] else 'lower'} is better; the "
             "difference is signed so that + favours the claim):",
             "",
-            "| claim | difference | verdict |",
-            "| --- | --- | --- |",
+            "| claim | difference | at each grid rate (validation) | verdict |",
+            "| --- | --- | --- | --- |",
         ]
-        lines += claim_rows(setting, final, setting.generation_metric)
+        lines += claim_rows(setting, final, setting.generation_metric, grid)
     lines += length_buckets(setting, final)
     lines += prompted_teacher_table(setting, records, refs.get("Teacher"))
     if plots:
@@ -135,20 +137,35 @@ def report(setting: Setting, root: str, plots: str | None) -> list[str]:
     return lines
 
 
-def claim_rows(setting: Setting, final: dict, metric: str) -> list[str]:
-    """One table row per paper claim whose two methods ran: the paired difference in `metric`, signed so that +
-    favours the claim, and the verdict."""
+def claim_rows(setting: Setting, final: dict, metric: str, grid: dict | None = None) -> list[str]:
+    """One table row per paper claim whose two methods ran: the paired difference in `metric` at the chosen rates,
+    signed so that + favours the claim, the same difference at every grid rate both methods ran (validation prompts,
+    the grid seeds paired), and the verdict, "rate-sensitive" where the sign changes across those rates."""
     sign = 1 if setting.higher_is_better[metric] else -1
+    verdicts = {"better": "confirmed", "worse": "refuted", "tie": "inconclusive at this power"}
     rows = []
     for claim, method, baseline in CLAIMS:
         if method in final and baseline in final:
-            ours = _per_prompt_matrix(final[method], metric)
-            theirs = _per_prompt_matrix(final[baseline], metric)
-            n = min(len(ours), len(theirs))
-            interval = paired_bootstrap(sign * ours[:n], sign * theirs[:n])
-            verdict = {"better": "confirmed", "worse": "refuted", "tie": "inconclusive at this power"}
-            rows.append(f"| {claim} | {interval} | {verdict[interval.verdict()]} |")
+            chosen = _paired(final[method], final[baseline], metric, sign)
+            at_rates = {}
+            for key in sorted(set((grid or {}).get(method, {})) & set((grid or {}).get(baseline, {}))):
+                if key[0] == final[method][0].get("steps", key[0]) and all(
+                    metric in r["per_prompt"] for r in grid[method][key] + grid[baseline][key]
+                ):
+                    at_rates[key[1]] = _paired(grid[method][key], grid[baseline][key], metric, sign)
+            verdict = verdicts[chosen.verdict()]
+            if rate_sensitive([chosen.mean] + [i.mean for i in at_rates.values()]):
+                verdict += ", rate-sensitive"
+            per_rate = "; ".join(f"{lr:g}: {i}" for lr, i in at_rates.items()) or "–"
+            rows.append(f"| {claim} | {chosen} | {per_rate} | {verdict} |")
     return rows
+
+
+def _paired(runs: list[dict], baseline_runs: list[dict], metric: str, sign: int):
+    """The paired bootstrap of two methods' runs, their seeds paired in order (as many as both have)."""
+    ours, theirs = _per_prompt_matrix(runs, metric), _per_prompt_matrix(baseline_runs, metric)
+    n = min(len(ours), len(theirs))
+    return paired_bootstrap(sign * ours[:n], sign * theirs[:n])
 
 
 def prompted_teacher_table(setting: Setting, records: list[dict], teacher: dict | None) -> list[str]:

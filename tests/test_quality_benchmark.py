@@ -196,3 +196,36 @@ def test_length_buckets_split_at_the_quantiles_and_pair_with_gkd():
         np.mean([r["per_prompt"]["rouge_l"][i] for r in gkd for i in range(6) if lengths[i] == n]) for n in (2, 4, 6)
     ]
     assert gkd_row == f"| {GKD_BASELINE} | " + " | ".join(f"{m:.1f}" for m in expected) + " |"
+
+
+def test_claims_are_judged_at_every_shared_grid_rate_and_flagged_rate_sensitive():
+    """SKD is 2 points above supervised KD at the chosen rate and at grid rate 1e-3, 1 point below at 3e-3 (the same
+    on every prompt and seed): point intervals at each rate, and the sign change makes the claim rate-sensitive. A
+    grid rate only one of the two methods ran is not compared; "SKD beats on-policy KD" keeps its sign: no flag."""
+    import quality_report
+    from quality_methods import GKD_BASELINE
+    from quality_settings import SETTINGS
+
+    rng = np.random.default_rng(4)
+    base = rng.uniform(0, 50, size=(2, 8))
+
+    def runs(offset):
+        return [{"seed": seed, "per_prompt": {"rouge_l": list(row + offset)}} for seed, row in enumerate(base)]
+
+    skd, supervised = "SKD (K=25, FKL)", "Supervised KD (lmbda 0, FKL)"
+    final = {skd: runs(2.0), supervised: runs(0.0), GKD_BASELINE: runs(-1.0)}
+    grid = {
+        skd: {(300, 1e-3): runs(2.0), (300, 3e-3): runs(-1.0), (300, 1e-2): runs(5.0)},
+        supervised: {(300, 1e-3): runs(0.0), (300, 3e-3): runs(0.0)},
+        GKD_BASELINE: {(300, 1e-3): runs(1.0), (300, 3e-3): runs(-3.0)},
+    }
+    rows = quality_report.claim_rows(SETTINGS["exact"], final, "rouge_l", grid)
+    against_supervised = next(row for row in rows if row.startswith("| SKD beats supervised KD"))
+    assert against_supervised == (
+        "| SKD beats supervised KD (SKD paper) | +2.0 [+2.0, +2.0] | 0.001: +2.0 [+2.0, +2.0]; "
+        "0.003: -1.0 [-1.0, -1.0] | confirmed, rate-sensitive |"
+    )
+    against_gkd = next(row for row in rows if row.startswith("| SKD beats on-policy KD"))
+    assert against_gkd.endswith("| 0.001: +1.0 [+1.0, +1.0]; 0.003: +2.0 [+2.0, +2.0] | confirmed |")
+    without_grid = quality_report.claim_rows(SETTINGS["exact"], final, "rouge_l")
+    assert without_grid[0] == "| SKD beats supervised KD (SKD paper) | +2.0 [+2.0, +2.0] | – | confirmed |"
