@@ -11,7 +11,7 @@ from plotting import pyplot
 from quality_methods import ALL_METHODS, CLAIMS, GKD_BASELINE, METHODS, SFT_BASELINE
 from quality_records import load_records
 from quality_settings import Setting
-from quality_stats import choose_rate, mean_and_interval, paired_bootstrap, rate_sensitive
+from quality_stats import Interval, choose_rate, mean_and_interval, paired_bootstrap, rate_sensitive
 
 
 def _per_prompt_matrix(records: list[dict], metric: str) -> np.ndarray:
@@ -161,7 +161,7 @@ def claim_rows(setting: Setting, final: dict, metric: str, grid: dict | None = N
     return rows
 
 
-def _paired(runs: list[dict], baseline_runs: list[dict], metric: str, sign: int):
+def _paired(runs: list[dict], baseline_runs: list[dict], metric: str, sign: int) -> Interval:
     """The paired bootstrap of two methods' runs, their seeds paired in order (as many as both have)."""
     ours, theirs = _per_prompt_matrix(runs, metric), _per_prompt_matrix(baseline_runs, metric)
     n = min(len(ours), len(theirs))
