@@ -11,17 +11,14 @@ from plotting import pyplot
 from quality_methods import ALL_METHODS, CLAIMS, GKD_BASELINE, METHODS, SFT_BASELINE
 from quality_records import load_records
 from quality_settings import Setting
-from quality_stats import Interval, choose_rate, mean_and_interval, paired_bootstrap, rate_sensitive
-
-
-def _per_prompt_matrix(records: list[dict], metric: str) -> np.ndarray:
-    rows = []
-    for r in sorted(records, key=lambda r: r["seed"]):
-        if "per_prompt_by_seed" in r:
-            rows += [s[metric] for s in r["per_prompt_by_seed"]]
-        else:
-            rows.append(r["per_prompt"][metric])
-    return np.array(rows, dtype=float)
+from quality_stats import (
+    choose_rate,
+    mean_and_interval,
+    paired_bootstrap,
+    paired_runs,
+    per_prompt_matrix,
+    rate_sensitive,
+)
 
 
 def _final_runs(final: dict, grid: dict, setting: Setting) -> dict[str, list[dict]]:
@@ -61,14 +58,14 @@ def report(setting: Setting, root: str, plots: str | None) -> list[str]:
     lines += [header, "|" + " --- |" * (len(metrics) + 4)]
     for name, r in refs.items():
         cells = [
-            f"{mean_and_interval(_per_prompt_matrix([r], k)).mean:.2f}" if k in r["metrics"] else "–" for k in metrics
+            f"{mean_and_interval(per_prompt_matrix([r], k)).mean:.2f}" if k in r["metrics"] else "–" for k in metrics
         ]
         seeds = len(r.get("per_prompt_by_seed", []))
         lines.append(f"| {name} | – | {seeds} | " + " | ".join(cells) + " | – |")
     for method, runs in final.items():
         cells = []
         for k in metrics:
-            interval = mean_and_interval(_per_prompt_matrix(runs, k))
+            interval = mean_and_interval(per_prompt_matrix(runs, k))
             cells.append(f"{interval.mean:.2f} [{interval.low:.2f}, {interval.high:.2f}]")
         wall = np.mean([r["wall_time"] for r in runs])
         lines.append(f"| {method} | {runs[0]['lr']:g} | {len(runs)} | " + " | ".join(cells) + f" | {wall:.0f} |")
@@ -98,13 +95,13 @@ def report(setting: Setting, root: str, plots: str | None) -> list[str]:
     ]
     before = refs.get("Student before distillation")
     for method, runs in final.items():
-        scores = _per_prompt_matrix(runs, setting.primary)
+        scores = per_prompt_matrix(runs, setting.primary)
         cells = []
         for baseline in (before, final.get(SFT_BASELINE), final.get(GKD_BASELINE)):
             if baseline is None:
                 cells.append("–")
                 continue
-            base = _per_prompt_matrix(baseline if isinstance(baseline, list) else [baseline], setting.primary)
+            base = per_prompt_matrix(baseline if isinstance(baseline, list) else [baseline], setting.primary)
             n = min(len(base), len(scores))
             cells.append(str(paired_bootstrap(scores[:n], base[:n])))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -146,26 +143,19 @@ def claim_rows(setting: Setting, final: dict, metric: str, grid: dict | None = N
     rows = []
     for claim, method, baseline in CLAIMS:
         if method in final and baseline in final:
-            chosen = _paired(final[method], final[baseline], metric, sign)
+            chosen = paired_runs(final[method], final[baseline], metric, sign)
             at_rates = {}
             for key in sorted(set((grid or {}).get(method, {})) & set((grid or {}).get(baseline, {}))):
                 if key[0] == final[method][0].get("steps", key[0]) and all(
                     metric in r["per_prompt"] for r in grid[method][key] + grid[baseline][key]
                 ):
-                    at_rates[key[1]] = _paired(grid[method][key], grid[baseline][key], metric, sign)
+                    at_rates[key[1]] = paired_runs(grid[method][key], grid[baseline][key], metric, sign)
             verdict = verdicts[chosen.verdict()]
             if rate_sensitive([chosen.mean] + [i.mean for i in at_rates.values()]):
                 verdict += ", rate-sensitive"
             per_rate = "; ".join(f"{lr:g}: {i}" for lr, i in at_rates.items()) or "–"
             rows.append(f"| {claim} | {chosen} | {per_rate} | {verdict} |")
     return rows
-
-
-def _paired(runs: list[dict], baseline_runs: list[dict], metric: str, sign: int) -> Interval:
-    """The paired bootstrap of two methods' runs, their seeds paired in order (as many as both have)."""
-    ours, theirs = _per_prompt_matrix(runs, metric), _per_prompt_matrix(baseline_runs, metric)
-    n = min(len(ours), len(theirs))
-    return paired_bootstrap(sign * ours[:n], sign * theirs[:n])
 
 
 def prompted_teacher_table(setting: Setting, records: list[dict], teacher: dict | None) -> list[str]:
@@ -201,7 +191,7 @@ def length_buckets(setting: Setting, final: dict, buckets: int = 3) -> list[str]
     edges = np.quantile(lengths, np.linspace(0, 1, buckets + 1))
     which = np.clip(np.searchsorted(edges, lengths, side="right") - 1, 0, buckets - 1)
     names = [f"{int(lengths[which == b].min())}-{int(lengths[which == b].max())} tokens" for b in range(buckets)]
-    gkd = _per_prompt_matrix(final[GKD_BASELINE], setting.primary)
+    gkd = per_prompt_matrix(final[GKD_BASELINE], setting.primary)
     lines = [
         "",
         f"{setting.primary} by reference length (test prompts split at the length quantiles into {buckets} "
@@ -211,7 +201,7 @@ def length_buckets(setting: Setting, final: dict, buckets: int = 3) -> list[str]
         "|" + " --- |" * (buckets + 1),
     ]
     for method, runs in final.items():
-        scores = _per_prompt_matrix(runs, setting.primary)
+        scores = per_prompt_matrix(runs, setting.primary)
         cells = []
         for b in range(buckets):
             cell = f"{scores[:, which == b].mean():.1f}"

@@ -67,6 +67,27 @@ def paired_bootstrap(
     return Interval(float(diff.mean()), float(low), float(high))
 
 
+def per_prompt_matrix(records: list[dict], metric: str) -> np.ndarray:
+    """``(seeds, prompts)`` scores of ``metric`` from run records, one row per seed in seed order (a record holds one
+    seed's ``per_prompt`` scores, or several seeds' ``per_prompt_by_seed``)."""
+    rows = []
+    for r in sorted(records, key=lambda r: r["seed"]):
+        seeds = r["per_prompt_by_seed"] if "per_prompt_by_seed" in r else [r["per_prompt"]]
+        rows += [s[metric] for s in seeds]
+    return np.array(rows, dtype=float)
+
+
+def paired_runs(runs: list[dict], baseline_runs: list[dict], metric: str, sign: int = 1) -> Interval:
+    """[`paired_bootstrap`] of two methods' runs on the same prompts, their seeds paired in order (as many as both
+    have), signed so that + favours ``runs`` when ``sign`` is 1 and higher is better; prompts where either has no
+    score (NaN, e.g. the second half of a one-token answer) are left out."""
+    ours, theirs = per_prompt_matrix(runs, metric), per_prompt_matrix(baseline_runs, metric)
+    n = min(len(ours), len(theirs))
+    ours, theirs = ours[:n], theirs[:n]
+    kept = ~(np.isnan(ours).any(0) | np.isnan(theirs).any(0))
+    return paired_bootstrap(sign * ours[:, kept], sign * theirs[:, kept])
+
+
 def mean_and_interval(scores: np.ndarray, resamples: int = 4000, level: float = 0.95, seed: int = 0) -> Interval:
     """A method's own mean score with the same bootstrap (its difference from zero)."""
     scores = np.asarray(scores, dtype=float)

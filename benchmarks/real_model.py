@@ -60,7 +60,13 @@ from trl_kd.scripts.default import cache_base  # noqa: E402
 from plotting import pyplot  # noqa: E402
 from quality_methods import method  # noqa: E402
 from quality_records import git_commit, load_records, read_record, record_path, run_once, slug  # noqa: E402
-from quality_stats import choose_rate, mean_and_interval, paired_bootstrap, rate_sensitive  # noqa: E402
+from quality_stats import (  # noqa: E402
+    choose_rate,
+    mean_and_interval,
+    paired_runs,
+    per_prompt_matrix,
+    rate_sensitive,
+)
 from real_assets import (  # noqa: E402
     GEMMA3_PARTS,
     GEMMA3_SHA256,
@@ -838,23 +844,6 @@ def done(rec: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- reporting
-def per_prompt_matrix(records: list[dict], metric: str) -> np.ndarray:
-    rows = []
-    for r in sorted(records, key=lambda r: r["seed"]):
-        rows += (
-            [s[metric] for s in r["per_prompt_by_seed"]] if "per_prompt_by_seed" in r else [r["per_prompt"][metric]]
-        )
-    return np.array(rows, dtype=float)
-
-
-def paired(a: list[dict], b: list[dict], metric: str, sign: int) -> object:
-    x, y = per_prompt_matrix(a, metric), per_prompt_matrix(b, metric)
-    n = min(len(x), len(y))
-    x, y = x[:n], y[:n]
-    kept = ~(np.isnan(x).any(0) | np.isnan(y).any(0))  # e.g. the second half of a one-token answer
-    return paired_bootstrap(sign * x[:, kept], sign * y[:, kept])
-
-
 def collect(root: Path) -> tuple[dict, dict, dict]:
     """``(references, final, grid)``: reference records by name, final runs by method at its chosen rate, grid runs
     by method and rate."""
@@ -1060,9 +1049,10 @@ def claims_table(final: dict, grid: dict) -> list[str]:
     for claim, ours, theirs in CLAIMS:
         for metric in (PRIMARY, "teacher_nll_greedy"):
             sign = 1 if HIGHER_IS_BETTER[metric] else -1
-            chosen = paired(final[ours], final[theirs], metric, sign) if ours in final and theirs in final else None
+            both_final = ours in final and theirs in final
+            chosen = paired_runs(final[ours], final[theirs], metric, sign) if both_final else None
             shared = sorted(set(grid.get(ours, {})) & set(grid.get(theirs, {})))
-            at_rates = {lr: paired(grid[ours][lr], grid[theirs][lr], metric, sign) for lr in shared}
+            at_rates = {lr: paired_runs(grid[ours][lr], grid[theirs][lr], metric, sign) for lr in shared}
             if chosen is None and not at_rates:
                 continue
             verdict = "–"
@@ -1092,7 +1082,7 @@ def halves_table(final: dict, baseline: str = GKD_MIXED) -> list[str]:
     ]
     for name in [m for m in METHODS if m in final and m != baseline]:
         cells = [
-            str(paired(final[name], final[baseline], f"{PRIMARY}_{half}", -1))
+            str(paired_runs(final[name], final[baseline], f"{PRIMARY}_{half}", -1))
             for half in ("first_half", "second_half")
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
