@@ -293,6 +293,22 @@ def test_gradient_in_forward_skips_the_second_projection(monkeypatch):
         assert len(calls) == backward_projections
 
 
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_head_gradient_is_not_built_in_a_zero_filled_head(chunk_size):
+    """Filling a head-sized zero tensor costs as much as a tile's elementwise work when a batch is one tile: the
+    head's gradient is the first tile's, the others added to it, and a head compared over all its rows is not sliced
+    (a slice's backward copies into zeros the size of the parameter)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    student, teacher, h_s, h_t, mask = _kd_loss_case(padded=False)
+    head_shape = list(student.weight.shape)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss, *_ = chunked_kd_loss(h_s, h_t, student, teacher, mask, 37, chunk_size=chunk_size)
+        loss.backward()
+    fills = [e for e in prof.events() if e.name in ("aten::fill_", "aten::zero_") and head_shape in e.input_shapes]
+    assert student.weight.grad is not None and fills == []
+
+
 def test_gradient_in_forward_refuses_a_second_backward():
     student, teacher, h_s, h_t, mask = _kd_loss_case()
     loss, *_ = chunked_kd_loss(h_s, h_t, student, teacher, mask, 33)

@@ -83,7 +83,7 @@ def stack_rows(per_row: list[torch.Tensor | None], width: int) -> tuple[torch.Te
 def _kl_from_logs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """``KL(a || b)`` per row from log-probabilities; ``0 * log 0`` counts as 0, and a NaN stays NaN."""
     a = log_a.exp()
-    return torch.where(a == 0, torch.zeros_like(a), a * (log_a - log_b)).sum(-1)
+    return torch.where(a == 0, 0.0, a * (log_a - log_b)).sum(-1)
 
 
 def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
@@ -203,13 +203,25 @@ class LMHead:
     def logits(self, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """fp32 logits over the first ``vocab_size`` entries. Gathers a ZeRO-3 weight for the duration."""
         with _gather_partitioned(self.weight, self.bias) if self.is_partitioned else nullcontext():
-            logits = hidden.float() @ self.weight[:vocab_size].float().t()
+            logits = hidden.float() @ _rows(self.weight, vocab_size).float().t()
             if self.bias is not None:
-                logits = logits + self.bias[:vocab_size].float()
-        logits = logits * self.scale
+                logits = logits + _rows(self.bias, vocab_size).float()
+        if self.scale != 1.0:
+            logits = logits * self.scale
         if self.softcap is not None:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
+
+
+def _rows(param: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` rows of `param`; `param` itself when that is all of it, since the backward of a slice fills
+    a zero tensor of the whole parameter (a vocabulary-by-hidden head) to copy its gradient into."""
+    return param if param.shape[0] == count else param[:count]
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`log_softmax(logits / temperature)`; at temperature 1 without the division's pass over the vocabulary."""
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
 def _entropy(log_q: torch.Tensor) -> torch.Tensor:
@@ -227,9 +239,9 @@ def _chunk_divergence(
     skew_alpha: float,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    log_q = F.log_softmax(student_head.logits(student_hidden, vocab_size) / temperature, dim=-1)
+    log_q = _log_softmax(student_head.logits(student_hidden, vocab_size), temperature)
     with torch.no_grad():
-        log_p = F.log_softmax(teacher_head.logits(teacher_hidden, vocab_size) / temperature, dim=-1)
+        log_p = _log_softmax(teacher_head.logits(teacher_hidden, vocab_size), temperature)
     return divergence_from_log_probs(log_q, log_p, loss_type, beta, skew_alpha), _entropy(log_q.detach())
 
 
@@ -386,8 +398,11 @@ class _GradientInForward(torch.autograd.Function):
     def forward(ctx, chunks: _Chunks, loss: tuple, coefficients: torch.Tensor, hidden: torch.Tensor, *params):
         wants_hidden, wants_params = ctx.needs_input_grad[3], ctx.needs_input_grad[4:]
         grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
-        grad_params = [torch.zeros_like(p) if wanted else None for p, wanted in zip(params, wants_params)]
-        targets = [p for p, wanted in zip(params, wants_params) if wanted]
+        # a parameter's gradient is the first chunk's, the others added to it: no zero-filled buffer the size of
+        # the head, which costs as much as a chunk's elementwise work when the batch is one chunk
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        wanted = [i for i, want in enumerate(wants_params) if want]
+        targets = [params[i] for i in wanted]
         total = hidden.new_zeros((), dtype=torch.float32)
         divergences, entropies = [], []
         with torch.enable_grad():
@@ -402,9 +417,9 @@ class _GradientInForward(torch.autograd.Function):
                     if grads[0] is not None:
                         grad_hidden[span] = grads[0]
                     grads = grads[1:]
-                for buffer, grad in zip([b for b in grad_params if b is not None], grads):
+                for i, grad in zip(wanted, grads):
                     if grad is not None:
-                        buffer += grad
+                        grad_params[i] = grad if grad_params[i] is None else grad_params[i].add_(grad)
                 total += part.detach()
                 divergences.append(div.detach())
                 entropies.append(ent.detach())
@@ -442,7 +457,7 @@ def _chunk_topk_divergence(
     skew_alpha: float,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    log_q = F.log_softmax(student_head.logits(student_hidden, vocab_size) / temperature, dim=-1)
+    log_q = _log_softmax(student_head.logits(student_hidden, vocab_size), temperature)
     student = log_q.gather(-1, teacher_ids)
     teacher = teacher_log_probs.float()
     if teacher_ids.shape[-1] < vocab_size:  # the tail bin: all the tokens outside the teacher's top-k, as one
