@@ -54,6 +54,12 @@ TRAINERS: dict[str, tuple[str, str, dict]] = {
         "skd",
         {"acceptance_top_k": "V", "temperature": 1.0, "top_p": 1.0, "beta": 0.5},
     ),
+    # the first block as long as the ceiling: fewer verification rounds in a short answer
+    "SKD, every draft accepted (K = V), first block 16": (
+        "pruned-8",
+        "skd",
+        {"acceptance_top_k": "V", "temperature": 1.0, "top_p": 1.0, "beta": 0.5, "num_draft_tokens": 16},
+    ),
     "SKD, every draft accepted (K = V), blocks up to 64": (
         "pruned-8",
         "skd",
