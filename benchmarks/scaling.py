@@ -109,7 +109,15 @@ def student_folder(student: str) -> Path:
             f"No complete grid of {method!r} on {base} in the records: run `python benchmarks/real_model.py run "
             f"--student {base} --methods {slug(method)}` first."
         )
-    return run_dir(method, lr, 0, base)
+    folder = run_dir(method, lr, 0, base)
+    if not (folder / "config.json").exists():
+        grid_record = f"benchmarks/records/real/{base}/real/{slug(method)}/grid-*-lr{lr:g}-seed0.json"
+        raise SystemExit(
+            f"The records have {method!r} on {base} but its model is not in {folder}: only a grid run keeps its "
+            f"model. Move {grid_record} aside and run `python benchmarks/real_model.py run --student {base} "
+            f"--methods {slug(method)}` again (it reruns that one grid run), then put the record back."
+        )
+    return folder
 
 
 # ------------------------------------------------------------------------------------------------- the pair and data
