@@ -137,8 +137,8 @@ def divergence(
 ) -> torch.Tensor:
     """Per-position divergence from raw logits of shape ``(..., V)``, in fp32, after dividing both by
     ``temperature``. See [`divergence_from_log_probs`][trl_kd.losses.divergence_from_log_probs]."""
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_q = _log_softmax(student_logits.float(), temperature)
+    log_p = _log_softmax(teacher_logits.float(), temperature)
     return divergence_from_log_probs(log_q, log_p, loss_type, beta, skew_alpha)
 
 
