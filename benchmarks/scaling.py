@@ -101,7 +101,10 @@ def student_folder(student: str) -> Path:
     from real_model import cache_root, chosen_rate, run_dir
 
     if student not in TRAINED_STUDENTS:
-        return cache_root() / "students" / student
+        folder = cache_root() / "students" / student
+        if not (folder / "config.json").exists():
+            raise SystemExit(f"No student {student} in {folder}: run `python benchmarks/real_model.py prepare` first.")
+        return folder
     base, method = TRAINED_STUDENTS[student]
     lr = chosen_rate(Path(__file__).resolve().parent / "records" / "real" / base, method)
     if lr is None:
@@ -137,10 +140,7 @@ def load_pair(tiny: bool, student: str):
     from real_model import load_teacher
 
     teacher, tokenizer = load_teacher()
-    folder = student_folder(student)
-    if not (folder / "config.json").exists():
-        raise SystemExit(f"No student {student} in {folder}: run `python benchmarks/real_model.py prepare` first.")
-    return tokenizer, teacher, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return tokenizer, teacher, AutoModelForCausalLM.from_pretrained(student_folder(student), dtype=torch.float32)
 
 
 def prompts(tiny: bool, n: int):
